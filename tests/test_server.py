@@ -108,9 +108,9 @@ def server(fake):
 
 
 @pytest.fixture(scope="module")
-def locked(fake):
-    """A second server in front of the same fake: API key, a queue of one."""
-    with BackgroundServer(create_app(fake, api_key=KEY, max_queue=1)) as srv:
+def locked():
+    """A second server with its own fake: API key, a queue of one."""
+    with BackgroundServer(create_app(FakeModel(), api_key=KEY, max_queue=1)) as srv:
         yield srv
 
 
@@ -287,7 +287,13 @@ def test_full_queue_answers_503(locked):
     with pytest.raises(openai.InternalServerError) as err:
         keyed.completions.create(model="gemma3n-fake", prompt="x", max_tokens=1)
     assert err.value.status_code == 503
-    stream.close()
+    stream.close()  # hanging up frees the slot
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{locked.url}/health", timeout=20).json()["queued"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (
+        keyed.completions.create(model="gemma3n-fake", prompt="free", max_tokens=1).choices[0].text == "free"
+    )
 
 
 def test_disconnect_mid_stream_stops_generation(server, fake, client):
@@ -304,6 +310,17 @@ def test_disconnect_mid_stream_stops_generation(server, fake, client):
     assert len(fake.calls) and fake.active == 0
     r = client.completions.create(model="gemma3n-fake", prompt="after", max_tokens=1)
     assert r.choices[0].text == "after"
+
+
+def test_client_that_leaves_the_queue_is_never_generated(server, fake, client):
+    stream = client.completions.create(model="gemma3n-fake", prompt="slow first", max_tokens=20, stream=True)
+    next(iter(stream))  # the worker is busy with this one
+    with pytest.raises(httpx.TimeoutException):  # a queued request whose client gives up
+        httpx.post(f"{server.base_url}/completions", json={"prompt": "abandoned"}, timeout=0.3)
+    assert "".join(c.choices[0].text for c in stream).endswith("first")
+    r = client.completions.create(model="gemma3n-fake", prompt="next", max_tokens=1)
+    assert r.choices[0].text == "next"
+    assert "abandoned" not in [c["prompt"] for c in fake.calls]
 
 
 def test_concurrent_requests_are_serialized_and_not_mixed(client, fake):
