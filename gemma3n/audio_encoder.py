@@ -1,0 +1,368 @@
+"""The Gemma 3n audio tower: a USM-style conformer (spec: audio-vision.md §B).
+
+Module and parameter names equal the checkpoint names under `model.audio_tower.`, so loading
+is a dict walk. Derived constants (query scale, local causal band, sinusoid timing signal) are
+rebuilt from the config at call time; the checkpoint carries none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma3n.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class AudioEncoderConfig:
+    """`audio_config` of config.json (field names as in the checkpoint; defaults = E2B/E4B)."""
+
+    hidden_size: int = 1536
+    input_feat_size: int = 128
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    conf_attention_chunk_size: int = 12
+    conf_attention_context_left: int = 13
+    conf_attention_context_right: int = 0
+    conf_attention_logit_cap: float = 50.0
+    conf_num_attention_heads: int = 8
+    conf_num_hidden_layers: int = 12
+    conf_conv_kernel_size: int = 5
+    conf_reduction_factor: int = 4
+    conf_residual_weight: float = 0.5
+    sscp_conv_channel_size: tuple[int, ...] = (128, 32)
+    sscp_conv_group_norm_eps: float = 1e-3
+    sscp_conv_kernel_size: tuple[tuple[int, int], ...] = ((3, 3), (3, 3))
+    sscp_conv_stride_size: tuple[tuple[int, int], ...] = ((2, 2), (2, 2))
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AudioEncoderConfig:
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.sscp_conv_channel_size = tuple(cfg.sscp_conv_channel_size)
+        cfg.sscp_conv_kernel_size = tuple(tuple(k) for k in cfg.sscp_conv_kernel_size)
+        cfg.sscp_conv_stride_size = tuple(tuple(s) for s in cfg.sscp_conv_stride_size)
+        if cfg.hidden_size % cfg.conf_num_attention_heads:
+            raise ConfigError(
+                f"audio_config.hidden_size={cfg.hidden_size} is not divisible by "
+                f"conf_num_attention_heads={cfg.conf_num_attention_heads}"
+            )
+        if not len(cfg.sscp_conv_channel_size) == len(cfg.sscp_conv_kernel_size) == 2:
+            raise ConfigError("audio_config.sscp_conv_* must describe exactly 2 conv blocks")
+        return cfg
+
+    @property
+    def time_stride(self) -> int:
+        """Mel frames per SSCP output step (4 for the shipped config)."""
+        return math.prod(s[0] for s in self.sscp_conv_stride_size)
+
+
+def _clip(x: torch.Tensor, limit: float) -> torch.Tensor:
+    # `gradient_clipping` (1e10) is a no-op in fp32/bf16; in fp16 HF caps it at the dtype max.
+    limit = min(limit, torch.finfo(x.dtype).max)
+    return x.clamp(-limit, limit)
+
+
+class RMSNorm(nn.Module):
+    """x * (mean(x^2) + eps)^-1/2 * w, in float32; the weight multiplies directly (no 1 + w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        return (h * self.weight.float()).type_as(x)
+
+
+class CumulativeGroupNorm(nn.Module):
+    """Group norm over (freq, channel) with statistics accumulated causally over time (§B.2.3).
+
+    Works on the conv layout [B, C, T, F]. Each past step's squared deviation is taken from its
+    own running mean, exactly as the reference does.
+    """
+
+    def __init__(self, num_channels: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        b, c, t, f = h.shape
+        count = torch.arange(1, t + 1, device=h.device, dtype=torch.float32).view(1, 1, t, 1) * (c * f)
+        mean = h.sum((1, 3), keepdim=True).cumsum(2) / count  # [B, 1, T, 1]
+        centred = h - mean
+        var = centred.pow(2).sum((1, 3), keepdim=True).cumsum(2) / count
+        y = centred * torch.rsqrt(var + self.eps) * self.weight.float().view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
+class SSCPConvBlock(nn.Module):
+    """Pad (time 0/k-1, freq 1/1) -> Conv2d (no bias) -> cumulative group norm -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int], stride: tuple[int, int], eps: float):
+        super().__init__()
+        self.padding = (1, 1, 0, kernel[0] - 1)  # (freq left, freq right, time start, time end)
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, bias=False)
+        self.norm = CumulativeGroupNorm(c_out, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(F.pad(x, self.padding).to(self.conv.weight.dtype))
+        return torch.relu(self.norm(x))
+
+
+class SubSampleConvProjection(nn.Module):
+    """Two stride-2 conv blocks then a linear projection of the flattened (freq, channel) plane."""
+
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        c0, c1 = cfg.sscp_conv_channel_size
+        (k0, k1), (s0, s1) = cfg.sscp_conv_kernel_size, cfg.sscp_conv_stride_size
+        eps = cfg.sscp_conv_group_norm_eps
+        self.conv_0 = SSCPConvBlock(1, c0, k0, s0, eps)
+        self.conv_1 = SSCPConvBlock(c0, c1, k1, s1, eps)
+        f = cfg.input_feat_size
+        for k, s in ((k0, s0), (k1, s1)):
+            f = (f + 2 - k[1]) // s[1] + 1
+        self.input_proj_linear = nn.Linear(f * c1, cfg.hidden_size, bias=False)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.conv_1(self.conv_0(mel.unsqueeze(1)))  # [B, C, T2, F2]
+        b, c, t, f = x.shape
+        # flatten index f*C + c, as the converter reshaped the JAX kernel (§B.5)
+        x = x.permute(0, 2, 3, 1).reshape(b, t, f * c)
+        return self.input_proj_linear(x)
+
+
+class FeedForward(nn.Module):
+    """Half-step (macaron) FFN: x + residual_weight * PostNorm(W2 silu(W1 PreNorm(x)))."""
+
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.clip = cfg.gradient_clipping
+        self.residual_weight = cfg.conf_residual_weight
+        # the reference builds these norms with the default eps 1e-6, not rms_norm_eps
+        self.pre_layer_norm = RMSNorm(d)
+        self.ffw_layer_1 = nn.Linear(d, 4 * d, bias=False)
+        self.ffw_layer_2 = nn.Linear(4 * d, d, bias=False)
+        self.post_layer_norm = RMSNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre_layer_norm(_clip(x, self.clip))
+        h = self.ffw_layer_2(F.silu(self.ffw_layer_1(h)))
+        return x + self.post_layer_norm(_clip(h, self.clip)) * self.residual_weight
+
+
+class RelativePositionEmbedding(nn.Module):
+    """Holds `pos_proj`, which maps the sinusoid of each relative distance to per-head keys."""
+
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        self.pos_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+
+def timing_signal(distances: torch.Tensor, channels: int) -> torch.Tensor:
+    """[sin(d*inv), cos(d*inv)] concatenated, inv_i = 1e4^(-i/(channels/2 - 1)) (§B.3 step 7)."""
+    n = channels // 2
+    inv = torch.exp(torch.arange(n, dtype=torch.float32) * -(math.log(1.0e4) / max(n - 1, 1)))
+    scaled = distances.float().unsqueeze(-1) * inv.to(distances.device)
+    return torch.cat([torch.sin(scaled), torch.cos(scaled)], dim=-1)
+
+
+def relative_shift(bd: torch.Tensor, context: int) -> torch.Tensor:
+    """[..., W, F] indexed by distance slot -> [..., W, C] with out[w, c] = bd[w, c - w] (else 0).
+
+    Transformer-XL skew: pad the last dim to C + 1, flatten (W, C + 1), keep W*C, reshape.
+    """
+    *lead, w, f = bd.shape
+    flat = F.pad(bd, (0, context + 1 - f)).reshape(*lead, w * (context + 1))
+    return flat[..., : w * context].reshape(*lead, w, context)
+
+
+class LocalRelPosAttention(nn.Module):
+    """Chunked local self-attention with relative positions and a tanh logit cap (§B.3).
+
+    Queries are cut into blocks of W = chunk; each block attends to a context of
+    C = W + past + future keys; a band mask keeps `past` steps back and `future` ahead.
+    """
+
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.conf_num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.logit_cap = cfg.conf_attention_logit_cap
+        # the learned per-dim scale passes through softplus, which is ln 2 at init; undo that
+        self.q_scale = self.head_dim**-0.5 / math.log(2.0)
+        self.per_dim_scale = nn.Parameter(torch.zeros(self.head_dim))
+        self.relative_position_embedding = RelativePositionEmbedding(cfg)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, d = x.shape
+        n, hd, w, c, u = self.num_heads, self.head_dim, ctx.chunk, ctx.context, ctx.num_blocks
+        q = self.q_proj(x) * self.q_scale * F.softplus(self.per_dim_scale).repeat(n)
+        q = F.pad(q, (0, 0, 0, u * w - t)).view(b, u, w, n, hd).permute(0, 3, 1, 2, 4)  # [B,N,U,W,D]
+        k = ctx.blocks(self.k_proj(x)).view(b, u, n, hd, c).transpose(1, 2)  # [B,N,U,D,C]
+        v = ctx.blocks(self.v_proj(x)).view(b, u, n, hd, c).permute(0, 2, 1, 4, 3)  # [B,N,U,C,D]
+
+        pos = self.relative_position_embedding.pos_proj(ctx.timing.to(x.dtype))  # [F, N*D]
+        pos = pos.view(-1, n, hd).permute(1, 2, 0)  # [N, D, F]
+        bd = torch.matmul(q.reshape(b, n, u * w, hd), pos).view(b, n, u, w, -1)
+        logits = torch.matmul(q, k) + relative_shift(bd, c)  # [B,N,U,W,C]
+        logits = torch.tanh(logits / self.logit_cap) * self.logit_cap
+        logits = logits.masked_fill(~ctx.valid, torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
+        out = torch.matmul(probs, v)  # [B,N,U,W,D]
+        return out.permute(0, 2, 3, 1, 4).reshape(b, u * w, d)[:, :t]
+
+
+class ConformerAttention(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.clip = cfg.gradient_clipping
+        self.pre_attn_norm = RMSNorm(d)
+        self.attn = LocalRelPosAttention(cfg)
+        self.post = nn.Linear(d, d, bias=False)
+        self.post_norm = RMSNorm(d)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = self.attn(self.pre_attn_norm(_clip(x, self.clip)), ctx)
+        return x + self.post_norm(_clip(self.post(h), self.clip))  # residual is the unclamped x
+
+
+class LightConv1d(nn.Module):
+    """GLU -> causal depthwise conv (left pad k-1) -> RMSNorm -> SiLU -> linear, plus residual."""
+
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        d, k = cfg.hidden_size, cfg.conf_conv_kernel_size
+        self.clip = cfg.gradient_clipping
+        self.pre_layer_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.linear_start = nn.Linear(d, 2 * d, bias=False)
+        self.depthwise_conv1d = nn.Conv1d(d, d, kernel_size=k, groups=d, bias=False)
+        self.conv_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.linear_end = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.glu(self.linear_start(self.pre_layer_norm(x)), dim=-1)
+        k = self.depthwise_conv1d.kernel_size[0]
+        h = self.depthwise_conv1d(F.pad(h.transpose(1, 2), (k - 1, 0))).transpose(1, 2)
+        h = self.linear_end(F.silu(self.conv_norm(_clip(h, self.clip))))
+        return h + x
+
+
+class ConformerBlock(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        self.clip = cfg.gradient_clipping
+        self.ffw_layer_start = FeedForward(cfg)
+        self.attention = ConformerAttention(cfg)
+        self.lconv1d = LightConv1d(cfg)
+        self.ffw_layer_end = FeedForward(cfg)
+        self.norm = RMSNorm(cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = self.attention(self.ffw_layer_start(x), ctx)
+        x = self.lconv1d(x * ctx.step_valid)  # padded steps are zeroed before the conv (and its residual)
+        return self.norm(_clip(self.ffw_layer_end(x), self.clip))
+
+
+class AttentionContext:
+    """Per-forward constants shared by all conformer layers: block windows, masks, timing signal."""
+
+    def __init__(self, cfg: AudioEncoderConfig, padding: torch.Tensor, dtype: torch.dtype):
+        self.chunk = cfg.conf_attention_chunk_size
+        self.past = max(0, cfg.conf_attention_context_left - 1)
+        self.future = cfg.conf_attention_context_right
+        self.context = self.chunk + self.past + self.future
+        t = padding.shape[1]
+        self.num_blocks = -(-t // self.chunk)
+        device = padding.device
+        # local band: query w sees context slots c with w <= c <= w + past + future
+        w = torch.arange(self.chunk, device=device)[:, None]
+        c = torch.arange(self.context, device=device)[None, :]
+        band = (c >= w) & (c <= w + self.past + self.future)  # [W, C]
+        key_valid = self.blocks(~padding)  # [B, U, C]; padding outside the clip is invalid
+        self.valid = key_valid[:, None, :, None, :] & band  # [B, 1, U, W, C]
+        self.step_valid = (~padding).unsqueeze(-1).to(dtype)  # [B, T, 1]
+        distances = torch.arange(self.past, -self.future - 1, -1, device=device)
+        self.timing = timing_signal(distances, cfg.hidden_size)  # [F, hidden] float32
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [B, U, ..., C]: overlapping context windows (zero/False padded)."""
+        pad = [0, 0] * (x.dim() - 2) + [self.past, self.future + self.chunk - 1]
+        return F.pad(x, pad).unfold(1, self.context, self.chunk)
+
+
+class AudioEncoder(nn.Module):
+    """`model.audio_tower`: mel features -> [N, S, hidden] encodings, S = ceil(T / 16)."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.subsample_conv_projection = SubSampleConvProjection(config)
+        self.conformer = nn.ModuleList(ConformerBlock(config) for _ in range(config.conf_num_hidden_layers))
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: Mapping[str, torch.Tensor],
+        audio_config: Mapping,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> AudioEncoder:
+        """Strict load of `model.audio_tower.*` tensors (prefix already stripped).
+
+        Tensors already on `device` in `dtype` are used without a copy.
+        """
+        cfg = AudioEncoderConfig.from_dict(audio_config)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        problems = [f"missing {k} {s}" for k, s in expected.items() if k not in sd]
+        problems += [f"unexpected {k}" for k in sd if k not in expected]
+        problems += [
+            f"{k}: shape {tuple(sd[k].shape)}, expected {s}"
+            for k, s in expected.items()
+            if k in sd and tuple(sd[k].shape) != s
+        ]
+        if problems:
+            raise CheckpointError(
+                f"audio tower weights do not match audio_config ({len(problems)} problems): "
+                + "; ".join(problems)
+            )
+        weights = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
+        model.load_state_dict(weights, assign=True)
+        return model.eval()
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [N, T, n_mels], mask [N, T] bool (True = valid frame, as the extractor returns).
+
+        Returns (encodings [N, S, hidden], padding [N, S] bool with True = PADDED), exactly the
+        `last_hidden_state` and `audio_mel_mask` of HF `Gemma3nAudioEncoder`. Padded rows are 0.
+        """
+        cfg = self.config
+        x = self.subsample_conv_projection(features)  # [N, T2, hidden]
+        # each step takes the mask of the first mel frame of its receptive field (§B.2)
+        idx = (torch.arange(x.shape[1], device=mask.device) * cfg.time_stride).clamp(max=mask.shape[1] - 1)
+        padding = ~mask[:, idx].bool()
+        ctx = AttentionContext(cfg, padding, x.dtype)
+        for block in self.conformer:
+            x = block(x, ctx)
+        r = cfg.conf_reduction_factor
+        x, padding = x[:, ::r], padding[:, ::r]  # decimation, not pooling (§B.4)
+        return x.masked_fill(padding.unsqueeze(-1), 0.0), padding
