@@ -1,0 +1,811 @@
+"""MatFormer: Mix-n-Match slice specs, effective parameters, and a streamed slice export.
+
+Gemma 3n E4B nests smaller models (shared/reference/matformer.md §1): a sub-model keeps a subset of
+the layers and, in each kept layer, a prefix of the FFN (`gate_proj[:w]`, `up_proj[:w]`,
+`down_proj[:, :w]`). A slice is *data*: the official Mix-n-Match table ships in
+`gemma3n/data/mix-n-match-configs.csv` and is parsed at run time.
+
+- `SliceSpec`: which original layers are kept and one FFN width per kept layer.
+- `presets()`, `resolve_size()`, `parse_ffn()`, `parse_skip()`: from names / dicts / CLI text to a
+  validated spec.
+- `sliced_text_config()`: the config of the sub-model (§2.5). The decoder builds its per-size layer
+  plan from it, and the exporter writes it, so an elastic view equals an exported slice.
+- `effective_params()`: Google's "effective parameters" (§2; text-decoder.md §6.2).
+- `export_slice()`: writes an ordinary Gemma 3n checkpoint, streaming tensor by tensor in row chunks.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, InputError
+
+TABLE_FILE = "mix-n-match-configs.csv"
+# Gemma 3n trained its FFNs at two granularities, 4x and 8x the hidden size (8192 and 16384 for
+# D=2048, matformer.md §1); any other width is allowed but its quality is unknown.
+TRAINED_FFN_MULTIPLES = (4, 8)
+# Row-chunk size of the streamed export: bounds the bytes held in memory per tensor read.
+CHUNK_BYTES = 64 << 20
+MAX_SHARD_BYTES = 5_000_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Specs and presets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """A sub-model: the ORIGINAL indices of the kept layers (ascending) and one FFN width each.
+
+    Equality and hashing ignore `name`, so the same slice reached by a preset name or a dict
+    is the same key (e.g. for per-size KV caches).
+    """
+
+    name: str = field(compare=False)
+    layers: tuple[int, ...]
+    ffn_widths: tuple[int, ...]
+
+    def skipped(self, num_layers: int) -> tuple[int, ...]:
+        """Original indices of the layers this slice drops from a `num_layers`-layer parent."""
+        kept = set(self.layers)
+        return tuple(i for i in range(num_layers) if i not in kept)
+
+    def describe(self, num_layers: int) -> str:
+        """Compact CLI form, e.g. `ffn=8192x30 skip=20-24`."""
+        skip = self.skipped(num_layers)
+        text = f"ffn={format_ffn(self.ffn_widths)}"
+        return text + (f" skip={format_skip(skip)}" if skip else "")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One row of the official Mix-n-Match table (matformer.md §3)."""
+
+    name: str  # short canonical name: E4B, E2B, E1.96B-layer, E2.49B-block, ...
+    table_name: str  # the row's `name` as written in the table
+    aliases: tuple[str, ...]
+    num_layers: int  # kept layers
+    effective_params_b: float  # the table's "# Effective Params (B)"
+    mmlu_pt: float  # the table's "MMLU PT accuracy", in percent
+    ffn_widths: tuple[int, ...]  # one per kept layer
+    skipped: tuple[int, ...]  # original indices
+    parent_layers: int  # the parent the row is written for (35: E4B)
+
+    @property
+    def spec(self) -> SliceSpec:
+        skip = set(self.skipped)
+        layers = tuple(i for i in range(self.parent_layers) if i not in skip)
+        return SliceSpec(self.name, layers, self.ffn_widths)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_]+", "", name.strip().lower())
+
+
+_ROW_NAME = re.compile(r"^Config for (E[\d.]+B) \((layer|block)-level\)$")
+_FFN_ITEM = re.compile(r"^\s*([\d_]+)\s*(?:\*\s*([\d_]+))?\s*$")
+
+
+def _parse_table_widths(text: str, row: str) -> tuple[int, ...]:
+    """`[2_048 * 4, 2_048 * 8, ...]`: each item a product (the table's spelling) or an int."""
+    body = text.strip()
+    if not (body.startswith("[") and body.endswith("]")):
+        raise ValueError(f"{TABLE_FILE} row {row!r}: FFN Hidden Dims is not a [list]: {text[:40]!r}")
+    widths = []
+    for item in body[1:-1].split(","):
+        m = _FFN_ITEM.match(item)
+        if not m:
+            raise ValueError(f"{TABLE_FILE} row {row!r}: cannot read FFN width {item!r}")
+        widths.append(int(m.group(1)) * (int(m.group(2)) if m.group(2) else 1))
+    return tuple(widths)
+
+
+def _parse_table_skip(text: str) -> tuple[int, ...]:
+    body = text.strip().strip("[]").strip()
+    return tuple(int(x) for x in body.split(",")) if body else ()
+
+
+@lru_cache(maxsize=1)
+def _load_presets() -> tuple[Preset, ...]:
+    text = resources.files("gemma3n").joinpath("data", TABLE_FILE).read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    parsed = []
+    for row in rows:
+        table_name = row["name"].strip()
+        widths = _parse_table_widths(row["FFN Hidden Dims"], table_name)
+        skipped = _parse_table_skip(row.get("Layers Skipped") or "")
+        n_layers = int(row["# Layers"])
+        if len(widths) != n_layers:
+            raise ValueError(f"{TABLE_FILE} row {table_name!r}: {len(widths)} widths for {n_layers} layers")
+        eff = float(row["# Effective Params (B)"])
+        mmlu = float(row["MMLU PT accuracy"].strip().rstrip("%"))
+        aliases = [table_name]
+        if table_name == "Main model":
+            short = "E4B"
+            aliases += ["main", "full"]
+        elif "official E2B" in table_name:
+            short = "E2B"
+            aliases += ["official E2B"]
+        else:
+            m = _ROW_NAME.match(table_name)
+            if not m:
+                raise ValueError(f"{TABLE_FILE}: unexpected row name {table_name!r}")
+            size, kind = m.groups()
+            short = f"{size}-{kind}"
+            aliases += [f"{size} ({kind}-level)", f"{size}-{kind}-level", f"E{eff:.2f}B-{kind}"]
+        parsed.append((short, table_name, aliases, n_layers, eff, mmlu, widths, skipped))
+    # A bare size ("E2.54B") is an alias only where it names one row (E2.98B has two).
+    bare: dict[str, list[str]] = {}
+    for short, *_ in parsed:
+        bare.setdefault(short.split("-")[0], []).append(short)
+    out = []
+    for short, table_name, aliases, n_layers, eff, mmlu, widths, skipped in parsed:
+        b = short.split("-")[0]
+        if b != short and len(bare[b]) == 1:
+            aliases.append(b)
+        uniq = tuple(dict.fromkeys(a for a in aliases if a != short))
+        out.append(
+            Preset(short, table_name, uniq, n_layers, eff, mmlu, widths, skipped, n_layers + len(skipped))
+        )
+    return tuple(out)
+
+
+def presets() -> list[Preset]:
+    """The official Mix-n-Match table, parsed from the packaged CSV."""
+    return list(_load_presets())
+
+
+def find_preset(name: str) -> Preset:
+    """A preset by its name, the table's row name or an alias (case and spaces ignored)."""
+    key = _norm(name)
+    for p in _load_presets():
+        if key == _norm(p.name) or any(key == _norm(a) for a in p.aliases):
+            return p
+    ambiguous = [p.name for p in _load_presets() if _norm(p.name).split("-")[0] == key]
+    if ambiguous:
+        raise InputError(f"size {name!r} is ambiguous: it could be {' or '.join(ambiguous)}")
+    names = ", ".join(p.name for p in _load_presets())
+    raise InputError(
+        f"unknown size {name!r}: presets are {names} (see `gemma3n slice --list`), or give a custom "
+        "spec as {'ffn': [...], 'skip': [...]}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing CLI text
+# --------------------------------------------------------------------------------------------
+
+
+def parse_ffn(text: str) -> list[int]:
+    """`8192x20,16384x10` (width x count) or a plain list `8192,8192,16384` -> one width per kept layer."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("--ffn is empty: give one FFN width per kept layer, e.g. 8192x20,16384x10")
+    widths: list[int] = []
+    for raw in re.split(r"[,\s]+", text.strip().strip("[]")):
+        if not raw:
+            continue
+        m = re.fullmatch(r"([\d_]+)(?:[xX]([\d_]+))?", raw)
+        if not m:
+            raise InputError(
+                f"--ffn item {raw!r} is not WIDTH or WIDTHxCOUNT (e.g. 8192 or 8192x20) in {text!r}"
+            )
+        width = int(m.group(1))
+        count = int(m.group(2)) if m.group(2) else 1
+        if width <= 0:
+            raise InputError(f"--ffn width must be positive, got {width} in {text!r}")
+        if count <= 0:
+            raise InputError(f"--ffn repeat count must be positive, got {raw!r} in {text!r}")
+        widths += [width] * count
+    if not widths:
+        raise InputError(f"--ffn {text!r} holds no widths")
+    return widths
+
+
+def parse_skip(text: str) -> list[int]:
+    """`20-24`, `20-24,30`, `20,21` -> sorted original layer indices (ranges are inclusive)."""
+    if text is None or not str(text).strip():
+        return []
+    out: set[int] = set()
+    for raw in re.split(r"[,\s]+", str(text).strip().strip("[]")):
+        if not raw:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", raw)
+        if not m:
+            raise InputError(f"--skip item {raw!r} is not a layer index or range like 20-24 (in {text!r})")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) else a
+        if b < a:
+            raise InputError(f"--skip range {raw!r} runs backwards; write {b}-{a}")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def format_ffn(widths: Sequence[int]) -> str:
+    """Run-length form: [8192]*20 + [16384]*10 -> `8192x20,16384x10`."""
+    parts: list[str] = []
+    i = 0
+    while i < len(widths):
+        j = i
+        while j < len(widths) and widths[j] == widths[i]:
+            j += 1
+        parts.append(f"{widths[i]}x{j - i}" if j - i > 1 else str(widths[i]))
+        i = j
+    return ",".join(parts)
+
+
+def format_skip(layers: Iterable[int]) -> str:
+    """[20, 21, 22, 23, 24, 30] -> `20-24,30`."""
+    xs = sorted(layers)
+    parts: list[str] = []
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(f"{xs[i]}-{xs[j]}" if j > i else str(xs[i]))
+        i = j + 1
+    return ",".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation against a parent config
+# --------------------------------------------------------------------------------------------
+
+
+def kv_source_layers(text_config: Any) -> dict[int, list[int]]:
+    """{source layer: [shared layers reading its K/V]} (text-decoder.md §5.1)."""
+    n = text_config.num_hidden_layers
+    first = n - text_config.num_kv_shared_layers
+    types = list(text_config.layer_types)
+    out: dict[int, list[int]] = {}
+    for i in range(first, n):
+        src = next((j for j in range(first - 1, -1, -1) if types[j] == types[i]), None)
+        if src is not None:
+            out.setdefault(src, []).append(i)
+    return out
+
+
+def _trained_widths(text_config: Any) -> set[int]:
+    return {m * text_config.hidden_size for m in TRAINED_FFN_MULTIPLES}
+
+
+def _validate(text_config: Any, name: str, skip: Sequence[int], ffn: Sequence[int] | None) -> SliceSpec:
+    n = text_config.num_hidden_layers
+    parent_w = list(text_config.intermediate_size)
+    for i in skip:
+        if not 0 <= i < n:
+            raise InputError(f"{name}: cannot skip layer {i}: the model has {n} layers (0-{n - 1})")
+    skipped = sorted(set(skip))
+    kept = [i for i in range(n) if i not in set(skipped)]
+    if not kept:
+        raise InputError(f"{name}: skips all {n} layers; at least one layer must be kept")
+    sources = kv_source_layers(text_config)
+    for i in skipped:
+        if i in sources:
+            readers = sources[i]
+            raise InputError(
+                f"{name}: layer {i} cannot be skipped: it is the KV source of the shared "
+                f"{text_config.layer_types[i]} layers {format_skip(readers)} (matformer.md §2.1)"
+            )
+    first_shared = n - text_config.num_kv_shared_layers
+    low = [i for i in skipped if i < first_shared]
+    if low:
+        warnings.warn(
+            f"{name}: skipping layer(s) {format_skip(low)} below the KV-shared region (first shared layer "
+            f"{first_shared}) was never tested by Google; quality is unknown",
+            stacklevel=3,
+        )
+    if ffn is None:
+        widths = [parent_w[i] for i in kept]
+    else:
+        widths = [int(w) for w in ffn]
+        if len(widths) != len(kept):
+            raise InputError(
+                f"{name}: the FFN list has {len(widths)} widths but {len(kept)} layers are kept "
+                f"({n} layers minus {len(skipped)} skipped); give one width per kept layer, in order"
+            )
+    untrained = []
+    trained = _trained_widths(text_config)
+    for j, (i, w) in enumerate(zip(kept, widths)):
+        if w <= 0:
+            raise InputError(f"{name}: FFN width of layer {i} (kept layer #{j}) must be positive, got {w}")
+        if w > parent_w[i]:
+            raise InputError(
+                f"{name}: FFN width {w} for layer {i} (kept layer #{j}) exceeds the parent's width "
+                f"{parent_w[i]}; a slice can only narrow an FFN"
+            )
+        if w not in trained and w != parent_w[i]:
+            untrained.append((i, w))
+    if untrained:
+        shown = ", ".join(f"layer {i}: {w}" for i, w in untrained[:6])
+        more = f" and {len(untrained) - 6} more" if len(untrained) > 6 else ""
+        warnings.warn(
+            f"{name}: FFN width(s) {shown}{more} were never a trained granularity "
+            f"(trained: {', '.join(str(w) for w in sorted(trained))}); quality is unknown",
+            stacklevel=3,
+        )
+    return SliceSpec(name, tuple(kept), tuple(widths))
+
+
+def _is_full(spec: SliceSpec, text_config: Any) -> bool:
+    n = text_config.num_hidden_layers
+    return spec.layers == tuple(range(n)) and list(spec.ffn_widths) == list(text_config.intermediate_size)
+
+
+def _as_int_list(value: Any, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_ffn(value) if what == "ffn" else parse_skip(value)
+    if isinstance(value, int):
+        value = [value]
+    try:
+        out = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise InputError(f"size['{what}'] must be a list of integers, got {value!r}") from None
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in value):
+        raise InputError(f"size['{what}'] must be a list of integers, got {value!r}")
+    return out
+
+
+def resolve_size(size: Any, text_config: Any) -> SliceSpec | None:
+    """A validated slice of `text_config`, or None for the full model.
+
+    `size` is None (full model), a preset name or alias (`"E2B"`, `"E2.54B-layer"`), a dict
+    `{"ffn": [...], "skip": [...]}` (either key optional: no ffn = the parent's widths of the kept
+    layers, no skip = keep all; each may also be CLI text such as "8192x30" / "20-24"), or a
+    `SliceSpec`. A spec equal to the whole parent resolves to None.
+    Raises InputError with the reason; warns (UserWarning) for widths never trained.
+    """
+    if size is None:
+        return None
+    n = text_config.num_hidden_layers
+    if isinstance(size, SliceSpec):
+        if list(size.layers) != sorted(set(size.layers)):
+            raise InputError(f"{size.name}: layers must be ascending and unique, got {list(size.layers)}")
+        outside = [i for i in size.layers if not 0 <= i < n]
+        if outside:
+            raise InputError(f"{size.name}: layer(s) {outside} do not exist (the model has {n} layers)")
+        spec = _validate(text_config, size.name, size.skipped(n), size.ffn_widths)
+    elif isinstance(size, str):
+        p = find_preset(size)
+        widths = list(text_config.intermediate_size)
+        if n == len(p.ffn_widths) and widths == list(p.ffn_widths) and n != p.parent_layers:
+            return None  # the checkpoint already is this size (e.g. "E2B" on an E2B checkpoint)
+        if p.parent_layers != n:
+            raise InputError(
+                f"preset {p.name!r} is defined for a {p.parent_layers}-layer parent (E4B) but this model "
+                f"has {n} layers; pass a custom {{'ffn': [...], 'skip': [...]}} instead"
+            )
+        bad = [(i, w) for i, w in zip(p.spec.layers, p.ffn_widths) if w > widths[i]]
+        if bad:
+            i, w = bad[0]
+            raise InputError(
+                f"preset {p.name!r} needs FFN width {w} at layer {i} but this model's is {widths[i]}: "
+                "the preset is defined for E4B (16384-wide FFNs)"
+            )
+        spec = _validate(text_config, p.name, p.skipped, p.ffn_widths)
+    elif isinstance(size, dict):
+        unknown = set(size) - {"ffn", "skip", "name"}
+        if unknown:
+            raise InputError(f"size dict has unknown key(s) {sorted(unknown)}; use 'ffn' and/or 'skip'")
+        ffn = _as_int_list(size.get("ffn"), "ffn")
+        skip = _as_int_list(size.get("skip"), "skip") or []
+        name = size.get("name")
+        if not name:
+            name = "custom"
+            if ffn is not None:
+                name += f" ffn={format_ffn(ffn)}"
+            if skip:
+                name += f" skip={format_skip(skip)}"
+        spec = _validate(text_config, str(name), skip, ffn)
+    else:
+        raise InputError(
+            f"size must be None, a preset name, a dict {{'ffn': [...], 'skip': [...]}} or a SliceSpec; "
+            f"got {type(size).__name__}"
+        )
+    return None if _is_full(spec, text_config) else spec
+
+
+# --------------------------------------------------------------------------------------------
+# Sliced config and effective parameters
+# --------------------------------------------------------------------------------------------
+
+
+def sliced_fields(text_config: Any, spec: SliceSpec) -> dict[str, Any]:
+    """The config fields a slice rewrites (matformer.md §2.5); every per-layer list is filtered
+    by the kept original indices, which also gives the §2.5 sparsity rule (sparse = originally < 10)."""
+    n = text_config.num_hidden_layers
+    first_shared = n - text_config.num_kv_shared_layers
+    layers = list(spec.layers)
+    return {
+        "num_hidden_layers": len(layers),
+        "intermediate_size": [int(w) for w in spec.ffn_widths],
+        "layer_types": [text_config.layer_types[i] for i in layers],
+        "activation_sparsity_pattern": [float(text_config.activation_sparsity_pattern[i]) for i in layers],
+        "num_kv_shared_layers": sum(1 for i in layers if i >= first_shared),
+    }
+
+
+def sliced_text_config(text_config: Any, spec: SliceSpec | None) -> Any:
+    """The text config an exported slice has (None -> `text_config` itself)."""
+    if spec is None:
+        return text_config
+    return dataclasses.replace(text_config, **sliced_fields(text_config, spec))
+
+
+def effective_params(text_config: Any) -> int:
+    """Text decoder parameters minus the main embedding and the PLE table, counting the stored
+    (unused) K/V weights of shared layers (text-decoder.md §6.2; matches the table's column)."""
+    c = text_config
+    d, p, n = c.hidden_size, c.hidden_size_per_layer_input, c.num_hidden_layers
+    q = c.num_attention_heads * c.head_dim
+    kv = c.num_key_value_heads * c.head_dim
+    a = c.altup_num_inputs
+    # per_layer_model_projection + altup (un)embed projections + per_layer_projection_norm + norm
+    total = n * p * d + 2 * (a - 1) * d * d + p + d
+    per_layer = (
+        2 * d * q  # q_proj, o_proj
+        + 2 * d * kv  # k_proj, v_proj (stored even for shared layers)
+        + 2 * c.head_dim  # q_norm, k_norm
+        + 4 * d  # input / post_attention / pre_feedforward / post_feedforward norms
+        + 2 * d * c.laurel_rank
+        + d  # LAuReL
+        + 2 * p * d
+        + d  # per_layer_input_gate, per_layer_projection, post_per_layer_input_norm
+        + d
+        + a * a
+        + a * a * a
+        + a * d
+        + d  # AltUp: output scale, correction, prediction, router, router norm
+    )
+    total += n * per_layer + sum(3 * d * int(w) for w in c.intermediate_size)
+    return total
+
+
+def format_preset_table(text_config: Any = None) -> str:
+    """`gemma3n slice --list`: the presets with layers, effective params and MMLU."""
+    head = ("name", "layers", "eff. params", "MMLU PT", "skip", "FFN widths", "aliases")
+    rows = []
+    for p in _load_presets():
+        rows.append(
+            (
+                p.name,
+                str(p.num_layers),
+                f"{p.effective_params_b:.2f} B",
+                f"{p.mmlu_pt:.1f} %",
+                format_skip(p.skipped) or "-",
+                format_ffn(p.ffn_widths),
+                ", ".join(a for a in p.aliases if a != p.table_name and "level" not in a),
+            )
+        )
+    widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head) - 1)]
+    lines = []
+    for r in [head, *rows]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(head[-1]))
+    lines.append("")
+    lines.append(
+        "Presets are defined for E4B (35 layers). Custom: --ffn 8192x20,16384x10 (one width per kept "
+        "layer) --skip 20-24 (original indices)."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed export
+# --------------------------------------------------------------------------------------------
+
+_ST_DTYPE = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+# Files of a checkpoint directory that the export rewrites instead of copying.
+_NOT_COPIED = re.compile(
+    r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.bin\.index\.json|\.pt|\.pth|\.gguf|\.msgpack|\.h5)$"
+    r"|^(config\.json|README\.md)$"
+)
+
+
+@dataclass
+class _Job:
+    """One output tensor: rows `row_ranges` of the source, and within each row the element
+    ranges `col_ranges` (None = whole row). Only 2-D tensors get column ranges."""
+
+    out_name: str
+    dtype: str  # safetensors dtype
+    shape: tuple[int, ...]
+    src_path: Path
+    src_offset: int  # absolute byte offset of the source tensor in its file
+    src_row_bytes: int
+    itemsize: int
+    row_ranges: list[tuple[int, int]]
+    col_ranges: list[tuple[int, int]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _ranges(indices: Sequence[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _plan(ckpt: Any, spec: SliceSpec) -> list[_Job]:
+    text = ckpt.config.text
+    n = text.num_hidden_layers
+    p = text.hidden_size_per_layer_input
+    prefix = ckpt.text_prefix
+    new_index = {old: new for new, old in enumerate(spec.layers)}
+    width = dict(zip(spec.layers, spec.ffn_widths))
+    layer_re = re.compile(re.escape(prefix) + r"layers\.(\d+)\.(.+)$")
+    jobs: list[_Job] = []
+    for f in ckpt.files:
+        # data section start = 8-byte header length + header (safetensors format)
+        with open(f.path, "rb") as fh:
+            start = 8 + int.from_bytes(fh.read(8), "little")
+        for name, (dtype, shape, begin, _end) in f.entries.items():
+            itemsize = dtype.itemsize
+            st_dtype = _ST_DTYPE[str(dtype).removeprefix("torch.")]
+            rows = shape[0] if shape else 1
+            row_elems = 1
+            for s in shape[1:]:
+                row_elems *= s
+            job = _Job(
+                name, st_dtype, tuple(shape), f.path, start + begin, row_elems * itemsize, itemsize, []
+            )
+            job.row_ranges = [(0, rows)]
+            m = layer_re.match(name)
+
+            def expect(cond: bool, what: str, name: str = name, shape: tuple = shape) -> None:
+                if not cond:
+                    raise CheckpointError(f"{ckpt.path}: tensor '{name}' has shape {list(shape)}; {what}")
+
+            if m:
+                old = int(m.group(1))
+                rest = m.group(2)
+                if old >= n:
+                    raise CheckpointError(
+                        f"{ckpt.path}: tensor '{name}' is for layer {old} of a {n}-layer model"
+                    )
+                if old not in new_index:
+                    continue  # skipped layer: all its tensors go (§2.2)
+                job.out_name = f"{prefix}layers.{new_index[old]}.{rest}"
+                w = width[old]
+                if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                    expect(len(shape) == 2 and shape[0] == text.intermediate_size[old], "expected [I, D]")
+                    job.row_ranges = [(0, w)]  # prefix rows (§1 nesting)
+                    job.shape = (w, shape[1])
+                elif rest == "mlp.down_proj.weight":
+                    expect(len(shape) == 2 and shape[1] == text.intermediate_size[old], "expected [D, I]")
+                    job.col_ranges = [(0, w)]
+                    job.shape = (shape[0], w)
+            elif name == f"{prefix}embed_tokens_per_layer.weight":
+                # [Vp, L*P] viewed as [Vp, L, P]: keep the kept layers' column groups (§2.4)
+                expect(len(shape) == 2 and shape[1] == n * p, f"expected [Vp, {n}*{p}]")
+                job.col_ranges = _ranges([i * p + k for i in spec.layers for k in range(p)])
+                job.shape = (shape[0], len(spec.layers) * p)
+            elif name == f"{prefix}per_layer_model_projection.weight":
+                # [L*P, D] viewed as [L, P, D]: keep the kept layers' row groups (§2.4)
+                expect(len(shape) == 2 and shape[0] == n * p, f"expected [{n}*{p}, D]")
+                job.row_ranges = _ranges([i * p + k for i in spec.layers for k in range(p)])
+                job.shape = (len(spec.layers) * p, shape[1])
+            jobs.append(job)
+    return jobs
+
+
+def _stream(job: _Job, src_fd: int, out: Any, bar: Any) -> None:
+    """Copy one tensor in row chunks of <= CHUNK_BYTES (no whole-tensor buffer)."""
+    import numpy as np
+
+    rows_per_chunk = max(1, CHUNK_BYTES // max(1, job.src_row_bytes))
+    byte_cols = None
+    if job.col_ranges is not None:
+        byte_cols = [(a * job.itemsize, b * job.itemsize) for a, b in job.col_ranges]
+    for a, b in job.row_ranges:
+        for r0 in range(a, b, rows_per_chunk):
+            r1 = min(b, r0 + rows_per_chunk)
+            size = (r1 - r0) * job.src_row_bytes
+            data = os.pread(src_fd, size, job.src_offset + r0 * job.src_row_bytes)
+            if len(data) != size:
+                raise CheckpointError(f"{job.src_path}: truncated while reading '{job.out_name}'")
+            if byte_cols is not None:
+                arr = np.frombuffer(data, dtype=np.uint8).reshape(r1 - r0, job.src_row_bytes)
+                if len(byte_cols) == 1:
+                    s, e = byte_cols[0]
+                    data = np.ascontiguousarray(arr[:, s:e]).data
+                else:
+                    data = np.concatenate([arr[:, s:e] for s, e in byte_cols], axis=1).data
+            out.write(data)
+            bar.update(len(data))
+
+
+def _write_shard(path: Path, jobs: list[_Job], fds: dict[Path, int], bar: Any) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for job in jobs:
+        header[job.out_name] = {
+            "dtype": job.dtype,
+            "shape": list(job.shape),
+            "data_offsets": [offset, offset + job.nbytes],
+        }
+        offset += job.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for job in jobs:
+            before = out.tell()
+            _stream(job, fds[job.src_path], out, bar)
+            if out.tell() - before != job.nbytes:  # a planning bug, never a user error
+                raise RuntimeError(
+                    f"wrote {out.tell() - before} bytes for {job.out_name}, expected {job.nbytes}"
+                )
+
+
+def _model_card(src: Any, spec: SliceSpec, text: Any, new_text: Any, preset: Preset | None) -> str:
+    n = text.num_hidden_layers
+    skip = spec.skipped(n)
+    eff_parent = effective_params(text) / 1e9
+    eff = effective_params(new_text) / 1e9
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [gemma3n, matformer, mix-n-match]",
+        "---",
+        "",
+        f"# Gemma 3n Mix-n-Match slice: {spec.name}",
+        "",
+        f"Sliced from `{src}` with `gemma3n slice` (MatFormer: kept layers with a prefix of each FFN).",
+        "Use is subject to the license of the parent model (Gemma Terms of Use).",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| Slice | {spec.name}" + (f" (table row: {preset.table_name})" if preset else "") + " |",
+        f"| Layers | {len(spec.layers)} of {n}" + (f", skipped {format_skip(skip)}" if skip else "") + " |",
+        f"| FFN widths | {format_ffn(spec.ffn_widths)} |",
+        f"| Effective params | {eff:.2f} B (parent {eff_parent:.2f} B) |",
+    ]
+    if preset:
+        lines.append(f"| MMLU PT (official table) | {preset.mmlu_pt:.1f} % |")
+    lines += ["", "| layer | original layer | type | FFN width |", "| --- | --- | --- | --- |"]
+    for j, (i, w) in enumerate(zip(spec.layers, spec.ffn_widths)):
+        lines.append(f"| {j} | {i} | {text.layer_types[i]} | {w} |")
+    return "\n".join(lines) + "\n"
+
+
+def _dir_is_empty(path: Path) -> bool:
+    return not any(path.iterdir())
+
+
+def export_slice(
+    src: str | Path,
+    spec: SliceSpec | str | dict | None,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write the slice `spec` of checkpoint `src` to `out_dir` as an ordinary Gemma 3n checkpoint.
+
+    Streams tensor by tensor in row chunks (peak memory ~2 x CHUNK_BYTES). Everything is written
+    to a hidden temp dir next to `out_dir` and renamed into place at the end, so an interrupted
+    export never leaves a complete-looking checkpoint. Refuses a non-empty `out_dir` unless `force`.
+    """
+    from tqdm.auto import tqdm
+
+    from .checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(src)
+    text = ckpt.config.text
+    preset = None
+    if isinstance(spec, str):
+        preset = find_preset(spec)
+    resolved = resolve_size(spec, text)
+    if resolved is None:  # the full model: an identity slice (a plain copy)
+        resolved = SliceSpec("full", tuple(range(text.num_hidden_layers)), tuple(text.intermediate_size))
+    spec = resolved
+    new_text = sliced_text_config(text, spec)
+
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
+        if out.resolve() == Path(ckpt.path).resolve():
+            raise InputError(f"--out {out} is the source checkpoint; choose another directory")
+        if not force and not _dir_is_empty(out):
+            raise InputError(f"--out {out} is not empty; pass --force to replace its contents")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    jobs = _plan(ckpt, spec)
+    shards: list[list[_Job]] = [[]]
+    size = 0
+    for job in jobs:
+        if shards[-1] and size + job.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(job)
+        size += job.nbytes
+    total = sum(j.nbytes for j in jobs)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    fds: dict[Path, int] = {}
+    try:
+        for f in ckpt.files:
+            fds[f.path] = os.open(f.path, os.O_RDONLY)
+        weight_map: dict[str, str] = {}
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"slice {spec.name}",
+            disable=not progress,
+        ) as bar:
+            for k, shard in enumerate(shards):
+                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                _write_shard(tmp / fname, shard, fds, bar)
+                weight_map.update({job.out_name: fname for job in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for item in sorted(Path(ckpt.path).iterdir()):
+            if item.is_file() and not _NOT_COPIED.search(item.name):
+                shutil.copy2(item, tmp / item.name)  # tokenizer, processor, chat template, generation config
+        (tmp / "README.md").write_text(_model_card(src, spec, text, new_text, preset))
+        raw = json.loads(json.dumps(ckpt.config.raw))  # deep copy; every other field is kept
+        target = raw if raw.get("model_type") == "gemma3n_text" else raw.setdefault("text_config", {})
+        target.update(sliced_fields(text, spec))
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")  # written last
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+        if out.exists():
+            if _dir_is_empty(out):
+                out.rmdir()
+            else:  # --force: swap, then remove the old contents
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.rename(out, trash / "old")
+                os.rename(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+                return out
+        os.rename(tmp, out)
+        return out
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
