@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -400,12 +400,13 @@ class _Tally:
 # ---------------------------------------------------------------------------- the app
 
 
-def _model_ids(model: Any, model_id: str | None) -> dict[str, str | None]:
-    """Model id -> elastic size name (None: the model as loaded). Sizes get 'gemma3n-<size>' ids."""
-    ids: dict[str, str | None] = {model_id or getattr(model, "name", None) or "gemma3n": None}
-    sizes = model.sizes() if hasattr(model, "sizes") else []
-    for size in sizes:
+def _model_ids(model: Any, model_id: str | None, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Model id -> size for `model.stream(size=...)` (None: as loaded). Preset sizes get
+    'gemma3n-<size>' ids; `extra` adds ids for custom slices ({"ffn": [...], "skip": [...]})."""
+    ids: dict[str, Any] = {model_id or getattr(model, "name", None) or "gemma3n": None}
+    for size in model.sizes() if hasattr(model, "sizes") else []:
         ids.setdefault(size if size.lower().startswith("gemma3n") else f"gemma3n-{size}", size)
+    ids.update(extra or {})
     return ids
 
 
@@ -416,12 +417,14 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     model_id: str | None = None,
+    sizes: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `gemma3n.load()` result or any object with
-    `stream`, `sizes`, `name`, `has_audio`, `has_vision`)."""
-    ids = _model_ids(model, model_id)
+    `stream`, `sizes`, `name`, `has_audio`, `has_vision`). Every elastic size is its own model id;
+    `sizes` adds custom ones, e.g. {"gemma3n-half": {"ffn": [4096] * 35}}."""
+    ids = _model_ids(model, model_id, sizes)
     default_id = next(iter(ids))
-    sizes = {size: size for size in ids.values() if size}
+    aliases = {size: mid for mid, size in ids.items() if isinstance(size, str)}  # "E2B" -> "gemma3n-E2B"
     created = int(time.time())
     engine = _Engine(model, max_queue)
 
@@ -492,7 +495,7 @@ def create_app(
             return default_id, None
         if name in ids:
             return name, ids[name]
-        if name in sizes:  # a bare size name, e.g. "E2B"
+        if name in aliases:  # a bare size name, e.g. "E2B"
             return name, name
         raise APIError(
             404,
@@ -636,6 +639,7 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     model_id: str | None = None,
+    sizes: Mapping[str, Any] | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve until interrupted. `model` is a loaded model, or a path / hub id (None: embedded)."""
@@ -647,9 +651,8 @@ def serve(
         model = gemma3n.load(model)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this host can use it", host)
-    app = create_app(
-        model, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes, model_id=model_id
-    )
+    limits = {"max_queue": max_queue, "max_body_bytes": max_body_bytes}
+    app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, **limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
