@@ -17,6 +17,9 @@ Which transformers 5.24 class loads what (checked by ``bench/README.md``'s recip
   on purpose. Works for both ``--text-only`` and full checkpoints (tower tensors are then unexpected keys).
 - ``Gemma3nForConditionalGeneration`` needs the tower tensors (not ``--text-only``).
 
+Also written: ``generation_config.json`` and a placeholder word-level ``tokenizer.json`` (every id is a
+word ``t<id>``, Gemma's special tokens at their real ids) so that runtimes which require a tokenizer load.
+
 The writer streams: each tensor is generated in row chunks and written straight to its shard file (a
 safetensors header is computed first from the shapes), so peak RSS stays at a few hundred MB even for the
 4 GB per-layer-embedding table. Weights are deterministic given ``--seed`` (each tensor has its own
@@ -180,6 +183,53 @@ def full_config(tc: dict) -> dict:
         "vision_config": VISION_CONFIG,
         "vision_soft_tokens_per_image": 256,
     }
+
+
+# --- tokenizer (placeholder: real special-token ids, one dummy word per other id) -----------------------
+
+SPECIAL_IDS = {
+    "<pad>": 0,
+    "<eos>": 1,
+    "<bos>": 2,
+    "<unk>": 3,
+    "<mask>": 4,
+    "<start_of_turn>": 105,
+    "<end_of_turn>": 106,
+    "<start_of_image>": 255999,
+    "<start_of_audio>": 256000,
+    "<end_of_image>": 262144,
+    "<image_soft_token>": 262145,
+    "<end_of_audio>": 262272,
+    "<audio_soft_token>": 262273,
+}
+
+
+def write_tokenizer(out: str, vocab_size: int = V) -> None:
+    """A word-level tokenizer.json covering every id (``t<id>`` words, Gemma special ids in place).
+
+    Benchmarks feed token ids; this only exists so runtimes that insist on a tokenizer can load the
+    checkpoint and detokenize. It is not Gemma's SentencePiece vocabulary.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    by_id = {i: t for t, i in SPECIAL_IDS.items()}
+    vocab = {by_id.get(i, f"t{i}"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_IDS])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "model_max_length": 32768,
+    }
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(tcfg, f, indent=2)
 
 
 # --- tensor plan ---------------------------------------------------------------------------------------
@@ -350,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=2.0, help="target shard size in GB (default 2)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output dir")
+    ap.add_argument("--tokenizer-only", action="store_true", help="(re)write only the tokenizer files")
     args = ap.parse_args(argv)
 
     tc = text_config(args.shape, args.layers)
@@ -358,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         + (f"-l{args.layers}" if args.layers else "")
         + ("-text" if args.text_only else "")
     )
+    if args.tokenizer_only:
+        os.makedirs(out, exist_ok=True)
+        write_tokenizer(out)
+        print(f"wrote {out}/tokenizer.json")
+        return 0
     if os.path.exists(out) and os.listdir(out):
         if not args.force:
             print(f"{out} exists and is not empty; pass --force to overwrite", file=sys.stderr)
@@ -397,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}, f, indent=2)
+    write_tokenizer(out)
     dt = time.perf_counter() - t0
     print(f"done in {dt:.1f}s, peak RSS {peak_rss_gb():.2f} GB")
     return 0
