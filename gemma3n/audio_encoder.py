@@ -85,8 +85,10 @@ class RMSNorm(nn.Module):
 class CumulativeGroupNorm(nn.Module):
     """Group norm over (freq, channel) with statistics accumulated causally over time (§B.2.3).
 
-    Works on the conv layout [B, C, T, F]. Each past step's squared deviation is taken from its
-    own running mean, exactly as the reference does.
+    Input [B, T, F, C]. The variance sums each past step's squared deviation from that step's
+    own running mean mu_tau, as the reference does. Per step that sum is
+    S2 - 2 mu_tau S1 + n mu_tau^2 (S1, S2: the step's sum and sum of squares), so the input is
+    read twice and never centred in a [B, T, F, C] temporary; the combination runs in float64.
     """
 
     def __init__(self, num_channels: int, eps: float):
@@ -94,29 +96,43 @@ class CumulativeGroupNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (step, channel) a, b with norm(x) = a * x + b, each [B, T, 1, C], float32."""
         h = x.float()
-        b, c, t, f = h.shape
-        count = torch.arange(1, t + 1, device=h.device, dtype=torch.float32).view(1, 1, t, 1) * (c * f)
-        mean = h.sum((1, 3), keepdim=True).cumsum(2) / count  # [B, 1, T, 1]
-        centred = h - mean
-        var = centred.pow(2).sum((1, 3), keepdim=True).cumsum(2) / count
-        y = centred * torch.rsqrt(var + self.eps) * self.weight.float().view(1, c, 1, 1)
-        return y.to(x.dtype)
+        b, t, f, c = h.shape
+        s1 = h.sum((2, 3)).double()  # [B, T]
+        s2 = torch.linalg.vector_norm(h, dim=(2, 3)).double().pow(2)
+        count = torch.arange(1, t + 1, device=h.device, dtype=torch.float64) * (f * c)
+        mu = s1.cumsum(1) / count
+        var = (s2 - 2 * mu * s1 + (f * c) * mu.pow(2)).cumsum(1) / count
+        rstd = torch.rsqrt(var + self.eps).float()[:, :, None, None]
+        scale = rstd * self.weight.float()  # [B, T, 1, C]
+        return scale, -mu.float()[:, :, None, None] * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift(x)
+        return torch.addcmul(shift, x.float(), scale).to(x.dtype)
 
 
 class SSCPConvBlock(nn.Module):
-    """Pad (time 0/k-1, freq 1/1) -> Conv2d (no bias) -> cumulative group norm -> ReLU."""
+    """Pad (time 0/k-1, freq 1/1) -> Conv2d (no bias) -> cumulative group norm -> ReLU.
+
+    Works channels-last, [B, T, F, C]: the norm then reduces over contiguous memory and the
+    final (freq, channel) flatten needs no copy. Norm and ReLU run in place on the conv output.
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int], stride: tuple[int, int], eps: float):
         super().__init__()
-        self.padding = (1, 1, 0, kernel[0] - 1)  # (freq left, freq right, time start, time end)
+        self.time_pad = kernel[0] - 1  # "reverse causal": pad only the end of time
         self.conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, bias=False)
         self.norm = CumulativeGroupNorm(c_out, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(F.pad(x, self.padding).to(self.conv.weight.dtype))
-        return torch.relu(self.norm(x))
+        x = F.pad(x, (0, 0, 1, 1, 0, self.time_pad)).to(self.conv.weight.dtype)  # [B, T, F, C]
+        # torch keeps the channels_last layout for C > 1; a 1-channel input comes back NCHW
+        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
+        scale, shift = self.norm.scale_shift(x)
+        return x.float().mul_(scale).add_(shift).relu_().to(x.dtype)
 
 
 class SubSampleConvProjection(nn.Module):
@@ -135,11 +151,9 @@ class SubSampleConvProjection(nn.Module):
         self.input_proj_linear = nn.Linear(f * c1, cfg.hidden_size, bias=False)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        x = self.conv_1(self.conv_0(mel.unsqueeze(1)))  # [B, C, T2, F2]
-        b, c, t, f = x.shape
+        x = self.conv_1(self.conv_0(mel.unsqueeze(-1)))  # [B, T2, F2, C]
         # flatten index f*C + c, as the converter reshaped the JAX kernel (§B.5)
-        x = x.permute(0, 2, 3, 1).reshape(b, t, f * c)
-        return self.input_proj_linear(x)
+        return self.input_proj_linear(x.reshape(*x.shape[:2], -1))
 
 
 class FeedForward(nn.Module):
@@ -347,7 +361,7 @@ class AudioEncoder(nn.Module):
             )
         weights = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
         model.load_state_dict(weights, assign=True)
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [N, T, n_mels], mask [N, T] bool (True = valid frame, as the extractor returns).

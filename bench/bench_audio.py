@@ -1,0 +1,150 @@
+"""Real-time factor of audio feature extraction + the audio tower on CPU: ours vs transformers.
+
+Real E2B/E4B audio shapes (hidden 1536, 12 conformer layers, 681M parameters), random weights,
+fp32. Both towers run on the very same weight tensors (ours loads HF's state dict without a
+copy), so the outputs are compared too. RTF = seconds of audio / seconds of wall time.
+
+    python bench/bench_audio.py                  # 10 s and 30 s clips
+    python bench/bench_audio.py --layers 2 --repeats 1   # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import machine_info, peak_rss_gb, print_table, write_json  # noqa: E402
+from gemma3n.audio import AudioEncoder, AudioFeatureExtractor  # noqa: E402
+
+
+def synthetic_speechlike(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    """Amplitude-modulated harmonics plus noise: stands in for speech, values do not affect timing."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 140 + 30 * np.sin(2 * np.pi * 0.5 * t)
+    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / sr) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    return (0.1 * envelope * voiced + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def encoder_gflop(model: AudioEncoder, frames: int) -> float:
+    """Multiply-adds x 2 of one clip: SSCP convs + every linear at its sequence length."""
+    cfg, sscp = model.config, model.subsample_conv_projection
+    t1 = -(-frames // 2)
+    t2 = -(-t1 // 2)
+    f1 = (cfg.input_feat_size + 2 - 3) // 2 + 1
+    f2 = (f1 + 2 - 3) // 2 + 1
+    conv = t1 * f1 * sscp.conv_0.conv.weight.numel() + t2 * f2 * sscp.conv_1.conv.weight.numel()
+    linear = sum(m.weight.numel() for m in model.conformer.modules() if isinstance(m, torch.nn.Linear))
+    return 2 * (conv + t2 * (linear + sscp.input_proj_linear.weight.numel())) / 1e9
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Best wall time of `repeats` runs after one warm-up run."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, nargs="+", default=[10.0, 30.0])
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (best is kept)")
+    ap.add_argument(
+        "--layers", type=int, default=12, help="conformer layers (12 = real; fewer for a smoke run)"
+    )
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import Gemma3nAudioConfig, Gemma3nAudioFeatureExtractor
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioEncoder
+
+    torch.manual_seed(0)
+    config = Gemma3nAudioConfig(conf_num_hidden_layers=args.layers)
+    t = time.perf_counter()
+    hf = Gemma3nAudioEncoder(config).eval()
+    ours = AudioEncoder.from_state_dict(hf.state_dict(), config.to_dict())  # shares HF's tensors
+    n_params = sum(p.numel() for p in ours.parameters())
+    build_s = time.perf_counter() - t
+    print(f"built a {n_params / 1e6:.1f}M-parameter audio tower ({args.layers} layers) in {build_s:.1f}s")
+    hf_fe, our_fe = Gemma3nAudioFeatureExtractor(), AudioFeatureExtractor()
+
+    def run_hf(wave):
+        batch = hf_fe([wave], return_tensors="pt")
+        out = hf(batch["input_features"], ~batch["input_features_mask"])
+        return out.last_hidden_state
+
+    def run_ours(wave):
+        features, mask = our_fe([wave])
+        return ours(features, mask)[0]
+
+    rows = []
+    with torch.inference_mode():
+        for seconds in args.seconds:
+            wave = synthetic_speechlike(seconds)
+            gflop = encoder_gflop(ours, our_fe.num_frames(len(wave)))
+            fe_s, _ = timed(lambda w=wave: our_fe([w]), args.repeats)
+            hf_fe_s, _ = timed(lambda w=wave: hf_fe([w], return_tensors="pt"), args.repeats)
+            ours_s, out = timed(lambda w=wave: run_ours(w), args.repeats)
+            hf_s, ref = timed(lambda w=wave: run_hf(w), args.repeats)
+            rel = ((out - ref).abs().max() / ref.abs().max()).item()
+            for impl, total, feat in (("ours", ours_s, fe_s), ("transformers", hf_s, hf_fe_s)):
+                rows.append(
+                    {
+                        "impl": impl,
+                        "audio_s": seconds,
+                        "tokens": out.shape[1],
+                        "features_ms": feat * 1e3,
+                        "total_s": total,
+                        "rtf": seconds / total,
+                        "gflops": gflop / total,
+                        "speedup_vs_hf": hf_s / total,
+                        "max_rel_diff": rel,
+                    }
+                )
+            print(f"{seconds:g}s done ({gflop:.0f} GFLOP per clip)", flush=True)
+
+    print()
+    print_table(
+        rows,
+        [
+            ("impl", "impl"),
+            ("audio_s", "audio s"),
+            ("tokens", "tokens"),
+            ("features_ms", "features ms"),
+            ("total_s", "features+encoder s"),
+            ("rtf", "RTF (x real time)"),
+            ("gflops", "GFLOP/s"),
+            ("speedup_vs_hf", "vs HF"),
+            ("max_rel_diff", "max rel diff"),
+        ],
+    )
+    path = write_json(
+        "bench_audio",
+        {
+            "rows": rows,
+            "layers": args.layers,
+            "params": n_params,
+            "threads": args.threads,
+            "dtype": "float32",
+            "peak_rss_gb": peak_rss_gb(),
+            "machine": machine_info(),
+        },
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
