@@ -88,8 +88,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="path or hub id (default: the embedded model)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level (bound)")
-    ap.add_argument("--seconds", type=float, default=60.0, help="per-level time bound")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=30.0, help="per-level time bound")
+    ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
     args = ap.parse_args()
 
