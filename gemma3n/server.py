@@ -119,6 +119,7 @@ class _Sampling(_Base):
     stream_options: StreamOptions | None = None
     n: int | None = 1
     logprobs: bool | int | None = None
+    tools: list[Any] | None = None
 
     def generation_kwargs(self) -> dict[str, Any]:
         if self.n not in (None, 1):
@@ -127,6 +128,8 @@ class _Sampling(_Base):
             )
         if self.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if self.tools:
+            raise APIError(400, "tools (function calling) are not supported by this server", param="tools")
         kw: dict[str, Any] = {}
         max_tokens = self.max_completion_tokens or self.max_tokens
         if max_tokens is not None:
@@ -471,6 +474,15 @@ def create_app(
         too_big = APIError(
             413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large"
         )
+        # JSON only: a web page can send a cross-site "simple" POST (text/plain) to a loopback
+        # server without a CORS preflight; requiring application/json rules that out.
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(
+                415,
+                f"Content-Type must be application/json, got {media or 'none'}",
+                code="unsupported_media_type",
+            )
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_body_bytes:
             raise too_big

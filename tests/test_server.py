@@ -246,13 +246,23 @@ def test_remote_image_url_refused(client):
         (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
         (b'{"messages": [{"role": "user", "content": [{"type": "video"}]}]}', "messages[0].content[0].type"),
         (b'{"messages": [{"role": "user", "content": "raise-input-error"}]}', None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', "tools"),
     ],
 )
 def test_bad_requests_get_openai_400(server, body, param):
-    r = httpx.post(f"{server.base_url}/chat/completions", content=body, timeout=20)
+    headers = {"content-type": "application/json"}
+    r = httpx.post(f"{server.base_url}/chat/completions", content=body, headers=headers, timeout=20)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+
+
+def test_only_json_bodies(server):
+    body = b'{"messages": [{"role": "user", "content": "x"}]}'
+    r = httpx.post(
+        f"{server.base_url}/chat/completions", content=body, headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_unknown_model_and_route(client, server):
