@@ -502,7 +502,7 @@ def create_app(
         except ValidationError as exc:
             raise _validation_error(exc) from None
 
-    def resolve(name: str | None) -> tuple[str, str | None]:
+    def resolve(name: str | None) -> tuple[str, Any]:
         if not name:
             return default_id, None
         if name in ids:
@@ -526,17 +526,14 @@ def create_app(
         job = engine.submit(gen_kwargs)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         stamp = int(time.time())
+        tally, text, streaming = _Tally(), [], False
         try:
-            first = await _next_event(job, request)  # errors in the prompt surface here, as a 400
-        except _ClientGone:
-            return Response(status_code=499)
-        if isinstance(first, BaseException):
-            raise _from_exception(first)
-        if req.stream:
-            return _JobStream(_stream(job, first, rid, stamp, model_name, kind, req.include_usage), job)
-        tally, text = _Tally(), []
-        event = first
-        try:
+            event = await _next_event(job, request)  # errors in the prompt surface here, as a 400
+            if isinstance(event, BaseException):
+                raise _from_exception(event)
+            if req.stream:
+                streaming = True  # from here the response owns the job
+                return _JobStream(_stream(job, event, rid, stamp, model_name, kind, req.include_usage), job)
             while event is not _END:
                 if isinstance(event, BaseException):
                     raise _from_exception(event)
@@ -545,6 +542,9 @@ def create_app(
                 event = await _next_event(job, request)
         except _ClientGone:
             return Response(status_code=499)
+        finally:
+            if not streaming:  # done, failed, or this handler was cancelled: stop generating
+                job.cancel()
         finish = tally.finish_reason or "stop"
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}}
