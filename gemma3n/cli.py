@@ -1,0 +1,176 @@
+"""`gemma3n` command line: generate, chat, info (and the subcommands other rooms add).
+
+Errors a user can cause print one clear line (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import Gemma3nError, InputError
+
+MODEL_HELP = "checkpoint directory or hub id (default: the embedded tiny model)"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--size", default=None, help="MatFormer size to run (a preset such as E2B); default: full")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory at the end")
+
+
+def _sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        max_tokens=a.max_tokens,
+        temperature=a.temp,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        stop=a.stop,
+        size=a.size,
+    )
+
+
+def _load(a: argparse.Namespace):
+    from .model import load
+
+    return load(a.model, device=a.device, dtype=a.dtype)
+
+
+def _print_stream(pieces, verbose: bool) -> None:
+    last = None
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        last = piece
+    sys.stdout.write("\n")
+    if verbose and last is not None and last.stats:
+        s = last.stats
+        print(
+            f"prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tok/s | "
+            f"generation: {s['generated_tokens']} tokens, {s['generation_tps']:.1f} tok/s | "
+            f"peak memory {s['peak_memory_gb']:.2f} GB | finish: {last.finish_reason}",
+            file=sys.stderr,
+        )
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if not prompt:
+        raise InputError("the prompt is empty (pass --prompt TEXT, or --prompt - to read stdin)")
+    model = _load(a)
+    if a.raw:
+        if a.system_prompt or a.image or a.audio:
+            raise InputError(
+                "--raw sends the prompt as is: it cannot be combined with --system-prompt, --image or --audio"
+            )
+        pieces = model.stream(prompt, **_sampling_kwargs(a))
+    else:
+        content: list[dict] = [{"type": "image", "image": p} for p in a.image or []]
+        content += [{"type": "audio", "audio": p} for p in a.audio or []]
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
+        messages.append({"role": "user", "content": content})
+        pieces = model.stream(messages=messages, image_size=a.image_size, **_sampling_kwargs(a))
+    _print_stream(pieces, a.verbose)
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    model = _load(a)
+    history: list[dict] = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
+    print(f"gemma3n chat with {model.name}: empty line or Ctrl-D to quit, /reset to forget the history.")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if not line.strip():
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if a.system_prompt else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in model.stream(messages=history, **_sampling_kwargs(a)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            reply.append(str(piece))
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from .checkpoint import open_checkpoint
+    from .info import describe
+
+    ckpt = open_checkpoint(a.model if a.model is not None else _default())
+    for line in describe(ckpt, size=a.size, placement=a.placement, device=a.device, dtype=a.dtype):
+        print(line)
+
+
+def _default() -> Path:
+    from .model import default_model_path
+
+    return default_model_path()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma3n", description="Run Gemma 3n models on-device.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model_args(g)
+    g.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from stdin")
+    g.add_argument("--system-prompt", default=None)
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    g.add_argument("--image", action="append", default=None, help="image file (repeatable)")
+    g.add_argument("--image-size", type=int, default=None, choices=[256, 512, 768])
+    g.add_argument("--audio", action="append", default=None, help="audio file (repeatable)")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat that keeps its history")
+    _add_model_args(c)
+    c.add_argument("--system-prompt", default=None)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="parameter split, layer map and placement of a checkpoint")
+    _add_model_args(i)
+    i.add_argument("--placement", action="store_true", help="load the model and report what lives where")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Gemma3nError as e:
+        print(f"gemma3n: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

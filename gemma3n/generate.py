@@ -1,0 +1,287 @@
+"""Generation in three layers (style.md): `generate_step` yields token ids (chunked prefill
+with the shared-layer skip, then decode), `stream_generate` turns them into text pieces
+(detokenizing, stop strings, finish_reason, timings), and the model's `generate` joins them.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import Cache
+from .errors import InputError
+from .text import LayerPlan, TextDecoder
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+Sampler = Callable[[torch.Tensor, list[int]], int]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise InputError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def make_sampler(p: SamplingParams) -> Sampler:
+    """A closure over the sampling flags: float32 logits [V] and the history -> next token."""
+    p.validate()
+    gen = torch.Generator()
+    gen.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % 2**63))
+
+    def sample(logits: torch.Tensor, history: list[int]) -> int:
+        logits = logits.float().cpu()
+        if p.repetition_penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits[logits < kth] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:
+            probs[probs < p.min_p * probs.max()] = 0
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sorted_probs, dim=-1)
+            drop = cum - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_probs[drop] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+    return sample
+
+
+@dataclass
+class StepStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "ttft_s": self.prompt_seconds,
+            "prompt_tps": self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0,
+            "generation_tps": (self.generated_tokens - 1) / self.generation_seconds
+            if self.generation_seconds and self.generated_tokens > 1
+            else 0.0,
+            "peak_memory_gb": peak_memory_gb(),
+        }
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@torch.inference_mode()
+def prefill(
+    decoder: TextDecoder,
+    ids: torch.Tensor,
+    cache: Cache,
+    plan: LayerPlan,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    chunk_size: int = 512,
+    skip_shared: bool = True,
+) -> torch.Tensor:
+    """Run the prompt [1, T] through the model in chunks; return the last token's logits [V].
+
+    With `skip_shared`, KV-shared layers run only on the last prompt token (§5.3): they write
+    no cache, so their outputs at other positions are never observed. Exact by construction.
+    """
+    total = ids.shape[1]
+    hidden = None
+    for start in range(0, total, chunk_size):
+        end = min(start + chunk_size, total)
+        last_chunk = end == total
+        positions = torch.arange(cache.offset, cache.offset + end - start, device=ids.device)
+        rows = None
+        if skip_shared:
+            rows = torch.tensor([end - start - 1] if last_chunk else [], dtype=torch.long, device=ids.device)
+        embeds = inputs_embeds[:, start:end] if inputs_embeds is not None else None
+        hidden = decoder(ids[:, start:end], positions, plan=plan, cache=cache, inputs_embeds=embeds, out_rows=rows)
+        cache.offset += end - start
+    return decoder.lm_head(hidden[:, -1]).float()[0]
+
+
+@torch.inference_mode()
+def decode_one(decoder: TextDecoder, token: int, cache: Cache, plan: LayerPlan) -> torch.Tensor:
+    ids = torch.tensor([[token]], device=decoder.device)
+    positions = torch.tensor([cache.offset], device=decoder.device)
+    hidden = decoder(ids, positions, plan=plan, cache=cache)
+    cache.offset += 1
+    return decoder.lm_head(hidden[:, -1]).float()[0]
+
+
+def generate_step(
+    decoder: TextDecoder,
+    prompt_ids: list[int],
+    plan: LayerPlan,
+    sampler: Sampler,
+    *,
+    max_tokens: int,
+    inputs_embeds: torch.Tensor | None = None,
+    prefill_chunk: int = 512,
+    skip_shared: bool = True,
+    stats: StepStats | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids, one at a time; the caller decides when to stop."""
+    stats = stats if stats is not None else StepStats()
+    context = plan.config.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise InputError(
+            f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} tokens; "
+            "shorten the prompt (it is never truncated silently)"
+        )
+    max_tokens = min(max_tokens, context - len(prompt_ids))
+    cache = Cache(plan.config, plan.key)
+    ids = torch.tensor([prompt_ids], device=decoder.device)
+    t0 = time.perf_counter()
+    logits = prefill(
+        decoder,
+        ids,
+        cache,
+        plan,
+        inputs_embeds=inputs_embeds,
+        chunk_size=prefill_chunk,
+        skip_shared=skip_shared,
+    )
+    history = list(prompt_ids)
+    stats.prompt_tokens = len(prompt_ids)
+    for i in range(max_tokens):
+        token = sampler(logits, history)
+        if i == 0:
+            stats.prompt_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+        else:
+            stats.generation_seconds = time.perf_counter() - t1
+        stats.generated_tokens = i + 1
+        history.append(token)
+        yield token
+        if i + 1 < max_tokens:
+            logits = decode_one(decoder, token, cache, plan)
+
+
+class TextPiece(str):
+    """A piece of generated text; the last piece of a stream carries `finish_reason`."""
+
+    finish_reason: str | None = None
+    token_ids: list[int]
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    stats: dict | None = None
+
+    @classmethod
+    def make(cls, text: str, **attrs) -> TextPiece:
+        piece = cls(text)
+        piece.token_ids = []
+        for k, v in attrs.items():
+            setattr(piece, k, v)
+        return piece
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    stats: dict = field(default_factory=dict)
+
+
+def stream_generate(
+    tokens: Iterator[int],
+    tokenizer: Tokenizer,
+    *,
+    stop_ids: set[int],
+    stop: list[str] | None,
+    max_tokens: int,
+    stats: StepStats,
+) -> Iterator[TextPiece]:
+    """Detokenize a token stream; stop on EOS/<end_of_turn>, a stop string or max_tokens."""
+    stops = [s for s in (stop or []) if s]
+    detok = StreamingDetokenizer(tokenizer)
+    text, emitted, finish, count = "", 0, "length", 0
+    ids: list[int] = []
+
+    def piece(upto: int, **attrs) -> TextPiece:
+        return TextPiece.make(
+            text[emitted:upto],
+            token_ids=list(ids),
+            prompt_tokens=stats.prompt_tokens,
+            generated_tokens=count,
+            **attrs,
+        )
+
+    by_string = False
+    try:
+        for token in tokens:
+            count += 1
+            if token in stop_ids:
+                finish = "stop"
+                break
+            ids.append(token)
+            text += detok.add(token)
+            hit = _find_stop(text, stops, emitted)
+            if hit is not None:
+                text, finish, by_string = text[:hit], "stop", True
+                break
+            safe = len(text) - _held_back(text, stops)
+            if safe > emitted:
+                yield piece(safe)
+                emitted, ids = safe, []
+            if count >= max_tokens:
+                break
+        if not by_string:  # the last token may complete a character or a stop string
+            text += detok.flush()
+            hit = _find_stop(text, stops, emitted)
+            if hit is not None:
+                text, finish = text[:hit], "stop"
+        yield piece(len(text), finish_reason=finish, stats=stats.as_dict())
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, max(0, emitted - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best

@@ -1,0 +1,74 @@
+"""`gemma3n info`: the parameter split, the layer map and (optionally) the placement."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from .checkpoint import Checkpoint
+
+EMBED = "embed_tokens.weight"
+PLE = "embed_tokens_per_layer.weight"
+
+
+def parameter_split(ckpt: Checkpoint) -> dict[str, int]:
+    """Main embedding, per-layer embedding table, and 'effective' = the rest of the decoder
+    (as stored, shared-layer K/V included: text-decoder.md §6.2)."""
+    prefix = ckpt.text_prefix
+    text = {n[len(prefix) :]: math.prod(ckpt.shape(n)) for n in ckpt.names() if n.startswith(prefix)}
+    text = {
+        n: c
+        for n, c in text.items()
+        if not n.startswith(("audio_tower.", "vision_tower.", "embed_audio.", "embed_vision."))
+    }
+    split = {"embedding": text.get(EMBED, 0), "per_layer_embedding": text.get(PLE, 0)}
+    split["effective"] = sum(text.values()) - split["embedding"] - split["per_layer_embedding"]
+    for tower in ("audio_tower", "vision_tower"):
+        split[tower] = sum(math.prod(ckpt.shape(n)) for n in ckpt.names() if n.startswith(f"model.{tower}."))
+    return split
+
+
+def layer_map(ckpt: Checkpoint) -> list[str]:
+    cfg = ckpt.config.text
+    lines = []
+    for i, (kind, src) in enumerate(zip(cfg.layer_types, cfg.kv_sources())):
+        kv = "owns K/V" if src is None else f"borrows K/V of layer {src}"
+        sparse = f", sparsity {cfg.activation_sparsity_pattern[i]:g}" if cfg.activation_sparsity_pattern[i] else ""
+        lines.append(f"  layer {i:2d}  {kind:17s}  ffn {cfg.intermediate_size[i]:6d}  {kv}{sparse}")
+    return lines
+
+
+def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: str = "cpu", dtype=None) -> Iterator[str]:
+    cfg = ckpt.config.text
+    split = parameter_split(ckpt)
+    yield f"model: {ckpt.path}"
+    yield (
+        f"type: {ckpt.config.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}"
+    )
+    yield "parameters:"
+    yield f"  main embedding (tied LM head): {_count(split['embedding'])}"
+    yield f"  per-layer embedding table:     {_count(split['per_layer_embedding'])}"
+    yield f"  effective (everything else):   {_count(split['effective'])}"
+    for tower in ("audio_tower", "vision_tower"):
+        if split[tower]:
+            yield f"  {tower.replace('_', ' ') + ':':31s}{_count(split[tower])}"
+    yield "layers:"
+    yield from layer_map(ckpt)
+    if size is not None:
+        from .matformer import effective_params, resolve_size, sliced_text_config
+
+        spec = resolve_size(size, cfg)
+        sliced = sliced_text_config(cfg, spec) if spec is not None else cfg
+        yield f"size {size}: {_count(effective_params(sliced))} effective, {sliced.num_hidden_layers} layers"
+    if placement:
+        from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
+
+        decoder = load_text_decoder(ckpt, resolve_device(device), resolve_dtype(dtype))
+        yield "placement:"
+        for line in placement_report(decoder).lines():
+            yield f"  {line}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"

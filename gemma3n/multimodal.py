@@ -1,0 +1,192 @@
+"""Soft tokens into the text embedding: the multimodal embedders, towers loaded on demand,
+and the merge at placeholder positions (audio-vision.md §B.6, §C.7).
+
+Ids in the vision range [262144, 262272) and audio range [262272, 262400) take the
+embedders' *hard* embeddings; each placeholder run then receives a tower's soft tokens.
+Towers and embedders are read from disk only the first time a request needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, check_coverage
+from .errors import InputError
+from .text import RMSNorm, TextDecoder
+
+
+class MultimodalEmbedder(nn.Module):
+    """Tower features or hard ids -> text space: norm, project, weightless norm."""
+
+    def __init__(self, hidden: int, text_hidden: int, vocab_offset: int, vocab_size: int, eps: float):
+        super().__init__()
+        self.vocab_offset = vocab_offset
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, hidden)
+        self.hard_embedding_norm = RMSNorm(hidden, eps)
+        self.soft_embedding_norm = RMSNorm(hidden, eps)
+        self.embedding_projection = nn.Linear(hidden, text_hidden, bias=False)
+        self.embedding_post_projection_norm = RMSNorm(text_hidden, eps, with_scale=False)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: Mapping[str, torch.Tensor],
+        mm_config: dict[str, Any],
+        text_hidden: int,
+        *,
+        where: str,
+        device,
+        dtype,
+    ) -> MultimodalEmbedder:
+        with torch.device("meta"):
+            module = cls(
+                int(mm_config["hidden_size"]),
+                text_hidden,
+                int(mm_config["vocab_offset"]),
+                int(mm_config["vocab_size"]),
+                float(mm_config.get("rms_norm_eps", 1e-6)),
+            )
+        expected = {n: tuple(t.shape) for n, t in module.state_dict().items()}
+        check_coverage(expected, {n: tuple(t.shape) for n, t in sd.items()}, where=where)
+        module.load_state_dict({n: t.to(device=device, dtype=dtype or t.dtype) for n, t in sd.items()}, assign=True)
+        return module.requires_grad_(False)
+
+    def embed_hard(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._project(self.hard_embedding_norm(self.embedding(ids - self.vocab_offset)))
+
+    def embed_soft(self, features: torch.Tensor) -> torch.Tensor:
+        return self._project(self.soft_embedding_norm(features.to(self.embedding.weight.dtype)))
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding_post_projection_norm(self.embedding_projection(x))
+
+
+class Towers:
+    """Lazily loaded audio/vision encoders and embedders of one checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, text_hidden: int):
+        self.ckpt, self.device, self.dtype, self.text_hidden = ckpt, device, dtype, text_hidden
+        self._loaded: dict[str, Any] = {}
+
+    @property
+    def has_vision(self) -> bool:
+        return self.ckpt.config.vision is not None and self.ckpt.has_prefix("model.vision_tower.")
+
+    @property
+    def has_audio(self) -> bool:
+        return self.ckpt.config.audio is not None and self.ckpt.has_prefix("model.audio_tower.")
+
+    def loaded(self) -> list[str]:
+        return sorted(self._loaded)
+
+    def _get(self, name: str, build):
+        if name not in self._loaded:
+            self._loaded[name] = build()
+        return self._loaded[name]
+
+    def embedder(self, kind: str) -> MultimodalEmbedder:
+        cfg = self.ckpt.config.vision if kind == "vision" else self.ckpt.config.audio
+        if cfg is None:
+            raise InputError(f"this checkpoint has no {kind} configuration, so it cannot take {kind} input")
+        prefix = f"model.embed_{kind}."
+        return self._get(
+            prefix,
+            lambda: MultimodalEmbedder.from_state_dict(
+                self.ckpt.subset(prefix),
+                cfg,
+                self.text_hidden,
+                where=f"{self.ckpt.path} ({prefix}*)",
+                device=self.device,
+                dtype=self.dtype,
+            ),
+        )
+
+    def vision_tower(self):
+        if not self.has_vision:
+            raise InputError(f"{self.ckpt.path} is a text-only checkpoint: it has no vision tower for images")
+        from .vision import VisionTower
+
+        return self._get(
+            "vision_tower",
+            lambda: VisionTower.from_state_dict(
+                self.ckpt.subset("model.vision_tower."),
+                self.ckpt.config.vision,
+                device=self.device,
+                dtype=self.dtype,
+            ),
+        )
+
+    def audio_tower(self):
+        if not self.has_audio:
+            raise InputError(f"{self.ckpt.path} is a text-only checkpoint: it has no audio tower for audio")
+        from .audio import AudioEncoder
+
+        return self._get(
+            "audio_tower",
+            lambda: AudioEncoder.from_state_dict(
+                self.ckpt.subset("model.audio_tower."),
+                self.ckpt.config.audio,
+                device=self.device,
+                dtype=self.dtype,
+            ),
+        )
+
+
+@torch.inference_mode()
+def merge_embeddings(
+    decoder: TextDecoder,
+    towers: Towers,
+    ids: torch.Tensor,
+    *,
+    pixel_values: torch.Tensor | None = None,
+    audio_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """h0 for a multimodal prompt [1, T, D], or None when plain text embedding suffices."""
+    cfg = towers.ckpt.config
+    ranges = []
+    for kind, mm in (("vision", cfg.vision), ("audio", cfg.audio)):
+        if mm is not None:
+            lo = int(mm["vocab_offset"])
+            ranges.append((kind, lo, lo + int(mm["vocab_size"])))
+    hard = [(k, lo, hi) for k, lo, hi in ranges if bool(((ids >= lo) & (ids < hi)).any())]
+    if not hard and pixel_values is None and audio_features is None:
+        return None
+    h0 = decoder.embed(ids)
+    for kind, lo, hi in hard:
+        mask = (ids >= lo) & (ids < hi)
+        h0[mask] = towers.embedder(kind).embed_hard(ids[mask]).to(h0.dtype)
+    if pixel_values is not None:
+        features = towers.vision_tower()(pixel_values.to(towers.device))
+        soft = towers.embedder("vision").embed_soft(features)
+        h0 = _scatter(h0, ids == cfg.image_token_id, soft, "image")
+    if audio_features is not None:
+        feats, feat_mask = audio_features
+        encoded, padded = towers.audio_tower()(feats.to(towers.device), feat_mask.to(towers.device))
+        embedder = towers.embedder("audio")
+        soft = embedder.embed_soft(encoded)
+        # Padded frames and the tail up to the fixed soft-token count take the padding embedding,
+        # the hard embedding of the audio vocabulary's last id (§B.6).
+        pad_id = torch.tensor([embedder.vocab_offset + embedder.vocab_size - 1], device=soft.device)
+        pad = embedder.embed_hard(pad_id)[0]
+        soft = torch.where(padded[..., None], pad, soft)
+        extra = cfg.audio_soft_tokens_per_image - soft.shape[1]
+        if extra > 0:
+            soft = torch.cat([soft, pad.expand(soft.shape[0], extra, -1)], dim=1)
+        h0 = _scatter(h0, ids == cfg.audio_token_id, soft[:, : cfg.audio_soft_tokens_per_image], "audio")
+    return h0
+
+
+def _scatter(h0: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor, kind: str) -> torch.Tensor:
+    n = int(mask.sum())
+    if n != soft.shape[0] * soft.shape[1]:
+        raise InputError(
+            f"the prompt has {n} {kind} placeholder tokens but the {kind} inputs give "
+            f"{soft.shape[0]} x {soft.shape[1]} soft tokens"
+        )
+    h0[mask] = soft.reshape(-1, soft.shape[-1]).to(h0.dtype)
+    return h0

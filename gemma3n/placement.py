@@ -1,0 +1,115 @@
+"""Where each tensor lives. Core weights go to the compute device; the per-layer embedding
+table (2.0-2.35 B params) stays memory-mapped on the host and is gathered per token
+(text-decoder.md §2). Towers are loaded only when a request needs them (multimodal.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint, check_coverage
+from .errors import CheckpointError, InputError
+from .text import TextDecoder
+
+PLE_TABLE = "embed_tokens_per_layer.weight"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an unavailable device is a clear error."""
+    name = str(device or "auto")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was requested but no CUDA GPU is available (torch sees none)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps was requested but Metal (MPS) is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def load_text_decoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None) -> TextDecoder:
+    """Build the decoder on the meta device, check coverage strictly, then assign mapped tensors."""
+    cfg = ckpt.config.text
+    with torch.device("meta"):
+        decoder = TextDecoder(cfg)
+    prefix = ckpt.text_prefix
+    expected = {n: tuple(t.shape) for n, t in decoder.state_dict().items()}
+    expected[PLE_TABLE] = (
+        cfg.vocab_size_per_layer_input,
+        cfg.num_hidden_layers * cfg.hidden_size_per_layer_input,
+    )
+    found = {n[len(prefix) :]: ckpt.shape(n) for n in ckpt.names() if n.startswith(prefix)}
+    # K/V weights of shared layers are stored but never used (§5.1): skip, never materialise.
+    unused = {
+        f"layers.{i}.self_attn.{w}.weight"
+        for i in range(cfg.num_hidden_layers)
+        if cfg.kv_source(i) is not None
+        for w in ("k_proj", "v_proj", "k_norm")
+    }
+    check_coverage(expected, found, where=str(ckpt.path), ignore_unexpected=unused)
+    if "lm_head.weight" in ckpt and not cfg.tie_word_embeddings:
+        raise CheckpointError(f"{ckpt.path}: untied LM heads are not part of Gemma 3n")
+
+    state = {}
+    for name in expected:
+        if name == PLE_TABLE:
+            continue
+        t = ckpt.tensor(prefix + name)
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    decoder.load_state_dict(state, strict=True, assign=True)
+    decoder.requires_grad_(False)
+    decoder.embed_tokens_per_layer = ckpt.tensor(prefix + PLE_TABLE)  # host, memory-mapped
+    return decoder
+
+
+@dataclass
+class PlacementReport:
+    device: str
+    device_params: int
+    device_bytes: int
+    host_params: int
+    host_bytes: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"compute device {self.device}: {self.device_params:,} params, {self.device_bytes / 2**20:,.1f} MiB",
+            f"host, memory-mapped (per-layer embeddings): {self.host_params:,} params, "
+            f"{self.host_bytes / 2**20:,.1f} MiB",
+        ]
+
+
+def placement_report(decoder: TextDecoder) -> PlacementReport:
+    params = list(decoder.parameters())
+    table = decoder.embed_tokens_per_layer
+    return PlacementReport(
+        device=str(decoder.device),
+        device_params=sum(p.numel() for p in params),
+        device_bytes=sum(p.numel() * p.element_size() for p in params),
+        host_params=table.numel() if table is not None else 0,
+        host_bytes=table.numel() * table.element_size() if table is not None else 0,
+    )

@@ -1,0 +1,425 @@
+"""The Gemma 3n text decoder: AltUp streams, LAuReL, per-layer embeddings (PLE), KV sharing,
+Gaussian top-k activation sparsity, sliding/global attention. Spec: text-decoder.md §2-§6.
+
+Module and parameter names are the checkpoint's (`layers.3.self_attn.q_proj.weight`, ...), so
+loading is a dict walk. The decoder runs a `LayerPlan`: the full model, or a MatFormer view
+(kept layers, per-layer FFN widths) that borrows the loaded tensors without copying them.
+The per-layer embedding table is *not* a parameter: it stays memory-mapped on the host and
+only the rows of the tokens being processed are gathered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import Cache
+from .config import TextConfig
+
+# Φ⁻¹(0.95) as transformers computes it in fp32 (text-decoder.md §4.7); cast per dtype below.
+_ICDF_CACHE: dict[float, float] = {}
+
+
+def _std_multiplier(target: float) -> float:
+    if target not in _ICDF_CACHE:
+        normal = torch.distributions.normal.Normal(0, 1)
+        _ICDF_CACHE[target] = float(normal.icdf(torch.tensor(target, dtype=torch.float32)))
+    return _ICDF_CACHE[target]
+
+
+class RMSNorm(nn.Module):
+    """x · (mean(x²)+eps)^-½ · w, computed in fp32 (weight used as is, not 1+w: §7.1-2)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, base: float, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX-layout RoPE tables [T, head_dim], built in fp32 and cast (§4.4)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, d]; rotate-half pairs (x[t], x[t + d/2])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [Tq, Tk]: causal, and on sliding layers only the last `window` keys (j > i - W)."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the decoder runs. `config` is the config of the model being run (for a MatFormer
+    view: the config its exported slice would have); its layer j is parent layer `layers[j]`."""
+
+    config: TextConfig
+    layers: tuple[int, ...]
+    key: str = "full"
+
+    @classmethod
+    def full(cls, config: TextConfig) -> LayerPlan:
+        return cls(config=config, layers=tuple(range(config.num_hidden_layers)))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, owns_kv: bool):
+        super().__init__()
+        d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = d
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.owns_kv = owns_kv
+        if owns_kv:  # KV-shared layers borrow K/V: their own k/v weights are never built (§5.1)
+            self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+            self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Post-norm, post-RoPE K and the normed V, both [B, Hkv, T, d]."""
+        b, t, _ = x.shape
+        k = apply_rope(self.k_norm(self.k_proj(x).view(b, t, -1, self.head_dim)), cos, sin)
+        v = self.v_norm(self.v_proj(x).view(b, t, -1, self.head_dim))
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)), cos, sin).transpose(1, 2)
+        # Scale 1.0: q_norm/k_norm replace the usual 1/sqrt(d) (§4.4, §7.3).
+        out = attend(q, *kv, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention with scale 1.0 and GQA. q [B, Hq, Tq, d], k/v [B, Hkv, Tk, d].
+
+    fp32 uses the fused kernel. In half precision the reference's order of roundings is
+    reproduced (scores in the activation dtype, softmax in fp32, cast back: §7 "softmax"),
+    because the fused kernel's fp32 accumulation drifts from it at bf16 resolution.
+    """
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
+class MLP(nn.Module):
+    """Gated GELU FFN. A MatFormer width w uses the first w units: gate/up rows, down columns."""
+
+    def __init__(self, cfg: TextConfig, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, width: int, sparsity: float) -> torch.Tensor:
+        gate = F.linear(x, self.gate_proj.weight[:width])
+        if sparsity > 0.0:
+            gate = gaussian_topk(gate, sparsity)
+        up = F.linear(x, self.up_proj.weight[:width])
+        return F.linear(gelu_tanh(gate) * up, self.down_proj.weight[:, :width])
+
+
+def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Statistical top-k (§4.7): keep what exceeds mean + z·std (population std), shifted down."""
+    z = torch.tensor(_std_multiplier(sparsity), dtype=gate.dtype)
+    mean = gate.mean(-1, keepdim=True)
+    std = gate.std(-1, keepdim=True, unbiased=False)
+    return F.relu(gate - (mean + std * z))
+
+
+class Laurel(nn.Module):
+    """LAuReL, learned augmented residual of rank r (§4.3): x + norm(R(L(x)))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.linear_left = nn.Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
+        self.linear_right = nn.Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
+        self.post_laurel_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+
+
+class AltUp(nn.Module):
+    """Alternating updates over N streams (§3): predict before a layer, correct after it."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        n = cfg.altup_num_inputs
+        self.n = n
+        self.active = cfg.altup_active_idx
+        self.hidden = cfg.hidden_size
+        self.correct_output_scale = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.correction_coefs = nn.Linear(n, n, bias=False)
+        self.prediction_coefs = nn.Linear(n, n * n, bias=False)
+        self.modality_router = nn.Linear(cfg.hidden_size, n, bias=False)
+        self.router_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def router(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh(norm(x)/D @ W_rᵀ), tanh in fp32 (§3.2). [B, T, N]."""
+        routed = self.modality_router(self.router_norm(x) * (1.0 / self.hidden))
+        return torch.tanh(routed.float()).type_as(x)
+
+    def predict(self, streams: torch.Tensor) -> torch.Tensor:
+        """pred_i = S_i + Σ_j c_ij S_j with c = router(S_active) @ W_pᵀ read row-major (§3.3)."""
+        coefs = self.prediction_coefs(self.router(streams[self.active]))
+        coefs = coefs.view(*coefs.shape[:-1], self.n, self.n)  # [B, T, i, j]
+        return (torch.einsum("btij,jbtd->ibtd", coefs, streams) + streams).type_as(streams)
+
+    def correct(self, pred: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
+        """corr_i = pred_i + γ_i (act - pred_active), γ = router(act) @ W_cᵀ + 1 (§3.4)."""
+        gamma = self.correction_coefs(self.router(activated)) + 1.0  # [B, T, N]
+        innovation = activated - pred[self.active]
+        return (innovation[None] * gamma.permute(2, 0, 1)[..., None] + pred).type_as(activated)
+
+    def scale_output(self, active: torch.Tensor) -> torch.Tensor:
+        return (active.type_as(self.correct_output_scale) * self.correct_output_scale).type_as(active)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        eps, d = cfg.rms_norm_eps, cfg.hidden_size
+        self.index = index
+        self.correct_scale = cfg.altup_correct_scale
+        self.self_attn = Attention(cfg, owns_kv=cfg.kv_source(index) is None)
+        self.mlp = MLP(cfg, cfg.intermediate_size[index])
+        self.input_layernorm = RMSNorm(d, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps)
+        self.post_feedforward_layernorm = RMSNorm(d, eps)
+        self.altup = AltUp(cfg)
+        self.laurel = Laurel(cfg)
+        self.per_layer_input_gate = nn.Linear(d, cfg.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, d, bias=False)
+        self.post_per_layer_input_norm = RMSNorm(d, eps)
+
+    def forward(
+        self,
+        streams: torch.Tensor,
+        per_layer_input: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_fn,
+        *,
+        width: int,
+        sparsity: float,
+    ) -> torch.Tensor:
+        """One layer in the exact order of §4. streams [N, B, T, D] -> [N, B, T, D].
+
+        `kv_fn(xn)` returns (k, v, mask) for this layer: computed (and cached) for KV owners,
+        borrowed from the source layer for shared ones.
+        """
+        pred = self.altup.predict(streams)
+        active = pred[self.altup.active]
+        xn = self.input_layernorm(active)
+        lau = self.laurel(xn)
+        k, v, mask = kv_fn(self, xn)
+        attn = self.self_attn(xn, *rope, (k, v), mask)
+        h = (active + self.post_attention_layernorm(attn) + lau) / math.sqrt(2)
+        ffn = self.mlp(self.pre_feedforward_layernorm(h), width, sparsity)
+        corrected = self.altup.correct(pred, h + self.post_feedforward_layernorm(ffn))
+        # PLE injection (§4.10): gated by the scaled active stream, added to streams 1..N-1.
+        first = corrected[self.altup.active]
+        if self.correct_scale:
+            first = self.altup.scale_output(first)
+        gated = gelu_tanh(self.per_layer_input_gate(first)) * per_layer_input
+        corrected[1:] += self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return corrected
+
+
+class TextDecoder(nn.Module):
+    """Embeddings -> AltUp expand -> layers of the plan -> AltUp collapse -> norm -> logits."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        d, p, n_layers = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.per_layer_model_projection = nn.Linear(d, n_layers * p, bias=False)
+        self.per_layer_projection_norm = RMSNorm(p, cfg.rms_norm_eps)
+        self.altup_projections = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1))
+        self.altup_unembed_projections = nn.ModuleList(
+            nn.Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1)
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(n_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        # Host-resident, memory-mapped [Vp, L*P] table; set by the loader (placement.py).
+        self.embed_tokens_per_layer: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # --- embeddings (§2) ------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """h0 = E[x] · sqrt(D), the scale cast to the weight dtype first (§2.1)."""
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
+        return self.embed_tokens(ids) * scale
+
+    def per_layer_inputs(self, ids: torch.Tensor, h0: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        """(RMSNorm(h0 W_plmᵀ / sqrt(D)) + E_ple[x]·sqrt(P)) / sqrt(2), kept layers only: [B,T,L',P]."""
+        cfg, dtype = self.config, h0.dtype
+        n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        proj = self.per_layer_model_projection(h0) * torch.tensor(cfg.hidden_size**-0.5, dtype=dtype)
+        proj = self.per_layer_projection_norm(proj.view(*h0.shape[:-1], n, p))
+        tok = self.ple_rows(ids).view(*ids.shape, n, p)
+        out = (proj + tok) * torch.tensor(2.0**-0.5, dtype=dtype)
+        if plan.layers != tuple(range(n)):
+            out = out[:, :, list(plan.layers)]
+        return out
+
+    def ple_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Gather the PLE rows of `ids` from the host table (ids outside it use row 0, §2.2)."""
+        table = self.embed_tokens_per_layer
+        assert table is not None, "the per-layer embedding table was not attached"
+        host_ids = ids.to(table.device)
+        host_ids = torch.where((host_ids >= 0) & (host_ids < table.shape[0]), host_ids, 0)
+        rows = table[host_ids].to(device=ids.device, dtype=self.dtype)
+        return rows * torch.tensor(self.config.hidden_size_per_layer_input**0.5, dtype=self.dtype)
+
+    # --- AltUp expand / collapse (§3.1, §3.6) ----------------------------------------------
+    @staticmethod
+    def _match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return x * target / torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True).clamp(min=1e-5))
+
+    def altup_expand(self, h0: torch.Tensor) -> torch.Tensor:
+        target = torch.mean(h0**2, dim=-1, keepdim=True) ** 0.5
+        streams = [h0] + [self._match_magnitude(proj(h0), target) for proj in self.altup_projections]
+        return torch.stack(streams, dim=0)
+
+    def altup_collapse(self, streams: torch.Tensor) -> torch.Tensor:
+        target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        rest = [self._match_magnitude(u(s), target) for u, s in zip(self.altup_unembed_projections, streams[1:])]
+        return torch.stack([streams[0], *rest]).mean(dim=0)
+
+    # --- the forward pass -----------------------------------------------------------------
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        plan: LayerPlan,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        out_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Hidden states after the final norm, [B, T_out, D] (None when `out_rows` is empty).
+
+        ids [B, T] and positions [T] (absolute). `inputs_embeds` replaces h0 (multimodal merge).
+        `out_rows` (indices into T) are the only rows whose output is wanted: the KV-shared
+        layers write no cache, so they run on those rows only (the prefill skip, §5.3).
+        """
+        cfg = plan.config
+        h0 = self.embed(ids) if inputs_embeds is None else inputs_embeds
+        pli = self.per_layer_inputs(ids, h0, plan)
+        streams = self.altup_expand(h0)
+        first_shared = cfg.first_kv_shared_layer if cfg.num_kv_shared_layers else cfg.num_hidden_layers
+        sources = cfg.kv_sources()
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        q_pos = positions
+        ropes = self._ropes(cfg, q_pos, h0.dtype)
+
+        for j, parent_idx in enumerate(plan.layers):
+            if j == first_shared and out_rows is not None:
+                if out_rows.numel() == 0:  # no output wanted: the rest writes no cache
+                    return None
+                streams, pli, q_pos = streams[:, :, out_rows], pli[:, out_rows], positions[out_rows]
+                ropes = self._ropes(cfg, q_pos, h0.dtype)
+                out_rows = None
+            layer_type = cfg.layer_types[j]
+            window = cfg.sliding_window if layer_type == "sliding_attention" else None
+
+            kv_fn = partial(
+                self._layer_kv,
+                j=j,
+                source=sources[j],
+                q_pos=q_pos,
+                rope=ropes[layer_type],
+                window=window,
+                cache=cache,
+                shared_kv=shared_kv,
+            )
+            streams = self.layers[parent_idx](
+                streams,
+                pli[:, :, j],
+                ropes[layer_type],
+                kv_fn,
+                width=cfg.intermediate_size[j],
+                sparsity=cfg.activation_sparsity_pattern[j],
+            )
+        if out_rows is not None:
+            if out_rows.numel() == 0:
+                return None
+            streams = streams[:, :, out_rows]
+        return self.norm(self.altup_collapse(streams))
+
+    @staticmethod
+    def _layer_kv(layer, xn, *, j, source, q_pos, rope, window, cache, shared_kv):
+        """(k, v, mask) for plan layer j: borrowed from its source's post-norm, post-RoPE K/V
+        (§5.1), or computed here, appended to the cache, and kept for the borrowers."""
+        if source is not None:
+            k, v, k_pos = shared_kv[source]
+        else:
+            k, v = layer.self_attn.project_kv(xn, *rope)
+            k_pos = q_pos
+            if cache is not None:
+                k, v, k_pos = cache.update(j, k, v, q_pos)
+            shared_kv[j] = (k, v, k_pos)
+        return k, v, attention_mask(q_pos, k_pos, window)
+
+    def _ropes(self, cfg: TextConfig, positions: torch.Tensor, dtype: torch.dtype) -> dict:
+        return {t: rope_cos_sin(positions, cfg.rope_base(t), cfg.head_dim, dtype) for t in set(cfg.layer_types)}
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied head and the final soft-cap: cap · tanh(logits / cap) (§6)."""
+        logits = F.linear(hidden, self.embed_tokens.weight)
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,99 @@
+"""The checkpoint's tokenizer (`tokenizer.json` through `tokenizers`) and a streaming
+detokenizer that never emits half a UTF-8 character or a wrong leading space."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import CheckpointError
+
+# Gemma special tokens that matter to the runtime; their ids always come from the tokenizer.
+SPECIAL = {
+    "pad": "<pad>",
+    "eos": "<eos>",
+    "bos": "<bos>",
+    "start_of_turn": "<start_of_turn>",
+    "end_of_turn": "<end_of_turn>",
+    "image": "<image_soft_token>",
+    "boi": "<start_of_image>",
+    "eoi": "<end_of_image>",
+    "audio": "<audio_soft_token>",
+    "boa": "<start_of_audio>",
+    "eoa": "<end_of_audio>",
+}
+
+
+class Tokenizer:
+    def __init__(self, path: Path):
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"{path} has no tokenizer.json (needed to turn text into tokens)")
+        try:
+            self._tok = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises plain Exception on malformed files
+            raise CheckpointError(f"{file} could not be read: {e}") from None
+        self.config = _read_json(path / "tokenizer_config.json")
+        self.ids = {key: self._tok.token_to_id(text) for key, text in SPECIAL.items()}
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def token_id(self, key: str) -> int | None:
+        return self.ids.get(key)
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat_template(self, path: Path) -> str | None:
+        """The checkpoint's own chat template: chat_template.jinja, then tokenizer_config.json."""
+        jinja = path / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None:
+            template = _read_json(path / "processor_config.json").get("chat_template")
+        return template
+
+
+class StreamingDetokenizer:
+    """Incremental decoding with a prefix window (decode(prefix+new) - decode(prefix)), so
+    SentencePiece spaces and multi-token UTF-8 characters come out right, in O(1) per token."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token: int) -> str:
+        """Feed one token; return the text that is now final (possibly '')."""
+        self.tokens.append(token)
+        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.tokens[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end (a dangling partial character is dropped, not garbled)."""
+        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.tokens[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.tokens)
+        return full[len(prefix) :].rstrip("\ufffd")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}

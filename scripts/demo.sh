@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (if needed) and generate text with the embedded default model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+.venv/bin/gemma3n generate --prompt "${1:-Tell me about on-device AI.}" --max-tokens 48 --seed 0 --verbose
