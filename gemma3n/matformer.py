@@ -159,9 +159,7 @@ def _load_presets() -> tuple[Preset, ...]:
         if b != short and len(bare[b]) == 1:
             aliases.append(b)
         uniq = tuple(dict.fromkeys(a for a in aliases if a != short))
-        out.append(
-            Preset(short, table_name, uniq, n_layers, eff, mmlu, widths, skipped, n_layers + len(skipped))
-        )
+        out.append(Preset(short, table_name, uniq, n_layers, eff, mmlu, widths, skipped, n_layers + len(skipped)))
     return tuple(out)
 
 
@@ -201,9 +199,7 @@ def parse_ffn(text: str) -> list[int]:
             continue
         m = re.fullmatch(r"([\d_]+)(?:[xX]([\d_]+))?", raw)
         if not m:
-            raise InputError(
-                f"--ffn item {raw!r} is not WIDTH or WIDTHxCOUNT (e.g. 8192 or 8192x20) in {text!r}"
-            )
+            raise InputError(f"--ffn item {raw!r} is not WIDTH or WIDTHxCOUNT (e.g. 8192 or 8192x20) in {text!r}")
         width = int(m.group(1))
         count = int(m.group(2)) if m.group(2) else 1
         if width <= 0:
@@ -583,9 +579,7 @@ def _plan(ckpt: Any, spec: SliceSpec) -> list[_Job]:
             row_elems = 1
             for s in shape[1:]:
                 row_elems *= s
-            job = _Job(
-                name, st_dtype, tuple(shape), f.path, start + begin, row_elems * itemsize, itemsize, []
-            )
+            job = _Job(name, st_dtype, tuple(shape), f.path, start + begin, row_elems * itemsize, itemsize, [])
             job.row_ranges = [(0, rows)]
             m = layer_re.match(name)
 
@@ -597,9 +591,7 @@ def _plan(ckpt: Any, spec: SliceSpec) -> list[_Job]:
                 old = int(m.group(1))
                 rest = m.group(2)
                 if old >= n:
-                    raise CheckpointError(
-                        f"{ckpt.path}: tensor '{name}' is for layer {old} of a {n}-layer model"
-                    )
+                    raise CheckpointError(f"{ckpt.path}: tensor '{name}' is for layer {old} of a {n}-layer model")
                 if old not in new_index:
                     continue  # skipped layer: all its tensors go (§2.2)
                 job.out_name = f"{prefix}layers.{new_index[old]}.{rest}"
@@ -671,9 +663,7 @@ def _write_shard(path: Path, jobs: list[_Job], fds: dict[Path, int], bar: Any) -
             before = out.tell()
             _stream(job, fds[job.src_path], out, bar)
             if out.tell() - before != job.nbytes:  # a planning bug, never a user error
-                raise RuntimeError(
-                    f"wrote {out.tell() - before} bytes for {job.out_name}, expected {job.nbytes}"
-                )
+                raise RuntimeError(f"wrote {out.tell() - before} bytes for {job.out_name}, expected {job.nbytes}")
 
 
 def _model_card(src: Any, spec: SliceSpec, text: Any, new_text: Any, preset: Preset | None) -> str:
@@ -809,3 +799,66 @@ def export_slice(
             os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --------------------------------------------------------------------------------------------
+# CLI helpers (the `slice` subcommand and `info --size`; cli.py wires them)
+# --------------------------------------------------------------------------------------------
+
+
+def size_from_cli(preset: str | None = None, ffn: str | None = None, skip: str | None = None) -> Any:
+    """`--preset` / `--size` NAME, or `--ffn` / `--skip` text -> a value for `resolve_size`."""
+    if preset and (ffn or skip):
+        raise InputError("give either a preset (--preset/--size) or a custom --ffn/--skip, not both")
+    if preset:
+        return preset
+    if ffn or skip:
+        return {"ffn": parse_ffn(ffn) if ffn else None, "skip": parse_skip(skip) if skip else []}
+    return None
+
+
+def describe_size(text_config: Any, size: Any) -> list[str]:
+    """Lines for `gemma3n info --size S`: the slice and its effective parameters."""
+    spec = resolve_size(size, text_config)
+    n = text_config.num_hidden_layers
+    full = effective_params(text_config) / 1e9
+    if spec is None:
+        return [f"size: full model, {n} layers, effective params {full:.2f} B"]
+    sub = sliced_text_config(text_config, spec)
+    skip = spec.skipped(n)
+    return [
+        f"size: {spec.name}",
+        f"  layers: {len(spec.layers)} of {n}" + (f" (skipped {format_skip(skip)})" if skip else ""),
+        f"  FFN widths: {format_ffn(spec.ffn_widths)}",
+        f"  effective params: {effective_params(sub) / 1e9:.2f} B (full model {full:.2f} B)",
+    ]
+
+
+def add_slice_arguments(parser: Any) -> None:
+    """Arguments of `gemma3n slice` (an argparse parser or subparser)."""
+    parser.add_argument("--list", action="store_true", help="show the Mix-n-Match presets and exit")
+    parser.add_argument("--model", "-m", help="parent checkpoint (E4B): directory or hub id")
+    parser.add_argument("--preset", help="a preset name or alias, e.g. E2B, E2.54B-layer, E2.49B-block")
+    parser.add_argument("--ffn", help="one FFN width per kept layer: 8192x20,16384x10 or 8192,16384,...")
+    parser.add_argument("--skip", help="original indices of skipped layers, e.g. 20-24")
+    parser.add_argument("--out", "-o", help="output directory (must be empty or absent)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_slice(args: Any) -> int:
+    """`gemma3n slice`: list the presets, or export a slice. Errors raise Gemma3nError."""
+    if args.list:
+        print(format_preset_table())
+        return 0
+    if not args.model or not args.out:
+        raise InputError("gemma3n slice needs --model and --out (or --list)")
+    size = size_from_cli(args.preset, args.ffn, args.skip)
+    if size is None:
+        raise InputError("choose a slice: --preset NAME, or --ffn/--skip (see `gemma3n slice --list`)")
+    out = export_slice(args.model, size, args.out, force=args.force, progress=not args.no_progress)
+    print(f"wrote {out}")
+    for line in (out / "README.md").read_text().splitlines():
+        if line.startswith(("| Slice", "| Layers", "| FFN", "| Effective")):
+            print("  " + line.strip("| ").replace(" | ", ": "))
+    return 0

@@ -114,9 +114,7 @@ def test_parse_ffn_and_skip():
 
 def test_validation_messages():
     cfg = e4b_config()
-    with pytest.raises(
-        InputError, match=r"layer 18 cannot be skipped: it is the KV source .*20-23,25-28,30-33"
-    ):
+    with pytest.raises(InputError, match=r"layer 18 cannot be skipped: it is the KV source .*20-23,25-28,30-33"):
         mf.resolve_size({"skip": [18]}, cfg)
     with pytest.raises(InputError, match=r"layer 19 cannot be skipped.*full_attention layers 24,29,34"):
         mf.resolve_size({"skip": "19-24"}, cfg)
@@ -175,6 +173,17 @@ TINY = dict(
 )
 
 
+def _write_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over the tiny vocab (t4 ... t383), enough for the runtime to load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    vocab.update({f"t{i}": i for i in range(4, TINY["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
@@ -183,23 +192,16 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     model = Gemma3nForCausalLM(Gemma3nTextConfig(**TINY)).eval()
     path = tmp_path_factory.mktemp("tiny") / "parent"
     model.save_pretrained(path)
-    (path / "tokenizer.json").write_text('{"fake": true}')
+    _write_tokenizer(path / "tokenizer.json")
     (path / "README.md").write_text("parent card")
     return path
 
 
-def _hf_by_hand(parent: Path, spec: mf.SliceSpec):
+def _hf_by_hand(sd: dict[str, torch.Tensor], parent_cfg: TextConfig, spec: mf.SliceSpec):
     """transformers model of the slice, with the weights cut by hand from the parent's state dict."""
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
-    full = Gemma3nForCausalLM.from_pretrained(parent, dtype=torch.float32)
-    sd = full.state_dict()
-    raw = json.loads((parent / "config.json").read_text())
-    cfg = dict(raw)
-    from gemma3n.config import TextConfig as TC
-
-    cfg.update(mf.sliced_fields(TC.from_dict(raw), spec))
-    cfg.pop("architectures", None), cfg.pop("transformers_version", None), cfg.pop("model_type", None)
+    cfg = dict(TINY, **mf.sliced_fields(parent_cfg, spec))
     model = Gemma3nForCausalLM(Gemma3nTextConfig(**cfg)).eval()
     p = TINY["hidden_size_per_layer_input"]
     new = {}
@@ -231,39 +233,6 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("label", list(SPECS))
-def test_export_loads_in_transformers_and_matches_hand_slice(tiny_ckpt, tmp_path, label):
-    from transformers import Gemma3nForCausalLM
-
-    parent_cfg = TextConfig.from_dict(json.loads((tiny_ckpt / "config.json").read_text()))
-    spec = mf.resolve_size(SPECS[label], parent_cfg)
-    out = mf.export_slice(tiny_ckpt, spec, tmp_path / "slice", progress=False, max_shard_bytes=200_000)
-    files = sorted(p.name for p in out.iterdir())
-    assert "config.json" in files and "model.safetensors.index.json" in files and "tokenizer.json" in files
-    assert sum(f.endswith(".safetensors") for f in files) > 1  # sharded
-    assert "parent card" not in (out / "README.md").read_text()
-    assert spec.name in (out / "README.md").read_text()
-    cfg = json.loads((out / "config.json").read_text())
-    want = mf.sliced_fields(parent_cfg, spec)
-    for k, v in want.items():
-        assert cfg[k] == v, k
-    assert cfg["sliding_window"] == TINY["sliding_window"] and cfg["architectures"] == ["Gemma3nForCausalLM"]
-
-    model, info = Gemma3nForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    n_kept = len(spec.layers)
-    assert len(model.model.layers) == n_kept
-    assert model.model.embed_tokens_per_layer.weight.shape == (256, n_kept * 8)
-    for j, w in enumerate(spec.ffn_widths):
-        assert model.model.layers[j].mlp.gate_proj.weight.shape == (w, 32)
-    ref = _hf_by_hand(tiny_ckpt, spec)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a = model(ids).logits
-        b = ref(ids).logits
-    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the export is a pure byte copy of the slices
-
-
 def test_export_multimodal_layout_rewrites_nested_config(tiny_ckpt, tmp_path):
     """`model.language_model.` names + a tower tensor + a top-level `gemma3n` config."""
     from safetensors import safe_open
@@ -287,9 +256,7 @@ def test_export_multimodal_layout_rewrites_nested_config(tiny_ckpt, tmp_path):
     assert (out / "processor_config.json").is_file()
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(str(out / index["model.vision_tower.stem.weight"]), "pt") as f:
-        assert torch.equal(
-            f.get_tensor("model.vision_tower.stem.weight"), tensors["model.vision_tower.stem.weight"]
-        )
+        assert torch.equal(f.get_tensor("model.vision_tower.stem.weight"), tensors["model.vision_tower.stem.weight"])
     with safe_open(str(out / index["model.language_model.layers.5.mlp.down_proj.weight"]), "pt") as f:
         got = f.get_tensor("model.language_model.layers.5.mlp.down_proj.weight")
     assert torch.equal(got, tensors["model.language_model.layers.10.mlp.down_proj.weight"][:, :128])
@@ -347,3 +314,233 @@ def test_interrupted_export_leaves_no_checkpoint(tiny_ckpt, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         mf.export_slice(tiny_ckpt, {"ffn": "128x15"}, out, progress=False, force=True)
     assert (out / "config.json").read_text() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# phase 2: elastic views in our runtime (one loaded model, any size per call)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ours_parent(tiny_ckpt):
+    from gemma3n.model import load
+
+    return load(tiny_ckpt, dtype=torch.float32)
+
+
+def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            tok = int(model(ids).logits[0, -1].argmax())
+            out.append(tok)
+            ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def hf_parent_state(tiny_ckpt) -> dict[str, torch.Tensor]:
+    from transformers import Gemma3nForCausalLM
+
+    return Gemma3nForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).state_dict()
+
+
+@pytest.mark.parametrize("label", list(SPECS))
+def test_export_and_elastic_view_match_transformers(tiny_ckpt, hf_parent_state, ours_parent, tmp_path, label):
+    """The export loads in transformers with no missing/unexpected keys and equals a hand-made slice
+    bit for bit; then (a) the elastic view on the loaded parent, (b) our runtime on the export and
+    (c) transformers on the export give the same fp32 logits (<= 1e-4 relative) and greedy tokens."""
+    from transformers import Gemma3nForCausalLM
+
+    from gemma3n.model import load
+
+    size = SPECS[label]
+    parent_cfg = TextConfig.from_dict(json.loads((tiny_ckpt / "config.json").read_text()))
+    spec = mf.resolve_size(size, parent_cfg)
+    out = mf.export_slice(tiny_ckpt, spec, tmp_path / "slice", progress=False, max_shard_bytes=200_000)
+    files = sorted(p.name for p in out.iterdir())
+    assert "config.json" in files and "model.safetensors.index.json" in files and "tokenizer.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1  # sharded
+    card = (out / "README.md").read_text()
+    assert "parent card" not in card and spec.name in card
+    cfg = json.loads((out / "config.json").read_text())
+    for k, v in mf.sliced_fields(parent_cfg, spec).items():
+        assert cfg[k] == v, k
+    assert cfg["sliding_window"] == TINY["sliding_window"] and cfg["architectures"] == ["Gemma3nForCausalLM"]
+
+    hf, info = Gemma3nForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    n_kept = len(spec.layers)
+    assert len(hf.model.layers) == n_kept
+    assert hf.model.embed_tokens_per_layer.weight.shape == (256, n_kept * 8)
+    for j, w in enumerate(spec.ffn_widths):
+        assert hf.model.layers[j].mlp.gate_proj.weight.shape == (w, 32)
+    ids = torch.randint(4, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        c = hf(ids).logits
+        torch.testing.assert_close(_hf_by_hand(hf_parent_state, parent_cfg, spec)(ids).logits, c, rtol=0, atol=0)
+
+    ours_slice = load(out, dtype=torch.float32)
+    a = ours_parent.logits(ids, size=size)
+    b = ours_slice.logits(ids)
+    assert _rel(ours_parent.logits(ids), c) > 1e-2, "the size was ignored: the view gives the full model"
+    rel_ab, rel_ac, rel_bc = _rel(a, b), _rel(a, c), _rel(b, c)
+    print(f"{label}: view vs export {rel_ab:.1e}, view vs HF {rel_ac:.1e}, export vs HF {rel_bc:.1e}")
+    assert max(rel_ab, rel_ac, rel_bc) <= 1e-4
+    prompt = ids[0].tolist()
+    ta = ours_parent.generate(prompt=prompt, max_tokens=6, temperature=0, size=size).token_ids
+    tb = ours_slice.generate(prompt=prompt, max_tokens=6, temperature=0).token_ids
+    tc = _hf_greedy(hf, prompt, 6)
+    assert ta == tb
+    assert ta == tc[: len(ta)] and (len(ta) == 6 or tc[len(ta) - 1] in ours_parent.stop_ids())
+
+
+class _WeightSizedAllocations:
+    """Records every op output that is as large as a FFN weight slice and does not share storage
+    with a parameter: a copy of a weight made anywhere in the forward shows up here."""
+
+    def __init__(self, limit: int, param_ptrs: set[int]):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        watch = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                fresh = str(func).split(".")[1] in ("empty", "new_empty", "zeros", "new_zeros")
+                for t in outs:  # (fresh buffers, e.g. a KV cache, hold no weight)
+                    if isinstance(t, torch.Tensor) and t.numel() >= watch.limit and not fresh:
+                        if t.untyped_storage().data_ptr() not in watch.param_ptrs:
+                            watch.found.append((str(func), tuple(t.shape)))
+                return out
+
+        self.limit, self.param_ptrs, self.found, self.mode = limit, param_ptrs, [], Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_switching_sizes_copies_no_weight(ours_parent):
+    m = ours_parent
+    dec = m.decoder
+    ptrs = {n: p.untyped_storage().data_ptr() for n, p in dec.named_parameters()}
+    ple_ptr = dec.embed_tokens_per_layer.untyped_storage().data_ptr()
+    sizes = [None, SPECS["skip-period"], SPECS["mixed"], None, SPECS["skip-period"]]
+    ids = torch.randint(4, TINY["vocab_size"], (1, 3), generator=torch.Generator().manual_seed(3))
+    smallest_slice = 128 * TINY["hidden_size"]  # the narrowest FFN weight a spec above uses
+    with _WeightSizedAllocations(smallest_slice, set(ptrs.values()) | {ple_ptr}) as watch:
+        for size in sizes:
+            m.logits(ids, size=size)
+            list(m.stream(prompt=ids[0].tolist(), max_tokens=2, temperature=0, size=size))
+    assert watch.found == []
+    assert {n: p.untyped_storage().data_ptr() for n, p in dec.named_parameters()} == ptrs
+    assert dec.embed_tokens_per_layer.untyped_storage().data_ptr() == ple_ptr
+    # a plan is a config and a tuple of layer indices: it holds no tensor
+    for size in sizes:
+        plan = m.plan(size)
+        assert not any(isinstance(v, torch.Tensor) for v in vars(plan).values())
+        assert not any(isinstance(v, torch.Tensor) for v in vars(plan.config).values())
+
+
+def test_switching_sizes_does_not_grow_memory(tiny_ckpt, tmp_path):
+    """FFNs 16384 wide (15 x 6 MB): a per-size copy of the kept prefixes would add ~50 MB of RSS."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gemma3n.model import load
+
+    wide, d = 16384, TINY["hidden_size"]
+    path = tmp_path / "wide"
+    path.mkdir()
+    gen = torch.Generator().manual_seed(5)
+    with safe_open(str(tiny_ckpt / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for i in range(TINY["num_hidden_layers"]):
+        for name, shape in (("gate_proj", (wide, d)), ("up_proj", (wide, d)), ("down_proj", (d, wide))):
+            tensors[f"model.layers.{i}.mlp.{name}.weight"] = torch.randn(shape, generator=gen) * 0.02
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    cfg["intermediate_size"] = [wide] * TINY["num_hidden_layers"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    _write_tokenizer(path / "tokenizer.json")
+    m = load(path, dtype=torch.float32)
+    ids = torch.randint(4, TINY["vocab_size"], (1, 4), generator=torch.Generator().manual_seed(4))
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 8192 / 12288 are not 4x / 8x of hidden 32
+        m.logits(ids)  # pages every weight in
+        m.logits(ids, size={"ffn": "8192x15"})  # warm the allocator at the narrow width too
+        before = rss_mb()
+        for _ in range(3):
+            for size in ({"ffn": "8192x15"}, {"ffn": "8192x10", "skip": "5-9"}, {"ffn": "12288x15"}, None):
+                m.logits(ids, size=size)
+    grown = rss_mb() - before
+    ffn_mb = 15 * 3 * d * wide * 4 / 2**20
+    assert grown < 0.1 * ffn_mb, f"RSS grew {grown:.1f} MB switching sizes (FFNs hold {ffn_mb:.0f} MB)"
+
+
+def test_kv_caches_are_per_size(ours_parent):
+    """Interleaved streams of two sizes decode exactly what each decodes alone."""
+    m = ours_parent
+    prompt = list(range(10, 22))
+    size_a, size_b = SPECS["skip-period"], SPECS["narrow-only"]
+    alone_a = m.generate(prompt=prompt, max_tokens=6, temperature=0, size=size_a).token_ids
+    alone_b = m.generate(prompt=prompt, max_tokens=6, temperature=0, size=size_b).token_ids
+    alone_full = m.generate(prompt=prompt, max_tokens=6, temperature=0).token_ids
+    assert alone_a != alone_full or alone_b != alone_full
+    streams = {
+        "a": m.stream(prompt=prompt, max_tokens=6, temperature=0, size=size_a),
+        "b": m.stream(prompt=prompt, max_tokens=6, temperature=0, size=size_b),
+        "full": m.stream(prompt=prompt, max_tokens=6, temperature=0),
+    }
+    got: dict[str, list[int]] = {k: [] for k in streams}
+    live = dict(streams)
+    while live:
+        for k in list(live):
+            piece = next(live[k], None)
+            if piece is None:
+                del live[k]
+            else:
+                got[k] += piece.token_ids
+    assert got == {"a": alone_a, "b": alone_b, "full": alone_full}
+    pa, pb = m.plan(size_a), m.plan(size_b)
+    assert pa.key != pb.key != m.plan(None).key
+
+
+def test_cli_helpers(tiny_ckpt, tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    mf.add_slice_arguments(parser)
+    assert mf.run_slice(parser.parse_args(["--list"])) == 0
+    assert "E2.49B-block" in capsys.readouterr().out
+    args = parser.parse_args(["-m", str(tiny_ckpt), "--ffn", "128x10", "--skip", "5-9", "-o", str(tmp_path / "s")])
+    args.no_progress = True
+    assert mf.run_slice(args) == 0
+    printed = capsys.readouterr().out
+    assert "Layers: 10 of 15, skipped 5-9" in printed and (tmp_path / "s" / "config.json").is_file()
+    with pytest.raises(InputError, match="not empty; pass --force"):
+        mf.run_slice(args)
+    with pytest.raises(InputError, match="either a preset"):
+        mf.size_from_cli("E2B", "8192x30", None)
+    with pytest.raises(InputError, match="choose a slice"):
+        mf.run_slice(parser.parse_args(["-m", str(tiny_ckpt), "-o", str(tmp_path / "t")]))
+    assert mf.size_from_cli(None, None, "20-24") == {"ffn": None, "skip": [20, 21, 22, 23, 24]}
+    lines = mf.describe_size(e4b_config(), "E2B")
+    assert lines[0] == "size: E2B" and "1.91 B (full model 3.98 B)" in lines[-1]
+    assert mf.describe_size(e4b_config(), None) == ["size: full model, 35 layers, effective params 3.98 B"]
