@@ -6,6 +6,7 @@ Errors a user can cause print one clear line (exit 2), never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,15 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(line)
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise InputError(f"the server needs its extra: pip install 'gemma3n[server]' ({e})") from None
+    model = _load(a)
+    serve(model, host=a.host, port=a.port, api_key=a.api_key, max_queue=a.max_queue, model_id=a.model_id)
+
+
 def _default() -> Path:
     from .model import default_model_path
 
@@ -156,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--placement", action="store_true", help="load the model and report what lives where")
     i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (every elastic size is a model id)")
+    s.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
+    s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("GEMMA3N_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $GEMMA3N_API_KEY)",
+    )
+    s.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
+    s.add_argument("--model-id", default=None, help="id of the full model in /v1/models (default: its name)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -123,9 +123,7 @@ class _Sampling(_Base):
 
     def generation_kwargs(self) -> dict[str, Any]:
         if self.n not in (None, 1):
-            raise APIError(
-                400, f"n={self.n} is not supported; this server returns one choice (n=1)", param="n"
-            )
+            raise APIError(400, f"n={self.n} is not supported; this server returns one choice (n=1)", param="n")
         if self.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         if self.tools:
@@ -205,9 +203,7 @@ def _convert_part(part: dict[str, Any], param: str, model: Any) -> dict[str, Any
         return {"type": "text", "text": part["text"]}
     if kind == "image_url":
         if not getattr(model, "has_vision", False):
-            raise APIError(
-                400, f"{param}: this model has no vision tower; it cannot take images", param=param
-            )
+            raise APIError(400, f"{param}: this model has no vision tower; it cannot take images", param=param)
         spec = part.get("image_url")
         url = spec.get("url") if isinstance(spec, dict) else spec
         if not isinstance(url, str):
@@ -218,14 +214,10 @@ def _convert_part(part: dict[str, Any], param: str, model: Any) -> dict[str, Any
             raise APIError(400, f"{param}: this model has no audio tower; it cannot take audio", param=param)
         spec = part.get("input_audio")
         if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
-            raise APIError(
-                400, f"{param}.input_audio.data must be a base64 string", param=f"{param}.input_audio"
-            )
+            raise APIError(400, f"{param}.input_audio.data must be a base64 string", param=f"{param}.input_audio")
         fmt = spec.get("format", "wav")
         if fmt not in ("wav", "mp3"):
-            raise APIError(
-                400, f"{param}.input_audio.format must be 'wav' or 'mp3', got {fmt!r}", param=param
-            )
+            raise APIError(400, f"{param}.input_audio.format must be 'wav' or 'mp3', got {fmt!r}", param=param)
         data = spec["data"]
         if data.startswith("data:"):  # tolerate a data: URI where OpenAI expects bare base64
             data = data.partition(",")[2]
@@ -244,10 +236,7 @@ def _convert_messages(messages: list[ChatMessage], model: Any) -> list[dict[str,
         if msg.content is None or isinstance(msg.content, str):
             content: Any = msg.content or ""
         else:
-            content = [
-                _convert_part(part, f"messages[{i}].content[{j}]", model)
-                for j, part in enumerate(msg.content)
-            ]
+            content = [_convert_part(part, f"messages[{i}].content[{j}]", model) for j, part in enumerate(msg.content)]
         out.append({"role": role, "content": content})
     return out
 
@@ -256,9 +245,7 @@ def _completion_prompt(req: CompletionRequest) -> str | list[int]:
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
-            raise APIError(
-                400, f"got {len(prompt)} prompts; this server takes one per request", param="prompt"
-            )
+            raise APIError(400, f"got {len(prompt)} prompts; this server takes one per request", param="prompt")
         prompt = prompt[0]
     if req.echo or req.suffix:
         raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
@@ -450,9 +437,7 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(
-            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code
-        ).response()
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
@@ -471,9 +456,7 @@ def create_app(
             )
 
     async def read_json(request: Request, schema: type[_Sampling]) -> Any:
-        too_big = APIError(
-            413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large"
-        )
+        too_big = APIError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
         # JSON only: a web page can send a cross-site "simple" POST (text/plain) to a loopback
         # server without a CORS preflight; requiring application/json rules that out.
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -675,9 +658,7 @@ class BackgroundServer:
         openai.OpenAI(base_url=srv.base_url, api_key="-")
     """
 
-    def __init__(
-        self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
-    ) -> None:
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         import uvicorn
 
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -46,9 +46,7 @@ class FakeModel:
     def sizes(self) -> list[str]:
         return ["E2B", "E1.5B-block"]
 
-    def stream(
-        self, prompt=None, *, messages=None, max_tokens=256, stop=None, seed=None, size=None, **sampling
-    ):
+    def stream(self, prompt=None, *, messages=None, max_tokens=256, stop=None, seed=None, size=None, **sampling):
         self.calls.append(dict(prompt=prompt, messages=messages, max_tokens=max_tokens, stop=stop, size=size))
         self.calls[-1].update(sampling, seed=seed)
         return self._pieces(prompt, messages, max_tokens, stop or [])
@@ -205,9 +203,7 @@ def test_completions_and_stop(client):
 
 
 def test_model_selects_size(client, fake):
-    r = client.chat.completions.create(
-        model="gemma3n-E1.5B-block", messages=[{"role": "user", "content": "hi"}]
-    )
+    r = client.chat.completions.create(model="gemma3n-E1.5B-block", messages=[{"role": "user", "content": "hi"}])
     assert r.model == "gemma3n-E1.5B-block" and fake.calls[-1]["size"] == "E1.5B-block"
     client.completions.create(model="E2B", prompt=[1, 2], max_tokens=1)
     assert fake.calls[-1]["size"] == "E2B" and fake.calls[-1]["prompt"] == [1, 2]
@@ -259,9 +255,7 @@ def test_bad_requests_get_openai_400(server, body, param):
 
 def test_only_json_bodies(server):
     body = b'{"messages": [{"role": "user", "content": "x"}]}'
-    r = httpx.post(
-        f"{server.base_url}/chat/completions", content=body, headers={"content-type": "text/plain"}
-    )
+    r = httpx.post(f"{server.base_url}/chat/completions", content=body, headers={"content-type": "text/plain"})
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
 
 
@@ -301,9 +295,7 @@ def test_full_queue_answers_503(locked):
     deadline = time.monotonic() + 10
     while httpx.get(f"{locked.url}/health", timeout=20).json()["queued"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert (
-        keyed.completions.create(model="gemma3n-fake", prompt="free", max_tokens=1).choices[0].text == "free"
-    )
+    assert keyed.completions.create(model="gemma3n-fake", prompt="free", max_tokens=1).choices[0].text == "free"
 
 
 def test_disconnect_mid_stream_stops_generation(server, fake, client):
@@ -342,9 +334,7 @@ def test_concurrent_requests_are_serialized_and_not_mixed(client, fake):
                 model="gemma3n-fake", messages=[{"role": "user", "content": f"req{i} slow"}], max_tokens=2
             )
             return i, r.choices[0].message.content
-        stream = client.completions.create(
-            model="gemma3n-fake", prompt=f"req{i} slow", max_tokens=2, stream=True
-        )
+        stream = client.completions.create(model="gemma3n-fake", prompt=f"req{i} slow", max_tokens=2, stream=True)
         return i, "".join(c.choices[0].text for c in stream)
 
     with ThreadPoolExecutor(8) as pool:
@@ -356,3 +346,13 @@ def test_concurrent_requests_are_serialized_and_not_mixed(client, fake):
 def test_health_counts_queue(server):
     r = httpx.get(f"{server.url}/health", timeout=20).json()
     assert r["status"] == "ok" and r["model"] == "gemma3n-fake" and r["queued"] == 0
+
+
+def test_cli_serve_binds_loopback_by_default(monkeypatch):
+    from gemma3n.cli import build_parser
+
+    monkeypatch.delenv("GEMMA3N_API_KEY", raising=False)
+    a = build_parser().parse_args(["serve"])
+    assert (a.host, a.port, a.api_key, a.model) == ("127.0.0.1", 8000, None, None)
+    a = build_parser().parse_args(["serve", "-m", "ckpt", "--api-key", "k", "--port", "9000"])
+    assert (a.model, a.api_key, a.port) == ("ckpt", "k", 9000)

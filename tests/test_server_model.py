@@ -65,9 +65,7 @@ def test_chat_stream_and_non_stream_agree(client, model_id):
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
-    assert (
-        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
-    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
@@ -79,9 +77,7 @@ def test_completions_usage_and_stop(client, model_id):
     if cut is None:
         pytest.skip(f"the tiny model's greedy text {text!r} is too short to place a stop string in")
     stop = text[cut]
-    s = client.completions.create(
-        model=model_id, prompt="The sea is", temperature=0.0, max_tokens=12, stop=[stop]
-    )
+    s = client.completions.create(model=model_id, prompt="The sea is", temperature=0.0, max_tokens=12, stop=[stop])
     assert s.choices[0].text == text[: text.index(stop)] and s.choices[0].finish_reason == "stop"
 
 
@@ -123,9 +119,7 @@ def test_image_part(client, model, model_id):
     if not model.has_vision:
         pytest.skip("the test model has no vision tower")
     content = [{"type": "image_url", "image_url": {"url": _png()}}, {"type": "text", "text": "What is this?"}]
-    r = client.chat.completions.create(
-        model=model_id, messages=[{"role": "user", "content": content}], **GREEDY
-    )
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": content}], **GREEDY)
     assert r.usage.prompt_tokens > 8 and r.choices[0].finish_reason in ("stop", "length")
 
 
@@ -136,9 +130,7 @@ def test_audio_part(client, model, model_id):
         {"type": "input_audio", "input_audio": {"data": _wav(), "format": "wav"}},
         {"type": "text", "text": "?"},
     ]
-    r = client.chat.completions.create(
-        model=model_id, messages=[{"role": "user", "content": content}], **GREEDY
-    )
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": content}], **GREEDY)
     assert r.usage.prompt_tokens > 8 and r.choices[0].finish_reason in ("stop", "length")
 
 
@@ -173,9 +165,7 @@ def test_disconnect_mid_stream_then_next_request_succeeds(server, client, model_
     deadline = time.monotonic() + 30
     while httpx.get(f"{server.url}/health", timeout=10).json()["queued"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert httpx.get(f"{server.url}/health", timeout=10).json()["queued"] == 0, (
-        "the abandoned stream kept its slot"
-    )
+    assert httpx.get(f"{server.url}/health", timeout=10).json()["queued"] == 0, "the abandoned stream kept its slot"
     assert chat(client, model_id, "Hi", **GREEDY).choices[0].finish_reason in ("stop", "length")
 
 
