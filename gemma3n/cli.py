@@ -141,6 +141,12 @@ def _default() -> Path:
     return default_model_path()
 
 
+def cmd_slice(a: argparse.Namespace) -> None:
+    from .matformer import run_slice
+
+    run_slice(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma3n", description="Run Gemma 3n models on-device.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system-prompt", default=None)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    from .matformer import add_slice_arguments
+
+    sl = sub.add_parser("slice", help="export a MatFormer Mix-n-Match slice (--list shows the presets)")
+    add_slice_arguments(sl)
+    sl.set_defaults(func=cmd_slice)
 
     i = sub.add_parser("info", help="parameter split, layer map and placement of a checkpoint")
     _add_model_args(i)
