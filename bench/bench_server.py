@@ -3,6 +3,7 @@
 Starts the server on a loopback port with the embedded model (or --model), then for each
 client count runs that many threads, each making at most --requests streaming chat requests
 with the official openai client; a level also stops starting requests after --seconds.
+A first row, "direct", calls `model.stream` in-process: the floor the server adds to.
 
     python bench/bench_server.py                      # 1, 4, 16 clients, embedded model
     python bench/bench_server.py --clients 1 4 --requests 2 --max-tokens 16
@@ -15,7 +16,9 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import openai
 
@@ -30,39 +33,51 @@ PROMPTS = [
 ]
 
 
-def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dict[str, float]:
+def timed(pieces: Iterator[str], tokens_of: Callable[[Any], int | None]) -> dict[str, float]:
+    """Time a stream of text pieces (or chunks): first non-empty text, end, completion tokens."""
     t0 = time.perf_counter()
     ttft, tokens = None, 0
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=max_tokens,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+    for text, item in pieces:
+        if ttft is None and text:
             ttft = time.perf_counter() - t0
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+        tokens = tokens_of(item) or tokens
     total = time.perf_counter() - t0
     return {"ttft": ttft if ttft is not None else total, "latency": total, "tokens": tokens}
 
 
-def run_level(
-    base_url: str, model: str, clients: int, requests: int, seconds: float, max_tokens: int
-) -> dict[str, float]:
+def via_server(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dict[str, float]:
+    def chunks() -> Iterator[tuple[str, Any]]:
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for c in stream:
+            yield (c.choices[0].delta.content or "") if c.choices else "", c
+
+    return timed(chunks(), lambda c: c.usage.completion_tokens if c.usage else None)
+
+
+def direct(model: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+    """The same request through `model.stream` in this thread: the floor the server adds to."""
+    pieces = model.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0)
+    return timed(((str(p), p) for p in pieces), lambda p: p.generated_tokens)
+
+
+def run_level(ask: Callable[[int, int], dict[str, float]], clients: int, requests: int, seconds: float) -> dict:
+    """`clients` threads, each making at most `requests` calls of `ask(client, i)` until `seconds` pass."""
     deadline = time.perf_counter() + seconds
     results: list[dict[str, float]] = []
     lock = threading.Lock()
 
     def client_loop(k: int) -> None:
-        client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
         for i in range(requests):
             if time.perf_counter() > deadline:
                 break
-            r = one_request(client, model, PROMPTS[(k + i) % len(PROMPTS)], max_tokens)
+            r = ask(k, i)
             with lock:
                 results.append(r)
 
@@ -83,6 +98,14 @@ def run_level(
     }
 
 
+def report(name: str, row: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"level": name, **row}))
+        return
+    cells = (name, row["requests"], row["req_per_s"], row["gen_tok_per_s"], row["ttft_p50_ms"], row["ttft_max_ms"])
+    print("{:>10} {:>5} {:>7.2f} {:>7.1f} {:>8.1f}ms {:>8.1f}ms".format(*cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="path or hub id (default: the embedded model)")
@@ -96,19 +119,21 @@ def main() -> None:
     model = gemma3n.load(args.model)
     app = create_app(model, max_queue=max(args.clients) + 1)
     with BackgroundServer(app) as srv:
-        model_id = openai.OpenAI(base_url=srv.base_url, api_key="bench").models.list().data[0].id
-        one_request(openai.OpenAI(base_url=srv.base_url, api_key="bench"), model_id, PROMPTS[0], 4)  # warm-up
+        clients = [openai.OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600) for _ in range(64)]
+        model_id = clients[0].models.list().data[0].id
+        via_server(clients[0], model_id, PROMPTS[0], 4)  # warm-up
         print(f"model {model_id} on {srv.url}, max_tokens {args.max_tokens}, one generation thread")
         if not args.json:
-            print(f"{'clients':>7} {'reqs':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>10} {'TTFT max':>10}")
-        for clients in args.clients:
-            row = run_level(srv.base_url, model_id, clients, args.requests, args.seconds, args.max_tokens)
-            if args.json:
-                print(json.dumps(row))
-            else:
-                cells = (row["clients"], row["requests"], row["req_per_s"], row["gen_tok_per_s"])
-                print("{:>7} {:>5} {:>7.2f} {:>7.1f}".format(*cells), end="")
-                print(f" {row['ttft_p50_ms']:>8.1f}ms {row['ttft_max_ms']:>8.1f}ms")
+            print(f"{'level':>10} {'reqs':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>10} {'TTFT max':>10}")
+
+        def prompt(k: int, i: int) -> str:
+            return PROMPTS[(k + i) % len(PROMPTS)]
+
+        row = run_level(lambda k, i: direct(model, prompt(k, i), args.max_tokens), 1, args.requests, args.seconds)
+        report("direct", row, args.json)
+        for n in args.clients:
+            ask = lambda k, i: via_server(clients[k % 64], model_id, prompt(k, i), args.max_tokens)  # noqa: E731
+            report(f"{n} client" + "s" * (n > 1), run_level(ask, n, args.requests, args.seconds), args.json)
 
 
 if __name__ == "__main__":
