@@ -33,11 +33,16 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL
 
 
-def load(path_or_hub_id: str | Path | None = None, device: str = "cpu", dtype: Any = None) -> Model:
-    """Load a checkpoint (directory or hub id; None = the embedded default model)."""
+def load(
+    path_or_hub_id: str | Path | None = None, device: str = "cpu", dtype: Any = None, compute_dtype: Any = "auto"
+) -> Model:
+    """Load a checkpoint (directory or hub id; None = the embedded default model).
+
+    dtype: the weights' dtype (None = as stored). compute_dtype: the activations' dtype
+    ("auto": fp32 on a CPU for half-precision weights, else the weights' dtype)."""
     ckpt = open_checkpoint(path_or_hub_id if path_or_hub_id is not None else DEFAULT_MODEL)
     dev = resolve_device(device)
-    decoder = load_text_decoder(ckpt, dev, resolve_dtype(dtype))
+    decoder = load_text_decoder(ckpt, dev, resolve_dtype(dtype), compute_dtype)
     return Model(ckpt, decoder)
 
 

@@ -48,6 +48,19 @@ class RMSNorm(nn.Module):
         return out.type_as(x)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ wᵀ in x's dtype (the compute dtype). A weight stored in another dtype is converted
+    for this call only: one layer's block at a time, never a permanent copy of the model."""
+    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (checkpoint names) that computes in its input's dtype, see `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -96,13 +109,13 @@ class Attention(nn.Module):
         super().__init__()
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = d
-        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=False)
-        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, hq * d, bias=False)
+        self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.owns_kv = owns_kv
         if owns_kv:  # KV-shared layers borrow K/V: their own k/v weights are never built (§5.1)
-            self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
-            self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+            self.k_proj = Linear(cfg.hidden_size, hkv * d, bias=False)
+            self.v_proj = Linear(cfg.hidden_size, hkv * d, bias=False)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
 
@@ -149,16 +162,16 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, width: int, sparsity: float) -> torch.Tensor:
-        gate = F.linear(x, self.gate_proj.weight[:width])
+        gate = linear(x, self.gate_proj.weight[:width])
         if sparsity > 0.0:
             gate = gaussian_topk(gate, sparsity)
-        up = F.linear(x, self.up_proj.weight[:width])
-        return F.linear(gelu_tanh(gate) * up, self.down_proj.weight[:, :width])
+        up = linear(x, self.up_proj.weight[:width])
+        return linear(gelu_tanh(gate) * up, self.down_proj.weight[:, :width])
 
 
 def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -174,8 +187,8 @@ class Laurel(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.linear_left = nn.Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
-        self.linear_right = nn.Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
+        self.linear_left = Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
+        self.linear_right = Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
         self.post_laurel_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +205,9 @@ class AltUp(nn.Module):
         self.active = cfg.altup_active_idx
         self.hidden = cfg.hidden_size
         self.correct_output_scale = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.correction_coefs = nn.Linear(n, n, bias=False)
-        self.prediction_coefs = nn.Linear(n, n * n, bias=False)
-        self.modality_router = nn.Linear(cfg.hidden_size, n, bias=False)
+        self.correction_coefs = Linear(n, n, bias=False)
+        self.prediction_coefs = Linear(n, n * n, bias=False)
+        self.modality_router = Linear(cfg.hidden_size, n, bias=False)
         self.router_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def router(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +228,7 @@ class AltUp(nn.Module):
         return (innovation[None] * gamma.permute(2, 0, 1)[..., None] + pred).type_as(activated)
 
     def scale_output(self, active: torch.Tensor) -> torch.Tensor:
-        return (active.type_as(self.correct_output_scale) * self.correct_output_scale).type_as(active)
+        return active * self.correct_output_scale.to(active.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -232,8 +245,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(d, eps)
         self.altup = AltUp(cfg)
         self.laurel = Laurel(cfg)
-        self.per_layer_input_gate = nn.Linear(d, cfg.hidden_size_per_layer_input, bias=False)
-        self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, d, bias=False)
+        self.per_layer_input_gate = Linear(d, cfg.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = Linear(cfg.hidden_size_per_layer_input, d, bias=False)
         self.post_per_layer_input_norm = RMSNorm(d, eps)
 
     def forward(
@@ -277,20 +290,26 @@ class TextDecoder(nn.Module):
         self.config = cfg
         d, p, n_layers = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        self.per_layer_model_projection = nn.Linear(d, n_layers * p, bias=False)
+        self.per_layer_model_projection = Linear(d, n_layers * p, bias=False)
         self.per_layer_projection_norm = RMSNorm(p, cfg.rms_norm_eps)
-        self.altup_projections = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1))
+        self.altup_projections = nn.ModuleList(Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1))
         self.altup_unembed_projections = nn.ModuleList(
-            nn.Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1)
+            Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1)
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(n_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         # Host-resident, memory-mapped [Vp, L*P] table; set by the loader (placement.py).
         self.embed_tokens_per_layer: torch.Tensor | None = None
+        # Activations' dtype; weights stay as stored. placement.py decides (see its policy).
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -298,9 +317,9 @@ class TextDecoder(nn.Module):
 
     # --- embeddings (§2) ------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """h0 = E[x] · sqrt(D), the scale cast to the weight dtype first (§2.1)."""
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
-        return self.embed_tokens(ids) * scale
+        """h0 = E[x] · sqrt(D), the scale cast to the activation dtype first (§2.1)."""
+        dtype = self.activation_dtype
+        return self.embed_tokens(ids).to(dtype) * torch.tensor(self.config.hidden_size**0.5, dtype=dtype)
 
     def per_layer_inputs(self, ids: torch.Tensor, h0: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         """(RMSNorm(h0 W_plmᵀ / sqrt(D)) + E_ple[x]·sqrt(P)) / sqrt(2), kept layers only: [B,T,L',P]."""
@@ -320,8 +339,9 @@ class TextDecoder(nn.Module):
         assert table is not None, "the per-layer embedding table was not attached"
         host_ids = ids.to(table.device)
         host_ids = torch.where((host_ids >= 0) & (host_ids < table.shape[0]), host_ids, 0)
-        rows = table[host_ids].to(device=ids.device, dtype=self.dtype)
-        return rows * torch.tensor(self.config.hidden_size_per_layer_input**0.5, dtype=self.dtype)
+        dtype = self.activation_dtype
+        rows = table[host_ids].to(device=ids.device, dtype=dtype)
+        return rows * torch.tensor(self.config.hidden_size_per_layer_input**0.5, dtype=dtype)
 
     # --- AltUp expand / collapse (§3.1, §3.6) ----------------------------------------------
     @staticmethod
@@ -356,7 +376,7 @@ class TextDecoder(nn.Module):
         layers write no cache, so they run on those rows only (the prefill skip, §5.3).
         """
         cfg = plan.config
-        h0 = self.embed(ids) if inputs_embeds is None else inputs_embeds
+        h0 = self.embed(ids) if inputs_embeds is None else inputs_embeds.to(self.activation_dtype)
         pli = self.per_layer_inputs(ids, h0, plan)
         streams = self.altup_expand(h0)
         first_shared = cfg.first_kv_shared_layer if cfg.num_kv_shared_layers else cfg.num_hidden_layers
@@ -418,7 +438,11 @@ class TextDecoder(nn.Module):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head and the final soft-cap: cap · tanh(logits / cap) (§6)."""
-        logits = F.linear(hidden, self.embed_tokens.weight)
+        weight = self.embed_tokens.weight
+        if weight.dtype == hidden.dtype:
+            logits = F.linear(hidden, weight)
+        else:  # convert the 262k-row head in blocks: bounded memory
+            logits = torch.cat([linear(hidden, weight[i : i + 32768]) for i in range(0, weight.shape[0], 32768)], -1)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

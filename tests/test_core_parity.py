@@ -127,7 +127,7 @@ def test_bf16_top1_agreement(hf_text):
 
     _, path = hf_text
     hf16 = Gemma3nForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
-    model = gemma3n.load(path, dtype="bfloat16")
+    model = gemma3n.load(path, dtype="bfloat16", compute_dtype="bfloat16")
     assert model.decoder.dtype == torch.bfloat16
     ids = _ids(300, 560, seed=6)
     with torch.no_grad():
@@ -135,3 +135,20 @@ def test_bf16_top1_agreement(hf_text):
     ours = model.logits(ids)
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.99, f"bf16 top-1 agreement {agree:.3f}"
+
+
+def test_bf16_weights_fp32_compute_matches_reference_fp32(hf_text, tmp_path):
+    """The CPU policy: bf16-stored weights, fp32 activations (weights upcast per matmul) ==
+    the reference in fp32 on the same bf16-rounded weights."""
+    from transformers import Gemma3nForCausalLM
+
+    hf, _ = hf_text
+    path = save_text_checkpoint(make_hf_text_model().to(torch.bfloat16), tmp_path / "bf16")
+    model = gemma3n.load(path)
+    assert model.decoder.dtype == torch.bfloat16 and model.decoder.activation_dtype == torch.float32
+    assert model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # no permanent fp32 copy
+    ref_model = Gemma3nForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = _ids(40, 560, seed=7)
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    assert _rel_err(model.logits(ids), ref) <= 1e-4
