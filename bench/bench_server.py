@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
+import torch
 
 import gemma3n
 from gemma3n.server import BackgroundServer, create_app
@@ -121,8 +123,12 @@ def main() -> None:
     with BackgroundServer(app) as srv:
         clients = [openai.OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600) for _ in range(64)]
         model_id = clients[0].models.list().data[0].id
-        via_server(clients[0], model_id, PROMPTS[0], 4)  # warm-up
+        for p in PROMPTS:  # warm-up, both paths
+            direct(model, p, 4)
+            via_server(clients[0], model_id, p, 4)
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"model {model_id} on {srv.url}, max_tokens {args.max_tokens}, one generation thread")
+        print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {load}")
         if not args.json:
             print(f"{'level':>10} {'reqs':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>10} {'TTFT max':>10}")
 
