@@ -74,6 +74,8 @@ class FakeModel:
                     reason = "stop"
                 if "slow" in text:
                     time.sleep(0.05)
+                if "fail-midway" in text and i == 1:
+                    raise RuntimeError("the fake broke down")
                 p = Piece(piece)
                 p.prompt_tokens, p.generated_tokens = len(words), i + 1
                 if reason == "stop" or i == max_tokens - 1:
@@ -265,6 +267,21 @@ def test_unknown_model_and_route(client, server):
     assert err.value.code == "model_not_found"
     r = httpx.get(f"{server.url}/v1/nothing", timeout=20)
     assert r.status_code == 404 and r.json()["error"]["message"]
+    r = httpx.get(f"{server.base_url}/chat/completions", timeout=20)
+    assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+def test_failure_after_headers_is_reported_in_band(server, client):
+    body = {"prompt": "fail-midway now", "max_tokens": 5, "stream": True}
+    r = httpx.post(f"{server.base_url}/completions", json=body, timeout=20)
+    events = sse_events(r)
+    assert events[0]["choices"][0]["text"] == "fail-midway"
+    assert events[-2]["error"]["type"] == "server_error" and "Traceback" not in r.text
+    assert events[-1] == "[DONE]"
+    with pytest.raises(openai.InternalServerError) as err:  # the same failure without streaming: a 500 object
+        client.completions.create(model="gemma3n-fake", prompt="fail-midway", max_tokens=5)
+    assert "the fake broke down" in err.value.message
+    assert client.completions.create(model="gemma3n-fake", prompt="fine", max_tokens=1).choices[0].text == "fine"
 
 
 def test_oversized_body_gets_413(server):
