@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -35,6 +35,7 @@ log = logging.getLogger("gemma3n.server")
 
 DEFAULT_MAX_QUEUE = 32  # requests admitted at once: the one generating plus those waiting
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # room for a few base64 images / a minute of wav
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _POLL_S = 0.25  # how often a waiting request checks whether its client went away
 
 
@@ -408,10 +409,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `gemma3n.load()` result or any object with
     `stream`, `sizes`, `name`, `has_audio`, `has_vision`). Every elastic size is its own model id;
-    `sizes` adds custom ones, e.g. {"gemma3n-half": {"ffn": [4096] * 35}}."""
+    `sizes` adds custom ones, e.g. {"gemma3n-half": {"ffn": [4096] * 35}}. `allowed_hosts`, if
+    given, is the set of Host header names answered (a loopback server's defence against DNS
+    rebinding, where a web page's own domain is pointed at 127.0.0.1)."""
     ids = _model_ids(model, model_id, sizes)
     default_id = next(iter(ids))
     aliases = {size: mid for mid, size in ids.items() if isinstance(size, str)}  # "E2B" -> "gemma3n-E2B"
@@ -423,7 +427,22 @@ def create_app(
         yield
         engine.close()
 
-    app = FastAPI(title="gemma3n", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    def check_host(request: Request) -> None:
+        if allowed_hosts is None:
+            return
+        host = request.headers.get("host", "")
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+        if name.lower() not in allowed_hosts:
+            raise APIError(400, f"Host {host!r} is not served here (allowed: {', '.join(allowed_hosts)})")
+
+    app = FastAPI(
+        title="gemma3n",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+        dependencies=[Depends(check_host)],
+    )
     app.state.engine = engine
 
     @app.exception_handler(APIError)
@@ -644,10 +663,12 @@ def serve(
         import gemma3n
 
         model = gemma3n.load(model)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    loopback = host in LOOPBACK_HOSTS
+    if not loopback and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this host can use it", host)
     limits = {"max_queue": max_queue, "max_body_bytes": max_body_bytes}
-    app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, **limits)
+    hosts = LOOPBACK_HOSTS if loopback else None
+    app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -110,7 +110,8 @@ def server(fake):
 @pytest.fixture(scope="module")
 def locked():
     """A second server with its own fake: API key, a queue of one."""
-    with BackgroundServer(create_app(FakeModel(), api_key=KEY, max_queue=1)) as srv:
+    app = create_app(FakeModel(), api_key=KEY, max_queue=1, allowed_hosts=["127.0.0.1", "localhost"])
+    with BackgroundServer(app) as srv:
         yield srv
 
 
@@ -299,6 +300,13 @@ def test_api_key(locked):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     keyed = openai.OpenAI(base_url=locked.base_url, api_key=KEY, max_retries=0, timeout=20)
     assert keyed.completions.create(model="gemma3n-fake", prompt="ok", max_tokens=1).choices[0].text == "ok"
+
+
+def test_foreign_host_header_is_refused(locked):
+    ok = httpx.get(f"{locked.url}/health", headers={"host": f"localhost:{locked.port}"}, timeout=20)
+    assert ok.status_code == 200
+    r = httpx.get(f"{locked.url}/health", headers={"host": "rebound.example:8000"}, timeout=20)
+    assert r.status_code == 400 and "rebound.example" in r.json()["error"]["message"]
 
 
 def test_full_queue_answers_503(locked):
