@@ -1,0 +1,180 @@
+"""Image input end to end: a small random Gemma 3n (text + audio + vision) saved by transformers,
+prompted with images through `gemma3n.load(...).generate(messages=...)`, against
+`Gemma3nProcessor.apply_chat_template` + `Gemma3nForConditionalGeneration` on the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gemma3n
+from tests.conftest import SMALL_TEXT, randomize_, write_tokenizer
+
+pytest.importorskip("transformers")
+pytest.importorskip("timm")
+pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+MEDIA_TOKENS = {
+    "image_token": "<image_soft_token>",
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "audio_token": "<audio_soft_token>",
+    "boa_token": "<start_of_audio>",
+    "eoa_token": "<end_of_audio>",
+}
+TEXT_VOCAB = 512  # the test tokenizer's size; ids [512, 640) are vision, [640, 768) audio
+IMAGE_TOKENS = 16  # the tiny tower's msfa_output_resolution 4 -> 4 x 4 soft tokens
+IMAGE_SIDE = 128  # stage-2 map 8 x 8 -> MSFA avg-pool 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: OpenMP fork/join on 2 busy cores dominates
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(HF model, HF processor, checkpoint dir)."""
+    from transformers import (
+        Gemma3nAudioFeatureExtractor,
+        Gemma3nConfig,
+        Gemma3nForConditionalGeneration,
+        Gemma3nProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+    )
+
+    from gemma3n.processing import GEMMA_TEMPLATE
+    from tests.test_vision import tiny_vision_config
+
+    path: Path = tmp_path_factory.mktemp("g3n-vision") / "ckpt"
+    path.mkdir()
+    write_tokenizer(path)
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "extra_special_tokens": MEDIA_TOKENS}))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    ids = {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in MEDIA_TOKENS.items()}
+
+    vision = dict(tiny_vision_config(), vocab_offset=TEXT_VOCAB)
+    audio = dict(
+        hidden_size=32,
+        conf_num_hidden_layers=2,
+        conf_num_attention_heads=4,
+        sscp_conv_channel_size=[8, 4],
+        vocab_offset=TEXT_VOCAB + 128,
+    )
+    text = dict(SMALL_TEXT, vocab_size=TEXT_VOCAB + 256, vocab_size_per_layer_input=TEXT_VOCAB)
+    config = Gemma3nConfig(
+        text_config=text,
+        audio_config=audio,
+        vision_config=copy.deepcopy(vision),
+        vision_soft_tokens_per_image=IMAGE_TOKENS,
+        **ids,
+    )
+    torch.manual_seed(0)
+    hf = Gemma3nForConditionalGeneration(config).eval()
+    randomize_(hf, seed=0)
+    with torch.no_grad():
+        # as in the official checkpoints, the rows of the media vocabularies copy the <pad> row (§D.2)
+        table = hf.model.language_model.embed_tokens.weight
+        table[TEXT_VOCAB:] = table[0]
+        # randomize_ gives the tower's norms ~1 but its layer scales 0.2 * noise: make them O(1) too
+        for name, p in hf.model.vision_tower.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    hf.config.vision_config.model_args = copy.deepcopy(vision["model_args"])  # timm edits it in place
+    hf.save_pretrained(path)
+    processor = Gemma3nProcessor(
+        feature_extractor=Gemma3nAudioFeatureExtractor(),
+        image_processor=SiglipImageProcessor(
+            size={"height": IMAGE_SIDE, "width": IMAGE_SIDE}, resample=2, do_normalize=False
+        ),
+        tokenizer=tokenizer,
+        chat_template=GEMMA_TEMPLATE,
+        image_seq_length=IMAGE_TOKENS,
+    )
+    processor.save_pretrained(path)
+    return hf, processor, path
+
+
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 40 * seed)], -1)
+    noisy = base + rng.integers(-30, 30, (h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _messages(*images: Image.Image) -> list[dict]:
+    parts = [{"type": "image", "image": im} for im in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe"}]}]
+
+
+def _hf_inputs(processor, messages):
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+@pytest.mark.parametrize("sizes", [[(90, 150)], [(200, 120), (64, 64)]], ids=["one-image", "two-images"])
+def test_prompt_and_first_logits_match_transformers(checkpoint, sizes):
+    hf, processor, path = checkpoint
+    messages = _messages(*(_image(i, s) for i, s in enumerate(sizes)))
+    ref_in = _hf_inputs(processor, messages)
+    model = gemma3n.load(path)
+    inputs, embeds = model.prepare(messages=messages)
+    assert inputs.ids == ref_in["input_ids"][0].tolist()
+    assert inputs.ids.count(hf.config.image_token_id) == IMAGE_TOKENS * len(sizes)
+    assert embeds is not None
+    with torch.no_grad():
+        ref = hf(**ref_in).logits[0, -1]
+        ids = torch.tensor([inputs.ids])
+        hidden = model.decoder(ids, torch.arange(ids.shape[1]), plan=model.plan(), inputs_embeds=embeds)
+        ours = model.decoder.lm_head(hidden[0, -1]).float()
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+    # the image really reaches the logits: another picture changes them
+    other = _messages(*(_image(i + 7, s) for i, s in enumerate(sizes)))
+    _, embeds2 = model.prepare(messages=other)
+    with torch.no_grad():
+        hidden2 = model.decoder(ids, torch.arange(ids.shape[1]), plan=model.plan(), inputs_embeds=embeds2)
+    assert not torch.allclose(model.decoder.lm_head(hidden2[0, -1]).float(), ours, atol=1e-3)
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+    hf, processor, path = checkpoint
+    messages = _messages(_image(3, (100, 160)))
+    ref_in = _hf_inputs(processor, messages)
+    with torch.no_grad():
+        out = hf.generate(**ref_in, max_new_tokens=8, do_sample=False)
+    ref = out[0, ref_in["input_ids"].shape[1] :].tolist()
+    model = gemma3n.load(path)
+    assert "vision_tower" not in model.towers.loaded()  # loaded only when a request has images
+    stops = model.stop_ids()
+    cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
+    result = model.generate(messages=messages, temperature=0, max_tokens=8)
+    assert result.token_ids == ref[:cut]
+    assert len(result.token_ids) >= 4, "test is too weak: generation stopped early"
+    assert "vision_tower" in model.towers.loaded()
+    assert not model.towers.has_audio or "audio_tower" not in model.towers.loaded()
+
+
+def test_image_size_override(checkpoint):
+    """--image-size: the same prompt layout (token count fixed by the tower), other pixels."""
+    _, processor, path = checkpoint
+    model = gemma3n.load(path)
+    messages = _messages(_image(5, (120, 90)))
+    a, ea = model.prepare(messages=messages)
+    b, eb = model.prepare(messages=messages, image_size=64)
+    assert a.ids == b.ids
+    assert not torch.allclose(ea, eb)
