@@ -394,9 +394,7 @@ def _check_plain(block: nn.Module, name: str, attrs: Sequence[str]) -> None:
     for a in attrs:
         m = getattr(block, a, None)
         if m is not None and not isinstance(m, (nn.Identity, nn.Dropout)):
-            raise ConfigError(
-                f"vision tower: block {name} has a {a} ({type(m).__name__}), which is not supported"
-            )
+            raise ConfigError(f"vision tower: block {name} has a {a} ({type(m).__name__}), which is not supported")
 
 
 def _layer_scale(ld: _Loader, name: str, block: nn.Module) -> Tensor | None:
@@ -415,9 +413,7 @@ class _ConvNormAct(nn.Module):
     def __init__(self, ld: _Loader, name: str, cna: nn.Module) -> None:
         super().__init__()
         bias = ld.opt(name + ".conv.bias")
-        self.conv = _Conv(
-            cna.conv, ld.out(ld.get(name + ".conv.weight")), None if bias is None else ld.out(bias)
-        )
+        self.conv = _Conv(cna.conv, ld.out(ld.get(name + ".conv.weight")), None if bias is None else ld.out(bias))
         w = _norm_weight(ld, name + ".bn", cna.bn)
         self.norm_w = None if w is None else _param(ld.out(w))
         self.eps = cna.bn.eps
@@ -513,9 +509,7 @@ class _MobileMQA(nn.Module):
         super().__init__()
         attn = blk.attn
         if getattr(blk, "conv_cpe_dw", None) is not None or type(attn).__name__ != "MultiQueryAttention2d":
-            raise ConfigError(
-                f"vision tower: block {name}: only multi-query attention without CPE is supported"
-            )
+            raise ConfigError(f"vision tower: block {name}: only multi-query attention without CPE is supported")
         if attn.has_query_strides:
             raise ConfigError(f"vision tower: block {name}: query strides are not supported")
         a = name + ".attn"
@@ -561,9 +555,7 @@ class _MobileMQA(nn.Module):
             k = F.linear(_rms(self.key_down(xn), None, self.key_eps), self.wk)
             v = F.linear(_rms(self.value_down(xn), None, self.value_eps), self.wv)
         else:
-            q, k, v = F.linear(xn, self.wqkv).split(
-                [self.heads * self.key_dim, self.key_dim, self.value_dim], -1
-            )
+            q, k, v = F.linear(xn, self.wqkv).split([self.heads * self.key_dim, self.key_dim, self.value_dim], -1)
         # channel c of the query projection is head c // d, dim c % d (timm's reshape)
         q = q.reshape(B, 1, H * W * self.heads, self.key_dim)
         k = k.reshape(B, 1, -1, self.key_dim)
@@ -584,16 +576,10 @@ class _MSFA(nn.Module):
     def __init__(self, ld: _Loader, msfa: nn.Module, in_chs: Sequence[int], out_scale: float) -> None:
         super().__init__()
         if msfa.interpolation_mode != "nearest":
-            raise ConfigError(
-                f"vision tower: MSFA interpolation {msfa.interpolation_mode!r} is not supported"
-            )
+            raise ConfigError(f"vision tower: MSFA interpolation {msfa.interpolation_mode!r} is not supported")
         ffn = msfa.ffn
         _check_plain(ffn, "msfa.ffn", ("se", "dw_end"))
-        if (
-            not isinstance(ffn.dw_start, nn.Identity)
-            or not isinstance(ffn.dw_mid, nn.Identity)
-            or ffn.has_skip
-        ):
+        if not isinstance(ffn.dw_start, nn.Identity) or not isinstance(ffn.dw_mid, nn.Identity) or ffn.has_skip:
             raise ConfigError("vision tower: MSFA FFN with depthwise convs or a skip is not supported")
         w_exp, n_exp, bn = _conv_norm(ld, "msfa.ffn.pw_exp", ffn.pw_exp)
         chunks = w_exp.flatten(1).split(list(in_chs), dim=1)
@@ -658,9 +644,7 @@ def _build_timm_skeleton(vision_config: Mapping[str, Any]) -> nn.Module:
                 f"vision_config.architecture {arch!r} is unknown to timm {timm.__version__} "
                 "(MobileNet-V5 needs timm >= 1.0.17)"
             ) from e
-        raise ConfigError(
-            f"vision_config: timm cannot build {arch!r} with model_args {model_args}: {e}"
-        ) from e
+        raise ConfigError(f"vision_config: timm cannot build {arch!r} with model_args {model_args}: {e}") from e
     except TypeError as e:
         raise ConfigError(f"vision_config.model_args {model_args} rejected by timm: {e}") from e
 
@@ -773,9 +757,7 @@ def sample_video_frames(path: str | Path, fps: float = 1.0, max_frames: int = 32
     Returns [(timestamp_seconds, RGB PIL image)] in order."""
     name = f"video file {path}"
     if fps <= 0 or max_frames < 1:
-        raise InputError(
-            f"{name}: --fps must be > 0 and the frame budget >= 1 (got fps={fps}, max={max_frames})"
-        )
+        raise InputError(f"{name}: --fps must be > 0 and the frame budget >= 1 (got fps={fps}, max={max_frames})")
     try:
         import av
     except ImportError as e:
@@ -819,3 +801,14 @@ def sample_video_frames(path: str | Path, fps: float = 1.0, max_frames: int = 32
     if not frames:
         raise InputError(f"{name}: no decodable video frames")
     return frames
+
+
+def video_message_parts(path: str | Path, fps: float = 1.0, max_frames: int = 32) -> list[dict]:
+    """A video as chat content parts: each sampled frame is an image preceded by its timestamp,
+    e.g. [{"type": "text", "text": "Frame 00:01:"}, {"type": "image", "image": <PIL>}, ...]."""
+    parts: list[dict] = []
+    for t, frame in sample_video_frames(path, fps, max_frames):
+        minutes, seconds = divmod(int(t), 60)
+        parts.append({"type": "text", "text": f"Frame {minutes:02d}:{seconds:02d}:"})
+        parts.append({"type": "image", "image": frame})
+    return parts

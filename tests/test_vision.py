@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from gemma3n.errors import CheckpointError, ConfigError, InputError
-from gemma3n.vision import ImageProcessor, VisionTower, load_image, sample_video_frames
+from gemma3n.vision import (
+    ImageProcessor,
+    VisionTower,
+    load_image,
+    sample_video_frames,
+    video_message_parts,
+)
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -340,6 +346,9 @@ def test_video_frames(tmp_path):
     assert [t for t, _ in frames] == [0.0, 1.0, 2.0]
     assert all(im.mode == "RGB" and im.size == (32, 32) for _, im in frames)
     assert np.asarray(frames[1][1]).mean() > np.asarray(frames[0][1]).mean()  # in order
+    parts = video_message_parts(p, fps=1.0, max_frames=8)
+    assert [x["text"] for x in parts[::2]] == ["Frame 00:00:", "Frame 00:01:", "Frame 00:02:"]
+    assert all(x["type"] == "image" for x in parts[1::2])
     few = sample_video_frames(p, fps=10.0, max_frames=3)
     assert len(few) == 3 and few[-1][0] >= 1.9  # the budget spreads over the whole clip
     # audio-only file
