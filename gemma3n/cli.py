@@ -126,6 +126,23 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(line)
 
 
+def cmd_transcribe(a: argparse.Namespace) -> None:
+    from .speech import transcribe
+
+    model = _load(a)
+    result = transcribe(
+        model,
+        a.file,
+        translate_to=a.translate_to,
+        max_tokens_per_window=a.max_tokens,
+        size=a.size,
+        progress=not a.quiet,
+    )
+    print(result.text)
+    n = len(result.windows)
+    print(f"({n} window{'s' if n != 1 else ''} of at most 30 s)", file=sys.stderr)
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     try:
         from .server import serve
@@ -173,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     sl = sub.add_parser("slice", help="export a MatFormer Mix-n-Match slice (--list shows the presets)")
     add_slice_arguments(sl)
     sl.set_defaults(func=cmd_slice)
+
+    t = sub.add_parser("transcribe", help="speech recognition or translation of an audio file (any length)")
+    _add_model_args(t)
+    t.add_argument("file", help="audio file (WAV, FLAC, OGG, MP3)")
+    t.add_argument("--translate-to", default=None, metavar="LANG", help="translate the speech into LANG")
+    t.add_argument("--max-tokens", type=int, default=256, help="per 30 s window")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_transcribe)
 
     i = sub.add_parser("info", help="parameter split, layer map and placement of a checkpoint")
     _add_model_args(i)
