@@ -25,16 +25,20 @@ from bench.common import machine_info, peak_rss_gb, print_table, write_json  # n
 from gemma3n.vision import VisionTower  # noqa: E402
 
 
-def timed_pair(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Best wall time of each fn over `repeats` alternating runs after one warm-up each."""
+def timed_pair(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """Best wall time and best process CPU time of each fn over `repeats` alternating runs after
+    one warm-up each. On a shared machine the CPU time is the steadier figure (it leaves out the
+    time this process waited for a core); with --threads 1 it is the single-core compute time."""
     outs = {k: fn() for k, fn in fns.items()}
     best = dict.fromkeys(fns, float("inf"))
+    best_cpu = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outs[k] = fn()
             best[k] = min(best[k], time.perf_counter() - t)
-    return best, outs
+            best_cpu[k] = min(best_cpu[k], time.process_time() - c)
+    return best, best_cpu, outs
 
 
 def tower_gmac(size: int) -> float:
@@ -89,7 +93,7 @@ def main() -> None:
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size))
-        best, outs = timed_pair({"hf": lambda x=x: run_hf(x), "ours": lambda x=x: ours(x)}, args.repeats)
+        best, cpu, outs = timed_pair({"hf": lambda x=x: run_hf(x), "ours": lambda x=x: ours(x)}, args.repeats)
         ref, got = outs["hf"], outs["ours"]
         gmac = tower_gmac(size)
         rows.append(
@@ -102,11 +106,18 @@ def main() -> None:
                 "hf_img_s": 1 / best["hf"],
                 "ours_img_s": 1 / best["ours"],
                 "speedup": best["hf"] / best["ours"],
+                "hf_cpu_s": cpu["hf"],
+                "ours_cpu_s": cpu["ours"],
+                "cpu_speedup": cpu["hf"] / cpu["ours"],
                 "ours_gflops": 2 * gmac / best["ours"],
                 "max_rel_err": ((got - ref).abs().max() / ref.abs().max()).item(),
             }
         )
-        print(f"{size}px: hf {best['hf']:.2f}s ours {best['ours']:.2f}s", flush=True)
+        print(
+            f"{size}px: wall hf {best['hf']:.2f}s ours {best['ours']:.2f}s; "
+            f"cpu hf {cpu['hf']:.2f}s ours {cpu['ours']:.2f}s",
+            flush=True,
+        )
 
     print_table(
         rows,
@@ -117,6 +128,9 @@ def main() -> None:
             ("hf_img_s", "HF img/s"),
             ("ours_img_s", "ours img/s"),
             ("speedup", "speedup"),
+            ("hf_cpu_s", "HF cpu s"),
+            ("ours_cpu_s", "ours cpu s"),
+            ("cpu_speedup", "cpu-time speedup"),
             ("ours_gflops", "ours GFLOP/s"),
             ("max_rel_err", "max rel err"),
         ],
@@ -126,6 +140,7 @@ def main() -> None:
         {
             "machine": machine_info(),
             "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
             "repeats": args.repeats,
             "build_s": {"hf": build_hf, "ours": build_ours},
             "peak_rss_gb": peak_rss_gb(),
