@@ -29,6 +29,7 @@ MEDIA_TOKENS = {
     "eoa_token": "<end_of_audio>",
 }
 TEXT_VOCAB = 512  # the test tokenizer's size; ids [512, 640) are vision, [640, 768) audio
+AUDIO_TOKENS = 24  # soft tokens per clip (188 in the real model): > the 15 of a 2.3 s clip, so padding is used
 
 
 def _clip(seconds: float, seed: int) -> np.ndarray:
@@ -69,7 +70,13 @@ def checkpoint(tmp_path_factory):
         vocab_offset=TEXT_VOCAB + 128,
     )
     text = dict(SMALL_TEXT, vocab_size=TEXT_VOCAB + 256, vocab_size_per_layer_input=TEXT_VOCAB)
-    config = Gemma3nConfig(text_config=text, audio_config=audio, vision_config=copy.deepcopy(vision), **ids)
+    config = Gemma3nConfig(
+        text_config=text,
+        audio_config=audio,
+        vision_config=copy.deepcopy(vision),
+        audio_soft_tokens_per_image=AUDIO_TOKENS,
+        **ids,
+    )
     torch.manual_seed(0)
     hf = Gemma3nForConditionalGeneration(config).eval()
     randomize_(hf, seed=0)
@@ -84,6 +91,7 @@ def checkpoint(tmp_path_factory):
         image_processor=SiglipImageProcessor(size={"height": 64, "width": 64}, do_normalize=False),
         tokenizer=tokenizer,
         chat_template=GEMMA_TEMPLATE,
+        audio_seq_length=AUDIO_TOKENS,
     )
     processor.save_pretrained(path)
     return hf, processor, path
