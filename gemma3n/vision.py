@@ -136,12 +136,18 @@ def load_image(src: Any) -> Any:
             raise InputError(f"{name}: empty image data")
         img = _open_encoded(src, name)
     elif isinstance(src, (str, Path)):
+        if isinstance(src, str) and src.split("://", 1)[0] in ("http", "https", "ftp"):
+            raise InputError(f"{name}: URLs are not fetched; download the image and pass the file")
         p = Path(src).expanduser()
         if p.is_file() and p.stat().st_size == 0:
             raise InputError(f"{name}: empty file (0 bytes)")
         img = _open_encoded(p, name)
     elif isinstance(src, Image.Image):
         img = src
+        try:
+            img.load()  # a lazily opened file may still be truncated
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise InputError(f"{name}: unreadable or truncated image ({e})") from e
     elif isinstance(src, np.ndarray):
         if src.size == 0:
             raise InputError(f"{name}: zero-size array {tuple(src.shape)}")
@@ -168,7 +174,6 @@ def load_image(src: Any) -> Any:
 
 # PIL resample ids -> torchvision InterpolationMode names, as transformers' pil_torch_interpolation_mapping.
 _RESAMPLE = {0: "NEAREST_EXACT", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
-SUPPORTED_IMAGE_SIZES = (256, 512, 768)
 
 
 class ImageProcessor:

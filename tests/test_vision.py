@@ -319,6 +319,10 @@ def test_load_image_bad_inputs(tmp_path):
         load_image(12345)
     with pytest.raises(InputError, match=r"trunc\.png"):
         ImageProcessor()([tmp_path / "trunc.png"])
+    with pytest.raises(InputError, match="truncated"):
+        load_image(Image.open(tmp_path / "trunc.png"))  # a lazily opened PIL image
+    with pytest.raises(InputError, match="URLs are not fetched"):
+        load_image("https://example.com/cat.png")
 
 
 # --------------------------------------------------------------------------------------------------
