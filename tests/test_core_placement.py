@@ -1,0 +1,80 @@
+"""What lives where: towers are never read for text-only requests, the per-layer embedding
+table stays host-mapped, and bad device requests are refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma3n
+from gemma3n.checkpoint import Checkpoint
+from tests.test_vision_e2e import _image, _messages, checkpoint  # noqa: F401  (fixture)
+
+pytest.importorskip("timm")
+
+
+@pytest.fixture()
+def touched(monkeypatch):
+    """Names of every tensor the runtime maps from disk."""
+    names: list[str] = []
+    original = Checkpoint.tensor
+
+    def spy(self, name):
+        names.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "tensor", spy)
+    return names
+
+
+def test_text_only_request_never_reads_a_tower(checkpoint, touched):  # noqa: F811
+    _, _, path = checkpoint
+    model = gemma3n.load(path)
+    model.generate(messages=[{"role": "user", "content": "hello"}], max_tokens=3, temperature=0)
+    assert model.towers.loaded() == []
+    assert touched and not [n for n in touched if n.startswith(("model.vision_tower", "model.audio_tower"))]
+    assert not [n for n in touched if n.startswith(("model.embed_vision", "model.embed_audio"))]
+
+
+def test_image_request_loads_the_vision_tower_only(checkpoint, touched):  # noqa: F811
+    _, _, path = checkpoint
+    model = gemma3n.load(path)
+    model.generate(messages=_messages(_image(0, (64, 48))), max_tokens=2, temperature=0)
+    assert model.towers.loaded() == ["model.embed_vision.", "vision_tower"]
+    assert not [n for n in touched if n.startswith(("model.audio_tower", "model.embed_audio"))]
+
+
+def test_per_layer_table_is_host_mapped_not_a_parameter(tiny_model_dir):
+    model = gemma3n.load(tiny_model_dir)
+    table = model.decoder.embed_tokens_per_layer
+    assert table is not None and table.device.type == "cpu"
+    assert all(p is not table for p in model.decoder.parameters())
+    report = model.placement()
+    cfg = model.config.text
+    assert (
+        report.host_params == cfg.vocab_size_per_layer_input * cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
+    )
+    assert report.device_params == sum(p.numel() for p in model.decoder.parameters())
+
+
+def test_unavailable_device_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(gemma3n.InputError, match="no CUDA GPU is available"):
+        gemma3n.load(device="cuda")
+    with pytest.raises(gemma3n.InputError, match="unknown device 'tpu9'"):
+        gemma3n.load(device="tpu9")
+
+
+def test_checkpoint_without_per_layer_table(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, dst)
+    state = load_file(dst / "model.safetensors")
+    del state["model.embed_tokens_per_layer.weight"]
+    save_file(state, dst / "model.safetensors")
+    with pytest.raises(gemma3n.CheckpointError, match="missing.*embed_tokens_per_layer.weight"):
+        gemma3n.load(dst)
