@@ -123,6 +123,16 @@ def test_tower_matches_transformers(hf_and_ours, res):
     torch.testing.assert_close(ours(x[1:]), got[1:], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def test_tower_bf16_request_on_cpu_computes_in_fp32(hf_and_ours):
+    _, ours, vc, sd = hf_and_ours
+    bf16 = VisionTower.from_state_dict({k: v.bfloat16() for k, v in sd.items()}, vc, dtype=torch.bfloat16)
+    x = torch.rand(1, 3, 64, 64)
+    out = bf16(x)
+    assert out.dtype == torch.bfloat16 and bf16.compute_dtype == torch.float32
+    ref = ours(x)
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 0.05  # bf16 weights, fp32 maths
+
+
 def test_tower_checkpoint_errors(hf_and_ours):
     _, _, vc, sd = hf_and_ours
     bad = dict(sd)
