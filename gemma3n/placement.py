@@ -90,6 +90,7 @@ def load_text_decoder(
     if "lm_head.weight" in ckpt and not cfg.tie_word_embeddings:
         raise CheckpointError(f"{ckpt.path}: untied LM heads are not part of Gemma 3n")
 
+    _check_fits(ckpt, expected, device, dtype)
     state = {}
     for name in expected:
         if name == PLE_TABLE:
@@ -101,6 +102,24 @@ def load_text_decoder(
     decoder.embed_tokens_per_layer = ckpt.tensor(prefix + PLE_TABLE)  # host, memory-mapped
     decoder.compute_dtype = choose_compute_dtype(device, decoder.dtype, compute_dtype)
     return decoder
+
+
+def _check_fits(ckpt: Checkpoint, expected: dict, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Refuse, before copying anything, a model whose core weights exceed the device's free memory."""
+    if device.type != "cuda":
+        return
+    prefix = ckpt.text_prefix
+    need = sum(
+        torch.Size(shape).numel() * (dtype or ckpt.dtype(prefix + name)).itemsize
+        for name, shape in expected.items()
+        if name != PLE_TABLE
+    )
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise InputError(
+            f"the model's core weights need {need / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB "
+            "is free; use a smaller size (--size), a lower-precision dtype, or --device cpu"
+        )
 
 
 @dataclass

@@ -116,3 +116,19 @@ def test_cli_reads_prompt_from_stdin(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("from stdin"))
     assert main(["generate", "--prompt", "-", "--raw", "--max-tokens", "4", "--temp", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_cli_chat_keeps_history(monkeypatch, capsys):
+    import io
+
+    seen = []
+    original = gemma3n.Model.stream
+
+    def spy(self, *args, **kwargs):
+        seen.append([m["role"] for m in kwargs["messages"]])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gemma3n.Model, "stream", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand again\n\n"))
+    assert main(["chat", "--max-tokens", "3", "--temp", "0", "--system-prompt", "brief"]) == 0
+    assert seen == [["system", "user"], ["system", "user", "assistant", "user"]]

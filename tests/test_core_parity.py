@@ -65,6 +65,20 @@ def test_logits_match_reference_config_variants(tmp_path, overrides):
     assert _rel_err(model.logits(ids), ref) <= 1e-4
 
 
+def test_sharded_checkpoint_loads(hf_text, tmp_path):
+    hf, _ = hf_text
+    path = tmp_path / "sharded"
+    hf.save_pretrained(path, max_shard_size="200KB")
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 2
+    from tests.conftest import write_tokenizer
+
+    write_tokenizer(path)
+    ids = _ids(20, 560, seed=9)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert _rel_err(gemma3n.load(path).logits(ids), ref) <= 1e-4
+
+
 def test_greedy_generation_matches_reference_past_the_window(hf_text):
     hf, path = hf_text
     model = gemma3n.load(path)
