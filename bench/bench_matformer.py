@@ -61,16 +61,31 @@ def export_worker(ckpt: str, size: str, out: str) -> dict[str, Any]:
     }
 
 
-def elastic_worker(ckpt: str, sizes: list[str], prompt: int, decode: int, repeat: int) -> dict[str, Any]:
+def elastic_worker(ckpt: str, sizes: list[Any], prompt: int, decode: int, repeat: int) -> dict[str, Any]:
     import torch
 
     import gemma3n
 
+    if not os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
+        # Random checkpoints ship no tokenizer; prompts are token ids, so borrow the tiny model's
+        # through a directory of symlinks (the checkpoint itself is left untouched).
+        import tempfile
+
+        from gemma3n.model import default_model_path
+
+        view = tempfile.mkdtemp(prefix="bench-matformer-")
+        for name in os.listdir(ckpt):
+            os.symlink(os.path.join(os.path.abspath(ckpt), name), os.path.join(view, name))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.isfile(default_model_path() / name):
+                os.symlink(default_model_path() / name, os.path.join(view, name))
+        ckpt = view
     t0 = time.perf_counter()
     model = gemma3n.load(ckpt, dtype=torch.bfloat16)
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(1000, 200_000, (prompt,), generator=gen).tolist()
+    hi = min(200_000, model.config.text.vocab_size_per_layer_input)
+    ids = torch.randint(hi // 4, hi, (prompt,), generator=gen).tolist()
     layers = model.decoder.layers
 
     def ffn_ptrs() -> list[int]:
@@ -97,7 +112,7 @@ def elastic_worker(ckpt: str, sizes: list[str], prompt: int, decode: int, repeat
 
         rows.append(
             {
-                "size": size or "full",
+                "size": size if isinstance(size, str) else (plan.key if size else "full"),
                 "layers": len(plan.layers),
                 "effective_b": effective_params(plan.config) / 1e9,
                 "switch_cold_ms": cold_ms,
@@ -126,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="/work/ckpt/e4b-text", help="an E4B checkpoint directory")
     ap.add_argument("--export-size", default="E2B", help="slice exported in part 1")
-    ap.add_argument(
-        "--out", default=None, help="export dir (default: <checkpoint>-slice-<size>, deleted after)"
-    )
+    ap.add_argument("--out", default=None, help="export dir (default: <checkpoint>-slice-<size>, deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the exported slice")
     ap.add_argument("--sizes", default="E2B", help="comma-separated sizes compared with the full model")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
@@ -155,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{ckpt} missing and {MAKER} absent: nothing to benchmark (skipped)")
             return 0
         print(f"writing a random real-shape E4B checkpoint to {ckpt} ...", flush=True)
-        subprocess.run(
-            [sys.executable, MAKER, "--shape", "E4B", "--text-only", "--out", ckpt], check=True, cwd=ROOT
-        )
+        subprocess.run([sys.executable, MAKER, "--shape", "E4B", "--text-only", "--out", ckpt], check=True, cwd=ROOT)
 
     if not args.skip_export:
         out = args.out or f"{ckpt.rstrip('/')}-slice-{args.export_size}"

@@ -386,7 +386,7 @@ def resolve_size(size: Any, text_config: Any) -> SliceSpec | None:
         if p.parent_layers != n:
             raise InputError(
                 f"preset {p.name!r} is defined for a {p.parent_layers}-layer parent (E4B) but this model "
-                f"has {n} layers; pass a custom {{'ffn': [...], 'skip': [...]}} instead"
+                f"has {n} layers; use a custom slice instead (--ffn/--skip, or {{'ffn': [...], 'skip': [...]}})"
             )
         bad = [(i, w) for i, w in zip(p.spec.layers, p.ffn_widths) if w > widths[i]]
         if bad:
@@ -751,6 +751,11 @@ def export_slice(
         shards[-1].append(job)
         size += job.nbytes
     total = sum(j.nbytes for j in jobs)
+    free = shutil.disk_usage(out.parent).free
+    if free < total:
+        raise InputError(
+            f"--out {out}: the slice needs {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free there"
+        )
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     fds: dict[Path, int] = {}
