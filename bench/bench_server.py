@@ -1,9 +1,10 @@
 """Requests per second and time to first token of the OpenAI server under concurrent clients.
 
-Starts the server on a loopback port with the embedded model (or --model), then for each
-client count runs that many threads, each making at most --requests streaming chat requests
-with the official openai client; a level also stops starting requests after --seconds.
-A first row, "direct", calls `model.stream` in-process: the floor the server adds to.
+Starts `gemma3n serve` (its own process) on a loopback port with the embedded model (or
+--model), then for each client count runs that many threads, each making at most --requests
+streaming chat requests with the official openai client; a level also stops starting requests
+after --seconds. A first row, "direct", calls `model.stream` in-process: the floor the server
+adds to.
 
     python bench/bench_server.py                      # 1, 4, 16 clients, embedded model
     python bench/bench_server.py --clients 1 4 --requests 2 --max-tokens 16
@@ -14,13 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import openai
 import torch
 
@@ -108,6 +115,37 @@ def report(name: str, row: dict, as_json: bool) -> None:
     print("{:>10} {:>5} {:>7.2f} {:>7.1f} {:>8.1f}ms {:>8.1f}ms".format(*cells))
 
 
+@contextmanager
+def server_process(model: str | None, max_queue: int) -> Iterator[str]:
+    """`gemma3n serve` in its own process (clients in this one must not share its GIL); yields /v1 URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "gemma3n.cli", "serve", "--port", str(port), "--max-queue", str(max_queue)]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd + (["--model", model] if model else []), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-2000:]
+                    raise RuntimeError(f"the server did not start: {' '.join(cmd)}\n{tail}") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="path or hub id (default: the embedded model)")
@@ -115,31 +153,40 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level (bound)")
     ap.add_argument("--seconds", type=float, default=30.0, help="per-level time bound")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--in-process", action="store_true", help="run the server in this process (shares the GIL)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
     args = ap.parse_args()
 
+    def prompt(k: int, i: int) -> str:
+        return PROMPTS[(k + i) % len(PROMPTS)]
+
     model = gemma3n.load(args.model)
-    app = create_app(model, max_queue=max(args.clients) + 1)
-    with BackgroundServer(app) as srv:
-        clients = [openai.OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600) for _ in range(64)]
+    for p in PROMPTS:
+        direct(model, p, 4)  # warm-up
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {load}")
+    if not args.json:
+        print(f"{'level':>10} {'reqs':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>10} {'TTFT max':>10}")
+    row = run_level(lambda k, i: direct(model, prompt(k, i), args.max_tokens), 1, args.requests, args.seconds)
+    report("direct", row, args.json)
+
+    max_queue = max(args.clients) + 1
+    if args.in_process:
+        server: Any = BackgroundServer(create_app(model, max_queue=max_queue))
+        base_url = server.__enter__().base_url
+    else:
+        server = server_process(args.model, max_queue)
+        base_url = server.__enter__()
+    try:
+        clients = [openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) for _ in range(16)]
         model_id = clients[0].models.list().data[0].id
-        for p in PROMPTS:  # warm-up, both paths
-            direct(model, p, 4)
-            via_server(clients[0], model_id, p, 4)
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"model {model_id} on {srv.url}, max_tokens {args.max_tokens}, one generation thread")
-        print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {load}")
-        if not args.json:
-            print(f"{'level':>10} {'reqs':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>10} {'TTFT max':>10}")
-
-        def prompt(k: int, i: int) -> str:
-            return PROMPTS[(k + i) % len(PROMPTS)]
-
-        row = run_level(lambda k, i: direct(model, prompt(k, i), args.max_tokens), 1, args.requests, args.seconds)
-        report("direct", row, args.json)
+        for p in PROMPTS:
+            via_server(clients[0], model_id, p, 4)  # warm-up
         for n in args.clients:
-            ask = lambda k, i: via_server(clients[k % 64], model_id, prompt(k, i), args.max_tokens)  # noqa: E731
+            ask = lambda k, i: via_server(clients[k % 16], model_id, prompt(k, i), args.max_tokens)  # noqa: E731
             report(f"{n} client" + "s" * (n > 1), run_level(ask, n, args.requests, args.seconds), args.json)
+    finally:
+        server.__exit__(None, None, None)
 
 
 if __name__ == "__main__":
