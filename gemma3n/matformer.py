@@ -364,8 +364,8 @@ def resolve_size(size: Any, text_config: Any) -> SliceSpec | None:
 
     `size` is None (full model), a preset name or alias (`"E2B"`, `"E2.54B-layer"`), a dict
     `{"ffn": [...], "skip": [...]}` (either key optional: no ffn = the parent's widths of the kept
-    layers, no skip = keep all; each may also be CLI text such as "8192x30" / "20-24"), or a
-    `SliceSpec`. A spec equal to the whole parent resolves to None.
+    layers, no skip = keep all; each may also be CLI text such as "8192x30" / "20-24"), the same as
+    one string `"ffn=8192x30 skip=20-24"`, or a `SliceSpec`. A spec equal to the whole parent resolves to None.
     Raises InputError with the reason; warns (UserWarning) for widths never trained.
     """
     if size is None:
@@ -378,6 +378,11 @@ def resolve_size(size: Any, text_config: Any) -> SliceSpec | None:
         if outside:
             raise InputError(f"{size.name}: layer(s) {outside} do not exist (the model has {n} layers)")
         spec = _validate(text_config, size.name, size.skipped(n), size.ffn_widths)
+    elif isinstance(size, str) and "=" in size:  # compact text: "ffn=8192x30 skip=20-24"
+        parts = dict(re.findall(r"(\w+)=(\S+)", size))
+        if not parts or set(parts) - {"ffn", "skip"} or re.sub(r"(\w+)=(\S+)", "", size).strip(" ;"):
+            raise InputError(f"size {size!r}: write custom sizes as 'ffn=8192x30 skip=20-24'")
+        return resolve_size(parts, text_config)
     elif isinstance(size, str):
         p = find_preset(size)
         widths = list(text_config.intermediate_size)
@@ -498,7 +503,7 @@ def format_preset_table(text_config: Any = None) -> str:
     lines.append("")
     lines.append(
         "Presets are defined for E4B (35 layers). Custom: --ffn 8192x20,16384x10 (one width per kept "
-        "layer) --skip 20-24 (original indices)."
+        "layer) --skip 20-24 (original indices), or --size 'ffn=8192x30 skip=20-24'."
     )
     return "\n".join(lines)
 

@@ -553,3 +553,11 @@ def test_cli_helpers(tiny_ckpt, tmp_path, capsys):
     lines = mf.describe_size(e4b_config(), "E2B")
     assert lines[0] == "size: E2B" and "1.91 B (full model 3.98 B)" in lines[-1]
     assert mf.describe_size(e4b_config(), None) == ["size: full model, 35 layers, effective params 3.98 B"]
+
+
+def test_compact_text_size():
+    cfg = e4b_config()
+    assert mf.resolve_size("ffn=8192x30 skip=20-24", cfg) == mf.resolve_size("E2B", cfg)
+    assert mf.resolve_size("skip=20-24", cfg).ffn_widths == (16384,) * 30
+    with pytest.raises(InputError, match="write custom sizes as"):
+        mf.resolve_size("ffn=8192x35 layers=3", cfg)
