@@ -847,7 +847,7 @@ def describe_size(text_config: Any, size: Any) -> list[str]:
 def add_slice_arguments(parser: Any) -> None:
     """Arguments of `gemma3n slice` (an argparse parser or subparser)."""
     parser.add_argument("--list", action="store_true", help="show the Mix-n-Match presets and exit")
-    parser.add_argument("--model", "-m", help="parent checkpoint (E4B): directory or hub id")
+    parser.add_argument("--model", "-m", help="parent checkpoint: directory, hub id, or E4B (google/gemma-3n-E4B-it)")
     parser.add_argument("--preset", help="a preset name or alias, e.g. E2B, E2.54B-layer, E2.49B-block")
     parser.add_argument("--ffn", help="one FFN width per kept layer: 8192x20,16384x10 or 8192,16384,...")
     parser.add_argument("--skip", help="original indices of skipped layers, e.g. 20-24")
@@ -866,7 +866,10 @@ def run_slice(args: Any) -> int:
     size = size_from_cli(args.preset, args.ffn, args.skip)
     if size is None:
         raise InputError("choose a slice: --preset NAME, or --ffn/--skip (see `gemma3n slice --list`)")
-    out = export_slice(args.model, size, args.out, force=args.force, progress=not args.no_progress)
+    model = args.model
+    if not Path(model).expanduser().exists() and model.upper() in ("E2B", "E4B"):
+        model = f"google/gemma-3n-{model.upper()}-it"  # `--model E4B`: the official hub checkpoint
+    out = export_slice(model, size, args.out, force=args.force, progress=not args.no_progress)
     print(f"wrote {out}")
     for line in (out / "README.md").read_text().splitlines():
         if line.startswith(("| Slice", "| Layers", "| FFN", "| Effective")):
