@@ -123,7 +123,11 @@ def load_ours(ckpt: str, engine: str, device: str, dtype: str | None) -> tuple[G
         return {"tokens": toks, "ttft_s": ttft, "total_s": total, "stats": _jsonable(stats)}
 
     wdtype = getattr(model, "dtype", None) or getattr(getattr(model, "decoder", None), "dtype", None)
-    info = {"weight_dtype": str(wdtype).replace("torch.", "") if wdtype is not None else None}
+    cdtype = getattr(getattr(model, "decoder", None), "compute_dtype", None) or wdtype
+    info = {
+        "weight_dtype": str(wdtype).replace("torch.", "") if wdtype is not None else None,
+        "compute_dtype": str(cdtype).replace("torch.", "") if cdtype is not None else None,
+    }
     return gen, info
 
 
@@ -396,13 +400,15 @@ def summarize(results: list[dict], prompts: list[int], dp: dict, bw: dict) -> li
             rows.append(row)
             continue
         row["weight_dtype"] = r.get("weight_dtype")
+        if r.get("compute_dtype") and r["compute_dtype"] != r.get("weight_dtype"):
+            row["weight_dtype"] = f"{r['weight_dtype']} (compute {r['compute_dtype']})"
         for n in prompts:
             p = r.get("prefill", {}).get(str(n))
             if p:
                 row[f"pf{n}"] = p["tps"]
                 row[f"ttft{n}"] = p["ttft_s"]
                 row[f"cpf{n}"] = p.get("cpu_tps")
-        nbytes = 4 if r.get("weight_dtype") == "float32" else 2
+        nbytes = 4 if r.get("weight_dtype") == "float32" else 2  # bytes as the weights are held
         row["bound_tps"] = bw["read_gbps"] * 1e9 / (dp["total"] * nbytes)
         if "decode" in r:
             row["decode_tps"] = r["decode"]["tps"]
