@@ -116,14 +116,16 @@ def report(name: str, row: dict, as_json: bool) -> None:
 
 
 @contextmanager
-def server_process(model: str | None, max_queue: int) -> Iterator[str]:
+def server_process(model: str | None, max_queue: int, threads: int | None = None) -> Iterator[str]:
     """`gemma3n serve` in its own process (clients in this one must not share its GIL); yields /v1 URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "gemma3n.cli", "serve", "--port", str(port), "--max-queue", str(max_queue)]
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd + (["--model", model] if model else []), stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    args = cmd + (["--model", model] if model else [])
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level (bound)")
     ap.add_argument("--seconds", type=float, default=30.0, help="per-level time bound")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in both processes (default: torch's)")
     ap.add_argument("--in-process", action="store_true", help="run the server in this process (shares the GIL)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
     args = ap.parse_args()
@@ -160,6 +163,8 @@ def main() -> None:
     def prompt(k: int, i: int) -> str:
         return PROMPTS[(k + i) % len(PROMPTS)]
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = gemma3n.load(args.model)
     for p in PROMPTS:
         direct(model, p, 4)  # warm-up
@@ -175,7 +180,7 @@ def main() -> None:
         server: Any = BackgroundServer(create_app(model, max_queue=max_queue))
         base_url = server.__enter__().base_url
     else:
-        server = server_process(args.model, max_queue)
+        server = server_process(args.model, max_queue, args.threads)
         base_url = server.__enter__()
     try:
         clients = [openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) for _ in range(16)]
