@@ -77,13 +77,17 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise InputError("the prompt is empty (pass --prompt TEXT, or --prompt - to read stdin)")
     model = _load(a)
     if a.raw:
-        if a.system_prompt or a.image or a.audio:
+        if a.system_prompt or a.image or a.audio or a.video:
             raise InputError(
                 "--raw sends the prompt as is: it cannot be combined with --system-prompt, --image or --audio"
             )
         pieces = model.stream(prompt, **_sampling_kwargs(a))
     else:
         content: list[dict] = [{"type": "image", "image": p} for p in a.image or []]
+        if a.video:
+            from .vision import video_message_parts
+
+            content += video_message_parts(a.video, fps=a.fps, max_frames=a.max_frames)
         content += [{"type": "audio", "audio": p} for p in a.audio or []]
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=None, help="image file (repeatable)")
     g.add_argument("--image-size", type=int, default=None, choices=[256, 512, 768])
     g.add_argument("--audio", action="append", default=None, help="audio file (repeatable)")
+    g.add_argument("--video", default=None, help="video file: frames sampled at --fps, with timestamps")
+    g.add_argument("--fps", type=float, default=1.0, help="video frames per second to sample (default 1)")
+    g.add_argument("--max-frames", type=int, default=32, help="video frame budget (default 32)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -116,11 +116,11 @@ def test_cached_decode_equals_uncached_forward(hf_text):
 def test_prefill_skip_is_exact(hf_text, chunk):
     _, path = hf_text
     model = gemma3n.load(path)
-    prompt = _ids(37, 560, seed=5)[0].tolist()  # > sliding window, several chunks
-    kw = dict(max_tokens=12, temperature=0, prefill_chunk=chunk)
+    prompt = _ids(23, 560, seed=5)[0].tolist()  # > sliding window, several chunks
+    kw = dict(max_tokens=6, temperature=0, prefill_chunk=chunk)
     skip = model.generate(prompt, prefill_skip=True, **kw)
     noskip = model.generate(prompt, prefill_skip=False, **kw)
-    assert skip.token_ids == noskip.token_ids and len(skip.token_ids) > 5
+    assert skip.token_ids == noskip.token_ids and len(skip.token_ids) == 6
 
     from gemma3n.cache import Cache
     from gemma3n.generate import prefill
