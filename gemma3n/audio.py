@@ -100,7 +100,9 @@ def load_audio(src, *, sampling_rate: int = 16000) -> np.ndarray:
         wave, sr = np.asarray(src[0]), int(src[1])
     else:
         name = "<array>"
-        wave = np.asarray(src.detach().cpu() if isinstance(src, torch.Tensor) else src)
+        if isinstance(src, torch.Tensor):  # numpy has no bfloat16
+            src = src.detach().cpu().float() if src.is_floating_point() else src.detach().cpu()
+        wave = np.asarray(src)
     if not (np.issubdtype(wave.dtype, np.number) and not np.iscomplexobj(wave)):
         raise InputError(f"audio {name}: expected real-valued samples, got dtype {wave.dtype}")
     if np.issubdtype(wave.dtype, np.integer):
@@ -227,9 +229,7 @@ class AudioFeatureExtractor:
         p = self.preemphasis
         if p > 0.0 and self.preemphasis_htk_flavor:
             # HTK: per frame, y[0] = (1 - p) x[0], y[j] = x[j] - p x[j-1]
-            frames = np.concatenate(
-                [frames[..., :1] * (1.0 - p), frames[..., 1:-1] - p * frames[..., :-2]], -1
-            )
+            frames = np.concatenate([frames[..., :1] * (1.0 - p), frames[..., 1:-1] - p * frames[..., :-2]], -1)
         elif p > 0.0:
             frames = frames[..., 1:] - p * frames[..., :-1]
         else:

@@ -356,8 +356,7 @@ class AudioEncoder(nn.Module):
         ]
         if problems:
             raise CheckpointError(
-                f"audio tower weights do not match audio_config ({len(problems)} problems): "
-                + "; ".join(problems)
+                f"audio tower weights do not match audio_config ({len(problems)} problems): " + "; ".join(problems)
             )
         weights = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
         model.load_state_dict(weights, assign=True)

@@ -32,9 +32,7 @@ def tone(seconds: float, freq: float = 440.0, seed: int = 0, sr: int = SR, noise
 # --- decoding ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", None)]
-)
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", None)])
 def test_load_audio_formats_downmix_resample(tmp_path, fmt, subtype):
     left, right = tone(1.0, 440, sr=44100, noise=0), tone(1.0, 440, sr=44100, noise=0) * 0.5
     stereo = np.stack([left, right], axis=1)  # [N, 2] at 44.1 kHz
@@ -58,6 +56,7 @@ def test_load_audio_arrays():
     assert np.abs(load_audio(pcm) - mono).max() < 1e-3
     resampled = load_audio((tone(0.5, sr=48000), 48000))
     assert len(resampled) == SR // 2
+    assert np.abs(load_audio(torch.from_numpy(mono).bfloat16()) - mono).max() < 1e-2
 
 
 def test_load_audio_bad_inputs(tmp_path):
