@@ -231,15 +231,23 @@ def _convert_part(part: dict[str, Any], param: str, model: Any) -> dict[str, Any
 
 
 def _convert_messages(messages: list[ChatMessage], model: Any) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
         if msg.content is None or isinstance(msg.content, str):
             content: Any = msg.content or ""
         else:
             content = [_convert_part(part, f"messages[{i}].content[{j}]", model) for j, part in enumerate(msg.content)]
+        if role == "system" and len(out) == 1 and out[0]["role"] == "system":
+            # Gemma has one system text (prepended to the first user turn): join leading ones.
+            out[0]["content"] = f"{_text_of(out[0]['content'])}\n\n{_text_of(content)}"
+            continue
         out.append({"role": role, "content": content})
     return out
+
+
+def _text_of(content: str | list[dict[str, Any]]) -> str:
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def _completion_prompt(req: CompletionRequest) -> str | list[int]:

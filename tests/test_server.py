@@ -155,6 +155,15 @@ def test_chat_non_streaming(client, fake):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (2, 3, 5)
     call = fake.calls[-1]
     assert call["messages"][0] == {"role": "system", "content": "be brief"}
+    client.chat.completions.create(
+        model="gemma3n-fake",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "developer", "content": [{"type": "text", "text": "be kind"}]},
+            {"role": "user", "content": "hi"},
+        ],
+    )
+    assert fake.calls[-1]["messages"][0] == {"role": "system", "content": "be brief\n\nbe kind"}
     sampling = [call[k] for k in ("temperature", "top_p", "top_k", "min_p", "seed")]
     assert sampling == [0.5, 0.9, 40, 0.05, 7]
     assert call["size"] is None
