@@ -73,7 +73,7 @@ def test_completions_usage_and_stop(client, model_id):
     r = client.completions.create(model=model_id, prompt="The sea is", temperature=0.0, max_tokens=12)
     text = r.choices[0].text
     assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
-    cut = next((i for i in range(1, len(text)) if not text[i].isspace()), None)
+    cut = next((i for i in range(1, len(text)) if text[i].isascii() and text[i].isalnum()), None)
     if cut is None:
         pytest.skip(f"the tiny model's greedy text {text!r} is too short to place a stop string in")
     stop = text[cut]
