@@ -18,6 +18,7 @@ from .text import LayerPlan, TextDecoder
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 Sampler = Callable[[torch.Tensor, list[int]], int]
+EmbedFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids -> h0, or None for plain text
 
 
 @dataclass
@@ -132,10 +133,14 @@ def prefill(
 
 
 @torch.inference_mode()
-def decode_one(decoder: TextDecoder, token: int, cache: Cache, plan: LayerPlan) -> torch.Tensor:
+def decode_one(
+    decoder: TextDecoder, token: int, cache: Cache, plan: LayerPlan, embed: EmbedFn | None = None
+) -> torch.Tensor:
+    """One generated token through the model; `embed` gives ids of the media vocabularies their
+    hard embeddings (the model's multimodal embedders), as the prompt's ids got them."""
     ids = torch.tensor([[token]], device=decoder.device)
     positions = torch.tensor([cache.offset], device=decoder.device)
-    hidden = decoder(ids, positions, plan=plan, cache=cache)
+    hidden = decoder(ids, positions, plan=plan, cache=cache, inputs_embeds=embed(ids) if embed else None)
     cache.offset += 1
     return decoder.lm_head(hidden[:, -1]).float()[0]
 
@@ -151,6 +156,7 @@ def generate_step(
     prefill_chunk: int = 512,
     skip_shared: bool = True,
     stats: StepStats | None = None,
+    embed: EmbedFn | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids, one at a time; the caller decides when to stop."""
     stats = stats if stats is not None else StepStats()
@@ -186,7 +192,7 @@ def generate_step(
         history.append(token)
         yield token
         if i + 1 < max_tokens:
-            logits = decode_one(decoder, token, cache, plan)
+            logits = decode_one(decoder, token, cache, plan, embed)
 
 
 class TextPiece(str):

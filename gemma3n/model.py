@@ -138,6 +138,10 @@ class Model:
         embeds = merge_embeddings(self.decoder, self.towers, ids, pixel_values=pixel_values, audio_features=audio)
         return inputs, embeds
 
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """h0 for ids that include media-vocabulary ids (hard embeddings); None for plain text."""
+        return merge_embeddings(self.decoder, self.towers, ids)
+
     def stop_ids(self) -> set[int]:
         ids = set(self.config.eos_token_ids)
         eos = self.generation_config.get("eos_token_id")
@@ -190,6 +194,7 @@ class Model:
             prefill_chunk=prefill_chunk,
             skip_shared=prefill_skip,
             stats=stats,
+            embed=self.embed_ids,
         )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         yield from stream_generate(

@@ -139,11 +139,6 @@ def test_greedy_generation_matches_transformers(checkpoint):
     assert not model.towers.has_vision or "model.embed_vision." not in model.towers.loaded()  # audio only
 
 
-@pytest.mark.xfail(
-    reason="generate.decode_one embeds a *generated* id of the vision/audio range with the text table; "
-    "transformers routes it to embed_vision/embed_audio (hard embedding) as in the prompt",
-    strict=False,
-)
 def test_decoding_a_media_range_id_uses_its_hard_embedding(checkpoint):
     from gemma3n.cache import Cache
     from gemma3n.generate import decode_one, prefill
@@ -156,5 +151,5 @@ def test_decoding_a_media_range_id_uses_its_hard_embedding(checkpoint):
     plan = model.plan()
     cache = Cache(plan.config, plan.key)
     prefill(model.decoder, torch.tensor([prompt]), cache, plan)
-    ours = decode_one(model.decoder, media_id, cache, plan)
+    ours = decode_one(model.decoder, media_id, cache, plan, model.embed_ids)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4
