@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 .venv/bin/ruff check gemma3n tests tools bench
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest "$@"
