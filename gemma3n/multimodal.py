@@ -107,33 +107,24 @@ class Towers:
         )
 
     def vision_tower(self):
-        if not self.has_vision:
-            raise InputError(f"{self.ckpt.path} is a text-only checkpoint: it has no vision tower for images")
         from .vision import VisionTower
 
-        return self._get(
-            "vision_tower",
-            lambda: VisionTower.from_state_dict(
-                self.ckpt.subset("model.vision_tower."),
-                self.ckpt.config.vision,
-                device=self.device,
-                dtype=self.dtype,
-            ),
-        )
+        return self._tower("vision", VisionTower, "images")
 
     def audio_tower(self):
-        if not self.has_audio:
-            raise InputError(f"{self.ckpt.path} is a text-only checkpoint: it has no audio tower for audio")
         from .audio import AudioEncoder
 
+        return self._tower("audio", AudioEncoder, "audio")
+
+    def _tower(self, kind: str, cls, what: str):
+        """The `kind` tower, read from the checkpoint the first time a request needs it."""
+        if not (self.has_vision if kind == "vision" else self.has_audio):
+            raise InputError(f"{self.ckpt.path} is a text-only checkpoint: it has no {kind} tower for {what}")
+        cfg = self.ckpt.config.vision if kind == "vision" else self.ckpt.config.audio
+        prefix = f"model.{kind}_tower."
         return self._get(
-            "audio_tower",
-            lambda: AudioEncoder.from_state_dict(
-                self.ckpt.subset("model.audio_tower."),
-                self.ckpt.config.audio,
-                device=self.device,
-                dtype=self.dtype,
-            ),
+            f"{kind}_tower",
+            lambda: cls.from_state_dict(self.ckpt.subset(prefix), cfg, device=self.device, dtype=self.dtype),
         )
 
 
