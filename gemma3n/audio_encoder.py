@@ -62,6 +62,14 @@ class AudioEncoderConfig:
         return math.prod(s[0] for s in self.sscp_conv_stride_size)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose weight is cast to the activation dtype per call: on a CPU without bf16
+    units a bf16 matmul is ~4x slower than upcasting the weight and running it in fp32 (§F.3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
 def _clip(x: torch.Tensor, limit: float) -> torch.Tensor:
     # `gradient_clipping` (1e10) is a no-op in fp32/bf16; in fp16 HF caps it at the dtype max.
     limit = min(limit, torch.finfo(x.dtype).max)
@@ -128,9 +136,10 @@ class SSCPConvBlock(nn.Module):
         self.norm = CumulativeGroupNorm(c_out, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, 0, 1, 1, 0, self.time_pad)).to(self.conv.weight.dtype)  # [B, T, F, C]
+        x = F.pad(x, (0, 0, 1, 1, 0, self.time_pad))  # [B, T, F, C]
         # torch keeps the channels_last layout for C > 1; a 1-channel input comes back NCHW
-        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
+        x = F.conv2d(x.permute(0, 3, 1, 2), self.conv.weight.to(x.dtype), stride=self.conv.stride)
+        x = x.permute(0, 2, 3, 1).contiguous()
         scale, shift = self.norm.scale_shift(x)
         return x.float().mul_(scale).add_(shift).relu_().to(x.dtype)
 
@@ -148,7 +157,7 @@ class SubSampleConvProjection(nn.Module):
         f = cfg.input_feat_size
         for k, s in ((k0, s0), (k1, s1)):
             f = (f + 2 - k[1]) // s[1] + 1
-        self.input_proj_linear = nn.Linear(f * c1, cfg.hidden_size, bias=False)
+        self.input_proj_linear = Linear(f * c1, cfg.hidden_size, bias=False)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = self.conv_1(self.conv_0(mel.unsqueeze(-1)))  # [B, T2, F2, C]
@@ -166,8 +175,8 @@ class FeedForward(nn.Module):
         self.residual_weight = cfg.conf_residual_weight
         # the reference builds these norms with the default eps 1e-6, not rms_norm_eps
         self.pre_layer_norm = RMSNorm(d)
-        self.ffw_layer_1 = nn.Linear(d, 4 * d, bias=False)
-        self.ffw_layer_2 = nn.Linear(4 * d, d, bias=False)
+        self.ffw_layer_1 = Linear(d, 4 * d, bias=False)
+        self.ffw_layer_2 = Linear(4 * d, d, bias=False)
         self.post_layer_norm = RMSNorm(d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +190,7 @@ class RelativePositionEmbedding(nn.Module):
 
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
-        self.pos_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.pos_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
 
 def timing_signal(distances: torch.Tensor, channels: int) -> torch.Tensor:
@@ -219,14 +228,14 @@ class LocalRelPosAttention(nn.Module):
         self.q_scale = self.head_dim**-0.5 / math.log(2.0)
         self.per_dim_scale = nn.Parameter(torch.zeros(self.head_dim))
         self.relative_position_embedding = RelativePositionEmbedding(cfg)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = Linear(d, d, bias=False)
+        self.k_proj = Linear(d, d, bias=False)
+        self.v_proj = Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, d = x.shape
         n, hd, w, c, u = self.num_heads, self.head_dim, ctx.chunk, ctx.context, ctx.num_blocks
-        q = self.q_proj(x) * self.q_scale * F.softplus(self.per_dim_scale).repeat(n)
+        q = self.q_proj(x) * self.q_scale * F.softplus(self.per_dim_scale.to(x.dtype)).repeat(n)
         q = F.pad(q, (0, 0, 0, u * w - t)).view(b, u, w, n, hd).permute(0, 3, 1, 2, 4)  # [B,N,U,W,D]
         k = ctx.blocks(self.k_proj(x)).view(b, u, n, hd, c).transpose(1, 2)  # [B,N,U,D,C]
         v = ctx.blocks(self.v_proj(x)).view(b, u, n, hd, c).permute(0, 2, 1, 4, 3)  # [B,N,U,C,D]
@@ -249,7 +258,7 @@ class ConformerAttention(nn.Module):
         self.clip = cfg.gradient_clipping
         self.pre_attn_norm = RMSNorm(d)
         self.attn = LocalRelPosAttention(cfg)
-        self.post = nn.Linear(d, d, bias=False)
+        self.post = Linear(d, d, bias=False)
         self.post_norm = RMSNorm(d)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -265,15 +274,16 @@ class LightConv1d(nn.Module):
         d, k = cfg.hidden_size, cfg.conf_conv_kernel_size
         self.clip = cfg.gradient_clipping
         self.pre_layer_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.linear_start = nn.Linear(d, 2 * d, bias=False)
+        self.linear_start = Linear(d, 2 * d, bias=False)
         self.depthwise_conv1d = nn.Conv1d(d, d, kernel_size=k, groups=d, bias=False)
         self.conv_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.linear_end = nn.Linear(d, d, bias=False)
+        self.linear_end = Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.glu(self.linear_start(self.pre_layer_norm(x)), dim=-1)
-        k = self.depthwise_conv1d.kernel_size[0]
-        h = self.depthwise_conv1d(F.pad(h.transpose(1, 2), (k - 1, 0))).transpose(1, 2)
+        conv = self.depthwise_conv1d
+        h = F.pad(h.transpose(1, 2), (conv.kernel_size[0] - 1, 0))  # causal: left pad only
+        h = F.conv1d(h, conv.weight.to(h.dtype), groups=conv.groups).transpose(1, 2)
         h = self.linear_end(F.silu(self.conv_norm(_clip(h, self.clip))))
         return h + x
 
@@ -327,6 +337,7 @@ class AudioEncoder(nn.Module):
     def __init__(self, config: AudioEncoderConfig):
         super().__init__()
         self.config = config
+        self.compute_dtype = torch.float32  # the activations' dtype; see from_state_dict
         self.subsample_conv_projection = SubSampleConvProjection(config)
         self.conformer = nn.ModuleList(ConformerBlock(config) for _ in range(config.conf_num_hidden_layers))
 
@@ -338,10 +349,13 @@ class AudioEncoder(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> AudioEncoder:
         """Strict load of `model.audio_tower.*` tensors (prefix already stripped).
 
-        Tensors already on `device` in `dtype` are used without a copy.
+        Tensors already on `device` in `dtype` are used without a copy. `compute_dtype` is the
+        activations' dtype; by default the weights' dtype, except fp32 for bf16/fp16 weights on a
+        CPU (weights stay stored as given and are upcast per matmul).
         """
         cfg = AudioEncoderConfig.from_dict(audio_config)
         with torch.device("meta"):
@@ -360,6 +374,11 @@ class AudioEncoder(nn.Module):
             )
         weights = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
         model.load_state_dict(weights, assign=True)
+        weight = next(model.parameters())
+        if compute_dtype is None:
+            half = weight.dtype in (torch.bfloat16, torch.float16)
+            compute_dtype = torch.float32 if half and weight.device.type == "cpu" else weight.dtype
+        model.compute_dtype = compute_dtype
         return model.eval().requires_grad_(False)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +388,7 @@ class AudioEncoder(nn.Module):
         `last_hidden_state` and `audio_mel_mask` of HF `Gemma3nAudioEncoder`. Padded rows are 0.
         """
         cfg = self.config
-        x = self.subsample_conv_projection(features)  # [N, T2, hidden]
+        x = self.subsample_conv_projection(features.to(self.compute_dtype))  # [N, T2, hidden]
         # each step takes the mask of the first mel frame of its receptive field (§B.2)
         idx = (torch.arange(x.shape[1], device=mask.device) * cfg.time_stride).clamp(max=mask.shape[1] - 1)
         padding = ~mask[:, idx].bool()

@@ -121,8 +121,20 @@ def test_load_casts_and_shares_weights():
     same = AudioEncoder.from_state_dict(sd, config)
     w = "conformer.0.ffw_layer_start.ffw_layer_1.weight"
     assert same.state_dict()[w].data_ptr() == sd[w].data_ptr()  # no copy when dtype/device match
+    features, mask = torch.randn(2, 40, 32), torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 25:] = False
+
+    # bf16 weights on a CPU: stored as bf16, computed in fp32 = the reference on bf16-rounded weights
     half = AudioEncoder.from_state_dict(sd, config, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters()) and half.compute_dtype == torch.float32
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.bfloat16().float())
+    ref, ref_padding, out, padding = run_both(hf, half, features, mask)
+    assert out.dtype == torch.float32 and torch.equal(padding, ref_padding)
+    assert rel_err(out, ref) <= 1e-4
+
+    bf16 = AudioEncoder.from_state_dict(sd, config, dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
     with torch.inference_mode():
-        out, _ = half(torch.randn(1, 40, 32), torch.ones(1, 40, dtype=torch.bool))
+        out, _ = bf16(features, mask)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
