@@ -119,3 +119,87 @@ def tiny_model_dir() -> Path:
     from gemma3n.model import default_model_path
 
     return default_model_path()
+
+
+# --- a small text + audio + vision checkpoint, saved by transformers with its processor ------------
+MEDIA_TOKENS = {
+    "image_token": "<image_soft_token>",
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "audio_token": "<audio_soft_token>",
+    "boa_token": "<start_of_audio>",
+    "eoa_token": "<end_of_audio>",
+}
+TEXT_VOCAB = 512  # the test tokenizer's size; ids [512, 640) are vision, [640, 768) audio
+IMAGE_TOKENS = 16  # the tiny tower's msfa_output_resolution 4 -> 4 x 4 soft tokens
+IMAGE_SIDE = 128  # stage-2 map 8 x 8 -> MSFA avg-pool 2
+AUDIO_TOKENS = 24  # soft tokens per clip (188 in the real model): > the 15 of a 2.3 s clip, so padding is used
+
+
+@pytest.fixture(scope="session")
+def mm_checkpoint(tmp_path_factory):
+    """(HF Gemma3nForConditionalGeneration, HF Gemma3nProcessor, checkpoint dir)."""
+    import copy
+
+    from transformers import (
+        Gemma3nAudioFeatureExtractor,
+        Gemma3nConfig,
+        Gemma3nForConditionalGeneration,
+        Gemma3nProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+    )
+
+    from gemma3n.processing import GEMMA_TEMPLATE
+    from tests.test_vision import tiny_vision_config
+
+    path: Path = tmp_path_factory.mktemp("g3n-mm") / "ckpt"
+    path.mkdir()
+    write_tokenizer(path)
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "extra_special_tokens": MEDIA_TOKENS}))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    ids = {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in MEDIA_TOKENS.items()}
+
+    vision = dict(tiny_vision_config(), vocab_offset=TEXT_VOCAB)
+    audio = dict(
+        hidden_size=32,
+        conf_num_hidden_layers=2,
+        conf_num_attention_heads=4,
+        sscp_conv_channel_size=[8, 4],
+        vocab_offset=TEXT_VOCAB + 128,
+    )
+    text = dict(SMALL_TEXT, vocab_size=TEXT_VOCAB + 256, vocab_size_per_layer_input=TEXT_VOCAB)
+    config = Gemma3nConfig(
+        text_config=text,
+        audio_config=audio,
+        vision_config=copy.deepcopy(vision),
+        vision_soft_tokens_per_image=IMAGE_TOKENS,
+        audio_soft_tokens_per_image=AUDIO_TOKENS,
+        **ids,
+    )
+    torch.manual_seed(0)
+    hf = Gemma3nForConditionalGeneration(config).eval()
+    randomize_(hf, seed=0)
+    with torch.no_grad():
+        # as in the official checkpoints, the rows of the media vocabularies copy the <pad> row (§D.2)
+        table = hf.model.language_model.embed_tokens.weight
+        table[TEXT_VOCAB:] = table[0]
+        # randomize_ gives the tower's norms ~1 but its layer scales 0.2 * noise: make them O(1) too
+        for name, p in hf.model.vision_tower.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    hf.config.vision_config.model_args = copy.deepcopy(vision["model_args"])  # timm edits it in place
+    hf.save_pretrained(path)
+    processor = Gemma3nProcessor(
+        feature_extractor=Gemma3nAudioFeatureExtractor(),
+        image_processor=SiglipImageProcessor(
+            size={"height": IMAGE_SIDE, "width": IMAGE_SIDE}, resample=2, do_normalize=False
+        ),
+        tokenizer=tokenizer,
+        chat_template=GEMMA_TEMPLATE,
+        image_seq_length=IMAGE_TOKENS,
+        audio_seq_length=AUDIO_TOKENS,
+    )
+    processor.save_pretrained(path)
+    return hf, processor, path

@@ -5,31 +5,16 @@ prompted with audio through `gemma3n.load(...).generate(messages=...)`, against
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 import gemma3n
-from tests.conftest import SMALL_TEXT, randomize_, write_tokenizer
+from tests.conftest import TEXT_VOCAB
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 pytest.importorskip("PIL")
-
-MEDIA_TOKENS = {
-    "image_token": "<image_soft_token>",
-    "boi_token": "<start_of_image>",
-    "eoi_token": "<end_of_image>",
-    "audio_token": "<audio_soft_token>",
-    "boa_token": "<start_of_audio>",
-    "eoa_token": "<end_of_audio>",
-}
-TEXT_VOCAB = 512  # the test tokenizer's size; ids [512, 640) are vision, [640, 768) audio
-AUDIO_TOKENS = 24  # soft tokens per clip (188 in the real model): > the 15 of a 2.3 s clip, so padding is used
 
 
 def _clip(seconds: float, seed: int) -> np.ndarray:
@@ -39,62 +24,9 @@ def _clip(seconds: float, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(HF model, HF processor, checkpoint dir)."""
-    from transformers import (
-        Gemma3nAudioFeatureExtractor,
-        Gemma3nConfig,
-        Gemma3nForConditionalGeneration,
-        Gemma3nProcessor,
-        PreTrainedTokenizerFast,
-        SiglipImageProcessor,
-    )
-
-    from gemma3n.processing import GEMMA_TEMPLATE
-    from tests.test_vision import tiny_vision_config
-
-    path: Path = tmp_path_factory.mktemp("g3n-audio") / "ckpt"
-    path.mkdir()
-    write_tokenizer(path)
-    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "extra_special_tokens": MEDIA_TOKENS}))
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    ids = {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in MEDIA_TOKENS.items()}
-
-    vision = dict(tiny_vision_config(), vocab_offset=TEXT_VOCAB)
-    audio = dict(
-        hidden_size=32,
-        conf_num_hidden_layers=2,
-        conf_num_attention_heads=4,
-        sscp_conv_channel_size=[8, 4],
-        vocab_offset=TEXT_VOCAB + 128,
-    )
-    text = dict(SMALL_TEXT, vocab_size=TEXT_VOCAB + 256, vocab_size_per_layer_input=TEXT_VOCAB)
-    config = Gemma3nConfig(
-        text_config=text,
-        audio_config=audio,
-        vision_config=copy.deepcopy(vision),
-        audio_soft_tokens_per_image=AUDIO_TOKENS,
-        **ids,
-    )
-    torch.manual_seed(0)
-    hf = Gemma3nForConditionalGeneration(config).eval()
-    randomize_(hf, seed=0)
-    with torch.no_grad():
-        # as in the official checkpoints, the rows of the media vocabularies copy the <pad> row (§D.2)
-        table = hf.model.language_model.embed_tokens.weight
-        table[TEXT_VOCAB:] = table[0]
-    hf.config.vision_config.model_args = copy.deepcopy(vision["model_args"])  # timm edits it in place
-    hf.save_pretrained(path)
-    processor = Gemma3nProcessor(
-        feature_extractor=Gemma3nAudioFeatureExtractor(),
-        image_processor=SiglipImageProcessor(size={"height": 64, "width": 64}, do_normalize=False),
-        tokenizer=tokenizer,
-        chat_template=GEMMA_TEMPLATE,
-        audio_seq_length=AUDIO_TOKENS,
-    )
-    processor.save_pretrained(path)
-    return hf, processor, path
+def checkpoint(mm_checkpoint):
+    """(HF model, HF processor, checkpoint dir): the shared text + audio + vision checkpoint."""
+    return mm_checkpoint
 
 
 def _messages(*clips: np.ndarray) -> list[dict]:

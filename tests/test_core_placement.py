@@ -8,7 +8,7 @@ import torch
 
 import gemma3n
 from gemma3n.checkpoint import Checkpoint
-from tests.test_vision_e2e import _image, _messages, checkpoint  # noqa: F401  (fixture)
+from tests.test_vision_e2e import _image, _messages
 
 pytest.importorskip("timm")
 
@@ -27,8 +27,8 @@ def touched(monkeypatch):
     return names
 
 
-def test_text_only_request_never_reads_a_tower(checkpoint, touched):  # noqa: F811
-    _, _, path = checkpoint
+def test_text_only_request_never_reads_a_tower(mm_checkpoint, touched):
+    _, _, path = mm_checkpoint
     model = gemma3n.load(path)
     model.generate(messages=[{"role": "user", "content": "hello"}], max_tokens=3, temperature=0)
     assert model.towers.loaded() == []
@@ -36,8 +36,8 @@ def test_text_only_request_never_reads_a_tower(checkpoint, touched):  # noqa: F8
     assert not [n for n in touched if n.startswith(("model.embed_vision", "model.embed_audio"))]
 
 
-def test_image_request_loads_the_vision_tower_only(checkpoint, touched):  # noqa: F811
-    _, _, path = checkpoint
+def test_image_request_loads_the_vision_tower_only(mm_checkpoint, touched):
+    _, _, path = mm_checkpoint
     model = gemma3n.load(path)
     model.generate(messages=_messages(_image(0, (64, 48))), max_tokens=2, temperature=0)
     assert model.towers.loaded() == ["model.embed_vision.", "vision_tower"]

@@ -16,12 +16,11 @@ pytest.importorskip("soundfile")
 import gemma3n  # noqa: E402
 from gemma3n.server import BackgroundServer, create_app  # noqa: E402
 from tests.test_server_model import _png, _wav  # noqa: E402
-from tests.test_vision_e2e import checkpoint  # noqa: E402, F401  (fixture: text + audio + vision)
 
 
 @pytest.fixture(scope="module")
-def served(checkpoint):  # noqa: F811
-    _, _, path = checkpoint
+def served(mm_checkpoint):
+    _, _, path = mm_checkpoint
     model = gemma3n.load(path)
     with BackgroundServer(create_app(model)) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=120)
