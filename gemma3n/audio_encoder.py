@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma3n.errors import CheckpointError, ConfigError
+from .checkpoint import check_coverage
+from .errors import ConfigError
+from .layers import Linear, RMSNorm
+from .placement import choose_compute_dtype
 
 
 @dataclass
@@ -62,32 +65,10 @@ class AudioEncoderConfig:
         return math.prod(s[0] for s in self.sscp_conv_stride_size)
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose weight is cast to the activation dtype per call: on a CPU without bf16
-    units a bf16 matmul is ~4x slower than upcasting the weight and running it in fp32 (§F.3)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
-
-
 def _clip(x: torch.Tensor, limit: float) -> torch.Tensor:
     # `gradient_clipping` (1e10) is a no-op in fp32/bf16; in fp16 HF caps it at the dtype max.
     limit = min(limit, torch.finfo(x.dtype).max)
     return x.clamp(-limit, limit)
-
-
-class RMSNorm(nn.Module):
-    """x * (mean(x^2) + eps)^-1/2 * w, in float32; the weight multiplies directly (no 1 + w)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        return (h * self.weight.float()).type_as(x)
 
 
 class CumulativeGroupNorm(nn.Module):
@@ -361,24 +342,11 @@ class AudioEncoder(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        problems = [f"missing {k} {s}" for k, s in expected.items() if k not in sd]
-        problems += [f"unexpected {k}" for k in sd if k not in expected]
-        problems += [
-            f"{k}: shape {tuple(sd[k].shape)}, expected {s}"
-            for k, s in expected.items()
-            if k in sd and tuple(sd[k].shape) != s
-        ]
-        if problems:
-            raise CheckpointError(
-                f"audio tower weights do not match audio_config ({len(problems)} problems): " + "; ".join(problems)
-            )
+        check_coverage(expected, {k: tuple(v.shape) for k, v in sd.items()}, where="audio tower (model.audio_tower.*)")
         weights = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
         model.load_state_dict(weights, assign=True)
         weight = next(model.parameters())
-        if compute_dtype is None:
-            half = weight.dtype in (torch.bfloat16, torch.float16)
-            compute_dtype = torch.float32 if half and weight.device.type == "cpu" else weight.dtype
-        model.compute_dtype = compute_dtype
+        model.compute_dtype = choose_compute_dtype(weight.device, weight.dtype, compute_dtype)
         return model.eval().requires_grad_(False)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

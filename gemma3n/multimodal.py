@@ -16,7 +16,8 @@ from torch import nn
 
 from .checkpoint import Checkpoint, check_coverage
 from .errors import InputError
-from .text import RMSNorm, TextDecoder
+from .layers import RMSNorm
+from .text import TextDecoder
 
 
 class MultimodalEmbedder(nn.Module):

@@ -109,10 +109,9 @@ def test_strict_loading_lists_every_problem():
     with pytest.raises(CheckpointError) as err:
         AudioEncoder.from_state_dict(sd, config)
     message = str(err.value)
-    assert "3 problems" in message
-    assert "missing conformer.1.lconv1d.linear_end.weight" in message
-    assert "unexpected conformer.0.extra.weight" in message
-    assert "per_dim_scale: shape (7,), expected (16,)" in message
+    assert "missing (1): conformer.1.lconv1d.linear_end.weight" in message
+    assert "unexpected (1): conformer.0.extra.weight" in message
+    assert "wrong shape (1): conformer.0.attention.attn.per_dim_scale: checkpoint [7], expected [16]" in message
 
 
 def test_load_casts_and_shares_weights():
