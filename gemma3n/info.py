@@ -65,9 +65,15 @@ def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: st
         from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
 
         decoder = load_text_decoder(ckpt, resolve_device(device), resolve_dtype(dtype))
+        report = placement_report(decoder)
         yield "placement:"
-        for line in placement_report(decoder).lines():
+        for line in report.lines():
             yield f"  {line}"
+        unused = split["effective"] + split["embedding"] - report.device_params
+        yield (
+            f"  device = effective {_count(split['effective'])} + main embedding {_count(split['embedding'])}"
+            + (f" - {_count(unused)} of shared layers' K/V weights, stored but never used or loaded" if unused else "")
+        )
 
 
 def _count(n: int) -> str:
