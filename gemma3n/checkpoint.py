@@ -120,8 +120,8 @@ class Checkpoint:
 
     def _detect_text_prefix(self) -> str:
         for prefix in TEXT_PREFIXES:
-            if f"{prefix}embed_tokens.weight" in self._where:
-                return prefix
+            if f"{prefix}embed_tokens.weight" in self._where or f"{prefix}embed_tokens.qweight" in self._where:
+                return prefix  # (.qweight: a quantized checkpoint, see quantize.py)
         raise CheckpointError(
             f"{self.path}: no text embedding found (looked for "
             + " or ".join(f"'{p}embed_tokens.weight'" for p in TEXT_PREFIXES)

@@ -20,6 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--size", default=None, help="MatFormer size to run (a preset such as E2B); default: full")
+    p.add_argument("--quantize", default=None, help="quantize weights at load: int8, int4 or int4:GROUP (CPU)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 def _load(a: argparse.Namespace):
     from .model import load
 
-    return load(a.model, device=a.device, dtype=a.dtype)
+    return load(a.model, device=a.device, dtype=a.dtype, quantize=getattr(a, "quantize", None))
 
 
 def _print_stream(pieces, verbose: bool) -> None:
@@ -162,6 +163,16 @@ def _default() -> Path:
     return default_model_path()
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from .quantize import QuantConfig, quantize_checkpoint
+
+    bits = {8: "int8", 4: "int4"}.get(a.bits)
+    if bits is None:
+        raise InputError(f"--bits must be 4 or 8, got {a.bits}")
+    qc = QuantConfig.parse(bits, group_size=a.group_size if a.bits == 4 else None)
+    quantize_checkpoint(a.model if a.model is not None else _default(), a.out, qc)
+
+
 def cmd_slice(a: argparse.Namespace) -> None:
     from .matformer import run_slice
 
@@ -198,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_slice_arguments(sl)
     sl.set_defaults(func=cmd_slice)
 
+    qp = sub.add_parser("quantize", help="write a weight-only int8 / int4 quantized checkpoint")
+    qp.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    qp.add_argument("--bits", type=int, required=True, choices=[4, 8])
+    qp.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128 (default 64)")
+    qp.add_argument("--out", required=True, help="output directory (new or empty)")
+    qp.set_defaults(func=cmd_quantize)
+
     t = sub.add_parser("transcribe", help="speech recognition or translation of an audio file (any length)")
     _add_model_args(t)
     t.add_argument("file", help="audio file (WAV, FLAC, OGG, MP3)")
@@ -215,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    s.add_argument("--quantize", default=None, help="quantize weights at load: int8, int4 or int4:GROUP (CPU)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(

@@ -34,15 +34,21 @@ def default_model_path() -> Path:
 
 
 def load(
-    path_or_hub_id: str | Path | None = None, device: str = "cpu", dtype: Any = None, compute_dtype: Any = "auto"
+    path_or_hub_id: str | Path | None = None,
+    device: str = "cpu",
+    dtype: Any = None,
+    compute_dtype: Any = "auto",
+    quantize: Any = None,
 ) -> Model:
     """Load a checkpoint (directory or hub id; None = the embedded default model).
 
     dtype: the weights' dtype (None = as stored). compute_dtype: the activations' dtype
-    ("auto": fp32 on a CPU for half-precision weights, else the weights' dtype)."""
+    ("auto": fp32 on a CPU for half-precision weights, else the weights' dtype). quantize:
+    None, "int8", "int4" or "int4:GROUP" to quantize weights at load (a checkpoint written by
+    `gemma3n quantize` is detected from its config.json)."""
     ckpt = open_checkpoint(path_or_hub_id if path_or_hub_id is not None else DEFAULT_MODEL)
     dev = resolve_device(device)
-    decoder = load_text_decoder(ckpt, dev, resolve_dtype(dtype), compute_dtype)
+    decoder = load_text_decoder(ckpt, dev, resolve_dtype(dtype), compute_dtype, quantize=quantize)
     return Model(ckpt, decoder)
 
 

@@ -66,13 +66,19 @@ def choose_compute_dtype(device: torch.device, weight_dtype: torch.dtype, reques
 
 
 def load_text_decoder(
-    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, compute_dtype=None
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, compute_dtype=None, quantize=None
 ) -> TextDecoder:
-    """Build the decoder on the meta device, check coverage strictly, then assign mapped tensors."""
+    """Build the decoder on the meta device, check coverage strictly, then assign mapped tensors.
+    Quantization (a stored scheme, or `quantize` at load) swaps modules first (quantize.py)."""
+    from . import quantize as q
+
     cfg = ckpt.config.text
     with torch.device("meta"):
         decoder = TextDecoder(cfg)
     prefix = ckpt.text_prefix
+    qc, stored = q.resolve(ckpt, quantize, device)
+    covered = q.install(decoder, ckpt, qc, stored, prefix) if qc is not None else set()
+    ple = q.ple_table(ckpt, prefix, qc) if stored else None
     expected = {n: tuple(t.shape) for n, t in decoder.state_dict().items()}
     expected[PLE_TABLE] = (
         cfg.vocab_size_per_layer_input,
@@ -86,6 +92,9 @@ def load_text_decoder(
         if cfg.kv_source(i) is not None
         for w in ("k_proj", "v_proj", "k_norm")
     }
+    unused |= covered | (set(q.stored_names(ckpt, prefix)) if stored else set())
+    if ple is not None:
+        del expected[PLE_TABLE]
     check_coverage(expected, found, where=str(ckpt.path), ignore_unexpected=unused)
     if "lm_head.weight" in ckpt and not cfg.tie_word_embeddings:
         raise CheckpointError(f"{ckpt.path}: untied LM heads are not part of Gemma 3n")
@@ -99,8 +108,10 @@ def load_text_decoder(
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
     decoder.load_state_dict(state, strict=True, assign=True)
     decoder.requires_grad_(False)
-    decoder.embed_tokens_per_layer = ckpt.tensor(prefix + PLE_TABLE)  # host, memory-mapped
+    decoder.embed_tokens_per_layer = ple if ple is not None else ckpt.tensor(prefix + PLE_TABLE)  # host, mapped
     decoder.compute_dtype = choose_compute_dtype(device, decoder.dtype, compute_dtype)
+    if qc is not None:
+        q.finish(decoder, decoder.compute_dtype)
     return decoder
 
 
