@@ -536,10 +536,11 @@ def _drop_pages(t: torch.Tensor) -> None:
     once a repacked copy exists, so they do not stay in the resident set."""
     try:
         libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         page = 4096
         start = t.data_ptr() // page * page
         end = t.data_ptr() + t.numel() * t.element_size()
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t((end - start) // page * page), 4)  # MADV_DONTNEED
+        libc.madvise(start, (end - start) // page * page, 4)  # MADV_DONTNEED
     except (OSError, AttributeError):
         pass
 
@@ -578,7 +579,16 @@ def install(decoder: nn.Module, ckpt, qc: QuantConfig, stored: bool, prefix: str
         else:
             _set_module(decoder, name, QLinear(weight))
         covered.add(name + ".weight")
+    _trim_heap()
     return covered
+
+
+def _trim_heap() -> None:
+    """Return the quantization temporaries' freed heap to the OS (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve(ckpt, quantize, device: torch.device) -> tuple[QuantConfig | None, bool]:
@@ -710,12 +720,18 @@ def quantize_checkpoint(model: str | Path, out: str | Path, qc: QuantConfig, log
     return out
 
 
-def _chunked(w: torch.Tensor, fn, rows: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a big row-wise tensor in row chunks (bounded fp32 scratch)."""
+def _chunked(w: torch.Tensor, fn, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a big row-wise tensor in row chunks written into preallocated outputs (bounded
+    fp32 scratch, no concatenation copy: the LM head alone is 0.5-1 GB quantized)."""
     if w.shape[0] <= rows:
         return fn(w)
-    parts = [fn(w[i : i + rows]) for i in range(0, w.shape[0], rows)]
-    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+    q0, s0 = fn(w[:rows])
+    q = torch.empty((w.shape[0], *q0.shape[1:]), dtype=q0.dtype)
+    s = torch.empty((w.shape[0], *s0.shape[1:]), dtype=s0.dtype)
+    q[:rows], s[:rows] = q0, s0
+    for i in range(rows, w.shape[0], rows):
+        q[i : i + rows], s[i : i + rows] = fn(w[i : i + rows])
+    return q, s
 
 
 def quantize_int8_rows_chunked(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
