@@ -225,14 +225,17 @@ def pack_rows() -> int:
     return _PACK_ROWS[0]
 
 
-def kernel_pack(packed: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
-    """Portable nibbles [N, K/2] -> the CPU kernel's layout, in row chunks (bounded scratch)."""
+def kernel_pack(packed: torch.Tensor, chunk_rows: int = 8192, drop_source: bool = False) -> torch.Tensor:
+    """Portable nibbles [N, K/2] -> the CPU kernel's layout, in row chunks (bounded scratch).
+    `drop_source`: release each chunk's mapped file pages once packed (peak RSS at load)."""
     n = packed.shape[0]
     out = torch.empty_like(packed)
     step = max(pack_rows(), chunk_rows - chunk_rows % pack_rows())
     for i in range(0, n, step):
-        codes = unpack_int4(packed[i : i + step]).to(torch.int32)
-        out[i : i + step] = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        src = packed[i : i + step]
+        out[i : i + step] = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(src).to(torch.int32), 1)
+        if drop_source and src.is_contiguous():
+            _drop_pages(src)
     return out
 
 
@@ -429,6 +432,7 @@ def make_qweight(
     scales: torch.Tensor,
     dtype: torch.dtype,
     col_block: int | None = None,
+    mapped: bool = False,
 ) -> QWeight:
     """Runtime weight from the portable layout (int8 tensors used as is, zero copy when one block)."""
     n = q.shape[0]
@@ -442,7 +446,7 @@ def make_qweight(
             data = q if (a, b) == (0, k) else q[:, a:b].contiguous()
             blocks.append(_Block(a, b, data))
         else:
-            data = kernel_pack(q[:, a // 2 : b // 2] if (a, b) != (0, k) else q)
+            data = kernel_pack(q[:, a // 2 : b // 2] if (a, b) != (0, k) else q, drop_source=mapped)
             sz = scales[:, a // group : b // group].transpose(0, 1).contiguous().to(_KDTYPE)
             blocks.append(_Block(a, b, data, sz))
     scale = scales.to(_KDTYPE).contiguous() if bits == 8 else None
@@ -571,9 +575,11 @@ def install(decoder: nn.Module, ckpt, qc: QuantConfig, stored: bool, prefix: str
             q, s = _chunked(src, lambda c: _from_tensor(c, qc))
             _drop_pages(src)
         col_block = DOWN_BLOCK if name.endswith("mlp.down_proj") else None
-        weight = make_qweight(qc.bits, qc.group_size, q, s, dtype, col_block)
-        if stored and (qc.bits == 4 or col_block):
+        weight = make_qweight(qc.bits, qc.group_size, q, s, dtype, col_block, mapped=stored)
+        if stored and (qc.bits == 4 or col_block):  # repacked / copied: the mapped source is not used
             _drop_pages(q)
+            if qc.bits == 4:
+                _drop_pages(s)
         if name == "embed_tokens":
             _set_module(decoder, name, QEmbedding(weight, q, s))
         else:
