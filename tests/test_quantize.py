@@ -184,3 +184,24 @@ def test_quantize_int8_checkpoint_and_flag(tiny_model_dir, tmp_path, capsys):
     _close(m.logits(ids), load(tiny_model_dir).logits(ids), rel=0.2)  # chaotic random model: see above
     assert main(["generate", "--quantize", "int8", "--raw", "-p", "hello", "--max-tokens", "3", "--temp", "0"]) == 0
     assert capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # 128 is not a trained width of the tiny model
+def test_elastic_size_on_quantized_model(tiny_model_dir, monkeypatch):
+    """A MatFormer view of a quantized model runs prefixes of the quantized FFN weights: the
+    narrower width matches the unquantized model's same view (int8), and int4 runs it too."""
+    from gemma3n.model import load
+
+    monkeypatch.setattr(qz, "DOWN_BLOCK", 64)  # the tiny model's FFN is 256 wide: 4 blocks
+    base = load(tiny_model_dir)
+    ids = _ids(base, 16)
+    ref = base.logits(ids, size="ffn=128x10")
+    m8 = load(tiny_model_dir, quantize="int8")
+    assert len(m8.decoder.layers[0].mlp.down_proj.weight.blocks) == 4
+    out = m8.logits(ids, size="ffn=128x10")
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+    assert not torch.equal(out, m8.logits(ids))  # the view is narrower than the full model
+    m4 = load(tiny_model_dir, quantize="int4:32")
+    assert torch.isfinite(m4.logits(ids, size="ffn=128x10")).all()
+    with pytest.raises(InputError, match="multiple of 64"):
+        m4.logits(ids, size="ffn=96x10")
