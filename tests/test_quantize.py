@@ -15,6 +15,15 @@ from gemma3n.errors import InputError
 GEN = torch.Generator().manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: 2 OpenMP threads on the shared 2-core box are 3-10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _w(n: int, k: int, scale: float = 0.05) -> torch.Tensor:
     return torch.randn(n, k, generator=GEN) * scale
 
