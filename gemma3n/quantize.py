@@ -15,6 +15,12 @@ Kernels (measured on the 2-core AVX2 development machine, [1,2048] x [8192,2048]
 fp32 F.linear 4.0 ms, bf16 4.4 ms, `torch._weight_int8pack_mm` (bf16 activations) 1.9 ms,
 `torch._weight_int4pack_mm_for_cpu` 3.5 ms (its AVX2 path is compute bound); both kernels are
 10-20x slower with fp32 / fp16 activations, so the quantized path casts activations to bf16.
+2 threads are slower than 1 on the shared box. torchao (not installed) wraps the same kernels.
+
+E2B shapes (30 layers, 2.42 B weights read per token, bench/bench_quantize.py, 1 thread, shared
+machine; wall / CPU-time tok/s, peak RSS incl. ~0.5 GB interpreter): bf16 1.30 / 1.96 tok/s,
+6.0 GB; int8 checkpoint 3.26 / 3.33, 3.36 GB (mapped, zero copy); int4-g64 checkpoint
+2.51 / 2.54, 2.53 GB. The AVX2 kernels, not bandwidth, bound int8 / int4 decode here.
 
 Checkpoint layout (portable; the int4 kernel's own packing depends on the CPU's ISA, so it is
 built at load time): `<name>.qweight` int8 [N, K] or uint8 [N, K/2] (low nibble = even input
