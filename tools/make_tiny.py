@@ -1,11 +1,13 @@
-"""Build the embedded default model: a tiny, *random-weight* Gemma 3n text checkpoint in the
-real Hugging Face layout, plus a small byte-level BPE tokenizer with the Gemma special tokens.
+"""Build a tiny, *random-weight* Gemma 3n text checkpoint in the real Hugging Face layout, plus a
+small byte-level BPE tokenizer with the Gemma special tokens (ids 0..12, SPECIAL_TOKENS).
 
-Until the trained tiny model (its own issue) lands, this is what `gemma3n generate` runs when
-no --model is given: every code path of the real architecture (AltUp, LAuReL, PLE, KV sharing,
-sliding/global layers, sparsity), with gibberish text. Deterministic for a given --seed.
+gemma3n/data/tiny (the default when no --model is given) is still this random model: every code
+path of the real architecture (AltUp, LAuReL, PLE, KV sharing, sliding/global layers, sparsity),
+with gibberish text. Its trained replacement is built by tools/train_tiny.py (issue #7), which
+reuses `build_tokenizer` and `save_checkpoint` from here; this builder stays for tests.
+Deterministic for a given --seed.
 
-    python tools/make_tiny.py [--out gemma3n/data/tiny] [--force]
+    python tools/make_tiny.py --out DIR [--seed 0] [--force]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -57,8 +60,9 @@ def corpus() -> list[str]:
     return zen + extra
 
 
-def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
-    """Byte-level BPE (every byte representable; multi-byte characters span tokens)."""
+def build_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = None) -> Tokenizer:
+    """Byte-level BPE (every byte representable; multi-byte characters span tokens), trained on
+    `texts` (default: the small built-in `corpus()`), with SPECIAL_TOKENS at ids 0..12."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -68,7 +72,7 @@ def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus() * 4, trainer=trainer)
+    tok.train_from_iterator(corpus() * 4 if texts is None else texts, trainer=trainer)
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     return tok
@@ -116,21 +120,43 @@ def random_state(cfg: TextConfig, seed: int) -> dict[str, torch.Tensor]:
 
 
 def write_model(out: Path, *, seed: int = 0, force: bool = False) -> Path:
+    """The random-weight tiny model (used by tests; tools/train_tiny.py builds the shipped one)."""
+    tok = build_tokenizer()
+    cfg = tiny_text_config(tok.get_vocab_size(), tok)
+    readme = (
+        "# gemma3n tiny default model (random weights)\n\n"
+        f"Built by `tools/make_tiny.py --seed {seed}`: the Gemma 3n text architecture at toy size "
+        f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), random weights. "
+        "It exercises every code path; its text is not meaningful.\n"
+    )
+    return save_checkpoint(out, tok, cfg, random_state(cfg, seed), readme, force=force)
+
+
+def save_checkpoint(
+    out: Path,
+    tok: Tokenizer,
+    cfg: TextConfig,
+    state: dict[str, torch.Tensor],
+    readme: str,
+    *,
+    force: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a text-only checkpoint in the Hugging Face layout: config.json (`gemma3n_text`),
+    model.safetensors (`model.` names, incl. `embed_tokens_per_layer.weight`), tokenizer files,
+    generation_config.json and a README.md model card."""
     if out.exists() and any(out.iterdir()):
         if not force:
             raise SystemExit(f"{out} is not empty; pass --force to overwrite it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    vocab = tok.get_vocab_size()
-    cfg = tiny_text_config(vocab, tok)
-    state = random_state(cfg, seed)
     save_file(
-        {f"model.{k}": v.contiguous() for k, v in state.items()},
+        {f"model.{k}": v.detach().to(dtype).contiguous() for k, v in state.items()},
         out / "model.safetensors",
         metadata={"format": "pt"},
     )
-    config = cfg.to_dict() | {"architectures": ["Gemma3nForCausalLM"], "torch_dtype": "float32"}
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = cfg.to_dict() | {"architectures": ["Gemma3nForCausalLM"], "torch_dtype": dtype_name}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"))
     tokenizer_config = {
@@ -158,18 +184,15 @@ def write_model(out: Path, *, seed: int = 0, force: bool = False) -> Path:
         )
         + "\n"
     )
-    (out / "README.md").write_text(
-        "# gemma3n tiny default model (random weights)\n\n"
-        f"Built by `tools/make_tiny.py --seed {seed}`: the Gemma 3n text architecture at toy size "
-        f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {vocab}), random weights. "
-        "It exercises every code path; its text is not meaningful.\n"
-    )
+    (out / "README.md").write_text(readme)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "gemma3n" / "data" / "tiny")
+    ap.add_argument(
+        "--out", type=Path, required=True, help="output directory (the shipped model is trained: train_tiny.py)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
