@@ -203,3 +203,11 @@ def mm_checkpoint(tmp_path_factory):
     )
     processor.save_pretrained(path)
     return hf, processor, path
+
+
+@torch.no_grad()
+def last_token_logits(model, ids: list[int], embeds: torch.Tensor | None) -> torch.Tensor:
+    """Our logits at a prompt's last position, from prepared ids and merged input embeddings."""
+    t = torch.tensor([ids])
+    hidden = model.decoder(t, torch.arange(t.shape[1]), plan=model.plan(), inputs_embeds=embeds)
+    return model.decoder.lm_head(hidden[0, -1]).float()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gemma3n
-from tests.conftest import TEXT_VOCAB
+from tests.conftest import TEXT_VOCAB, last_token_logits
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -47,9 +47,7 @@ def test_prompt_and_first_logits_match_transformers(checkpoint, seconds):
     assert embeds is not None
     with torch.no_grad():
         ref = hf(**ref_in).logits[0, -1]
-        ids = torch.tensor([inputs.ids])
-        hidden = model.decoder(ids, torch.arange(ids.shape[1]), plan=model.plan(), inputs_embeds=embeds)
-        ours = model.decoder.lm_head(hidden[0, -1]).float()
+    ours = last_token_logits(model, inputs.ids, embeds)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gemma3n
-from tests.conftest import IMAGE_TOKENS
+from tests.conftest import IMAGE_TOKENS, last_token_logits
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -64,16 +64,12 @@ def test_prompt_and_first_logits_match_transformers(checkpoint, sizes):
     assert embeds is not None
     with torch.no_grad():
         ref = hf(**ref_in).logits[0, -1]
-        ids = torch.tensor([inputs.ids])
-        hidden = model.decoder(ids, torch.arange(ids.shape[1]), plan=model.plan(), inputs_embeds=embeds)
-        ours = model.decoder.lm_head(hidden[0, -1]).float()
+    ours = last_token_logits(model, inputs.ids, embeds)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4
     # the image really reaches the logits: another picture changes them
     other = _messages(*(_image(i + 7, s) for i, s in enumerate(sizes)))
     _, embeds2 = model.prepare(messages=other)
-    with torch.no_grad():
-        hidden2 = model.decoder(ids, torch.arange(ids.shape[1]), plan=model.plan(), inputs_embeds=embeds2)
-    assert not torch.allclose(model.decoder.lm_head(hidden2[0, -1]).float(), ours, atol=1e-3)
+    assert not torch.allclose(last_token_logits(model, inputs.ids, embeds2), ours, atol=1e-3)
 
 
 def test_greedy_generation_matches_transformers(checkpoint):
