@@ -195,22 +195,24 @@ def test_quantize_int8_checkpoint_and_flag(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().out
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # 128 is not a trained width of the tiny model
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a quarter width is not a trained width of the tiny model
 def test_elastic_size_on_quantized_model(tiny_model_dir, monkeypatch):
     """A MatFormer view of a quantized model runs prefixes of the quantized FFN weights: the
     narrower width matches the unquantized model's same view (int8), and int4 runs it too."""
     from gemma3n.model import load
 
-    monkeypatch.setattr(qz, "DOWN_BLOCK", 64)  # the tiny model's FFN is 256 wide: 4 blocks
     base = load(tiny_model_dir)
+    width, layers = base.config.text.intermediate_size[0], base.config.text.num_hidden_layers
+    monkeypatch.setattr(qz, "DOWN_BLOCK", width // 4)  # 4 column blocks, as E4B's 16384 = 8 x 2048
+    half, uneven = f"ffn={width // 2}x{layers}", f"ffn={width // 2 + width // 8}x{layers}"
     ids = _ids(base, 16)
-    ref = base.logits(ids, size="ffn=128x10")
+    ref = base.logits(ids, size=half)
     m8 = load(tiny_model_dir, quantize="int8")
     assert len(m8.decoder.layers[0].mlp.down_proj.weight.blocks) == 4
-    out = m8.logits(ids, size="ffn=128x10")
+    out = m8.logits(ids, size=half)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
     assert not torch.equal(out, m8.logits(ids))  # the view is narrower than the full model
     m4 = load(tiny_model_dir, quantize="int4:32")
-    assert torch.isfinite(m4.logits(ids, size="ffn=128x10")).all()
-    with pytest.raises(InputError, match="multiple of 64"):
-        m4.logits(ids, size="ffn=96x10")
+    assert torch.isfinite(m4.logits(ids, size=half)).all()
+    with pytest.raises(InputError, match=f"multiple of {width // 4}"):
+        m4.logits(ids, size=uneven)
