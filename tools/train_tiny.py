@@ -119,7 +119,7 @@ def trained_config(tok) -> TextConfig:
         vocab_size=tok.get_vocab_size(),
         vocab_size_per_layer_input=tok.get_vocab_size(),
         hidden_size=128,
-        hidden_size_per_layer_input=16,
+        hidden_size_per_layer_input=32,  # 15 x 32 = 480 PLE columns: int4 groups of 32 fit
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
@@ -149,14 +149,30 @@ def init_decoder(cfg: TextConfig, seed: int) -> TextDecoder:
     return dec
 
 
-def plans(cfg: TextConfig) -> dict[str, LayerPlan]:
-    """The full plan and the sub-model's, built as `gemma3n.model.Model.plan` builds them."""
+def plan_of(cfg: TextConfig, size: dict | None) -> LayerPlan:
+    """The plan of one size, built as `gemma3n.model.Model.plan` builds elastic views."""
     with warnings.catch_warnings():  # 256 = 2x hidden: a width this model *is* trained at
         warnings.simplefilter("ignore")
-        spec = resolve_size(SUB_SIZE, cfg)
+        spec = resolve_size(size, cfg)
+    if spec is None:
+        return LayerPlan.full(cfg)
     key = f"{spec.name}:{spec.layers}:{spec.ffn_widths}"
-    sub = LayerPlan(config=sliced_text_config(cfg, spec), layers=tuple(spec.layers), key=key)
-    return {"full": LayerPlan.full(cfg), "sub": sub}
+    return LayerPlan(config=sliced_text_config(cfg, spec), layers=tuple(spec.layers), key=key)
+
+
+def plans(cfg: TextConfig) -> dict[str, LayerPlan]:
+    """The full plan and the E2B-like sub-model's."""
+    return {"full": LayerPlan.full(cfg), "sub": plan_of(cfg, SUB_SIZE)}
+
+
+def random_mix(cfg: TextConfig, rng: random.Random) -> LayerPlan:
+    """A random Mix-n-Match size between the two trained ends: the first shared period kept or
+    skipped, each kept layer's FFN at the full or the nested width (matformer.md §5, "sample one
+    granularity per batch", added on top of the summed full + E2B-like losses)."""
+    skip = SUB_SIZE["skip"] if rng.random() < 0.5 else []
+    kept = cfg.num_hidden_layers - len(skip)
+    ffn = [rng.choice((SUB_SIZE["ffn"][0], cfg.intermediate_size[0])) for _ in range(kept)]
+    return plan_of(cfg, {"ffn": ffn, "skip": skip})
 
 
 def loss_of(dec: TextDecoder, batch: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
@@ -202,11 +218,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-matformer", action="store_true", help="train the full model only (the contrast run)")
+    ap.add_argument("--no-mix", action="store_true", help="no random Mix-n-Match size per step (full + E2B-like only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    random.seed(args.seed)
+    rng = random.Random(args.seed)
 
     chapters = kjv_chapters()
     train_texts = [c for i, c in enumerate(chapters) if i % HELD_OUT_EVERY]
@@ -245,7 +262,7 @@ def main() -> None:
     args.log.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     t0 = time.time()
-    ema = {"full": None, "sub": None}
+    ema: dict[str, float | None] = {"full": None, "sub": None, "mix": None}
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             ev = {k: held_out_loss(dec, held, p, args.batch) for k, p in pl.items()}
@@ -273,6 +290,8 @@ def main() -> None:
         losses = {"full": loss_of(dec, batch, pl["full"])}
         if not args.no_matformer:
             losses["sub"] = loss_of(dec, batch, pl["sub"])
+            if not args.no_mix:
+                losses["mix"] = loss_of(dec, batch, random_mix(cfg, rng))
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
@@ -292,8 +311,8 @@ def main() -> None:
     recipe = (
         "full model only (no MatFormer)"
         if args.no_matformer
-        else "MatFormer: each step sums the loss of the full model and of the E2B-like sub-model "
-        "(skip layers 5-9, FFN 256)"
+        else "MatFormer: each step sums the loss of the full model, of the E2B-like sub-model "
+        "(skip layers 5-9, FFN 256)" + ("" if args.no_mix else " and of one random Mix-n-Match size in between")
     )
     readme = f"""# gemma3n-tiny: a tiny Gemma 3n trained as a MatFormer on the King James Bible
 
