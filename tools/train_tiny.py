@@ -26,9 +26,6 @@ import argparse
 import csv
 import math
 import random
-import re
-import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -40,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kjv_corpus import HELD_OUT_EVERY, kjv_chapters, split, token_stream  # noqa: E402
 from make_tiny import build_tokenizer, save_checkpoint  # noqa: E402
 
 from gemma3n.config import TextConfig  # noqa: E402
@@ -55,53 +53,8 @@ def _scale_output_for_autograd(self: AltUp, active: torch.Tensor) -> torch.Tenso
 
 AltUp.scale_output = _scale_output_for_autograd  # training only: this script never serves
 
-BIBLE_DATA = Path("/usr/lib/bible.data")
 NUM_LAYERS = 15
 SUB_SIZE = {"name": "E2B-like", "ffn": [256] * 10, "skip": [5, 6, 7, 8, 9]}
-HELD_OUT_EVERY = 20  # every 20th chapter is held out (never trained on)
-
-
-# --------------------------------------------------------------------------------------------
-# Corpus
-# --------------------------------------------------------------------------------------------
-
-
-def kjv_chapters() -> list[str]:
-    """The KJV as one text per chapter: a heading line, then one verse per line (numbers dropped)."""
-    exe = shutil.which("bible")
-    if exe is None or not BIBLE_DATA.exists():
-        raise SystemExit(
-            "the training corpus is missing: this script reads the King James Bible from the Debian "
-            f"packages bible-kjv-text ({BIBLE_DATA}) and bible-kjv (the `bible` reader). Install them "
-            "with:  apt-get install bible-kjv bible-kjv-text"
-        )
-    out = subprocess.run(
-        [exe, "-m", "8192", "-l100000", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True
-    ).stdout
-    chapters: list[str] = []
-    head, verses = None, []
-    for line in out.splitlines():
-        m = re.match(r"^\s+\d+ (.*)$", line)
-        if m:
-            verses.append(m.group(1).strip())
-        elif line.strip():
-            if head and verses:
-                chapters.append(head + "\n" + "\n".join(verses))
-            head, verses = line.strip(), []
-    if head and verses:
-        chapters.append(head + "\n" + "\n".join(verses))
-    if len(chapters) < 1000:
-        raise SystemExit(f"the `bible` reader returned only {len(chapters)} chapters; is {BIBLE_DATA} intact?")
-    return chapters
-
-
-def token_stream(tok, texts: list[str]) -> torch.Tensor:
-    """<bos> text <eos> per document (the tokenizer's post-processor adds <bos>), concatenated."""
-    eos = tok.token_to_id("<eos>")
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts):
-        ids += enc.ids + [eos]
-    return torch.tensor(ids, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,8 +179,7 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     chapters = kjv_chapters()
-    train_texts = [c for i, c in enumerate(chapters) if i % HELD_OUT_EVERY]
-    held_texts = [c for i, c in enumerate(chapters) if i % HELD_OUT_EVERY == 0]
+    train_texts, held_texts = split(chapters)
     tok = build_tokenizer(args.vocab, train_texts)
     cfg = trained_config(tok)
     train_ids, held_ids = token_stream(tok, train_texts), token_stream(tok, held_texts)
