@@ -56,9 +56,9 @@ def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: st
     yield "layers:"
     yield from layer_map(ckpt)
     if size is not None:
-        from .matformer import effective_params, resolve_size, sliced_text_config
+        from .matformer import effective_params, read_declared_sizes, resolve_size, sliced_text_config
 
-        spec = resolve_size(size, cfg)
+        spec = resolve_size(size, cfg, read_declared_sizes(ckpt.path, cfg))
         sliced = sliced_text_config(cfg, spec) if spec is not None else cfg
         yield f"size {size}: {_count(effective_params(sliced))} effective, {sliced.num_hidden_layers} layers"
     if placement:

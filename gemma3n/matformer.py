@@ -8,6 +8,9 @@ the layers and, in each kept layer, a prefix of the FFN (`gate_proj[:w]`, `up_pr
 - `SliceSpec`: which original layers are kept and one FFN width per kept layer.
 - `presets()`, `resolve_size()`, `parse_ffn()`, `parse_skip()`: from names / dicts / CLI text to a
   validated spec.
+- `read_declared_sizes()`: the sizes a checkpoint declares for itself in `matformer_sizes.json`
+  (`{"sizes": {"NAME": {"ffn": [...], "skip": [...]}}}`), for models the official table (written for
+  E4B's 35 layers) does not fit, e.g. the embedded tiny model. Declared names take precedence.
 - `sliced_text_config()`: the config of the sub-model (§2.5). The decoder builds its per-size layer
   plan from it, and the exporter writes it, so an elastic view equals an exported slice.
 - `effective_params()`: Google's "effective parameters" (§2; text-decoder.md §6.2).
@@ -25,7 +28,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -35,6 +38,8 @@ from typing import Any
 from .errors import CheckpointError, InputError
 
 TABLE_FILE = "mix-n-match-configs.csv"
+# A checkpoint's own Mix-n-Match sizes (optional): {"sizes": {"NAME": {"ffn": [...], "skip": [...]}}}.
+SIZES_FILE = "matformer_sizes.json"
 # Gemma 3n trained its FFNs at two granularities, 4x and 8x the hidden size (8192 and 16384 for
 # D=2048, matformer.md §1); any other width is allowed but its quality is unknown.
 TRAINED_FFN_MULTIPLES = (4, 8)
@@ -168,20 +173,37 @@ def presets() -> list[Preset]:
     return list(_load_presets())
 
 
-def find_preset(name: str) -> Preset:
-    """A preset by its name, the table's row name or an alias (case and spaces ignored)."""
+def _match_preset(name: str) -> Preset | None:
     key = _norm(name)
     for p in _load_presets():
         if key == _norm(p.name) or any(key == _norm(a) for a in p.aliases):
             return p
+    return None
+
+
+def find_preset(name: str, declared: Mapping[str, Any] | None = None) -> Preset:
+    """A preset by its name, the table's row name or an alias (case and spaces ignored).
+
+    `declared` (a checkpoint's own sizes) only adds their names to the "unknown size" message."""
+    p = _match_preset(name)
+    if p is not None:
+        return p
+    key = _norm(name)
     ambiguous = [p.name for p in _load_presets() if _norm(p.name).split("-")[0] == key]
     if ambiguous:
         raise InputError(f"size {name!r} is ambiguous: it could be {' or '.join(ambiguous)}")
     names = ", ".join(p.name for p in _load_presets())
+    own = f"this checkpoint's sizes ({SIZES_FILE}) are {', '.join(declared)}; " if declared else ""
     raise InputError(
-        f"unknown size {name!r}: presets are {names} (see `gemma3n slice --list`), or give a custom "
+        f"unknown size {name!r}: {own}presets are {names} (see `gemma3n slice --list`), or give a custom "
         "spec as {'ffn': [...], 'skip': [...]}"
     )
+
+
+def find_declared(name: str, declared: Mapping[str, Any] | None) -> str | None:
+    """The declared size name that `name` matches (case and spaces ignored), or None."""
+    key = _norm(name)
+    return next((d for d in declared or {} if _norm(d) == key), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,10 +381,11 @@ def _as_int_list(value: Any, what: str) -> list[int] | None:
     return out
 
 
-def resolve_size(size: Any, text_config: Any) -> SliceSpec | None:
+def resolve_size(size: Any, text_config: Any, declared: Mapping[str, Any] | None = None) -> SliceSpec | None:
     """A validated slice of `text_config`, or None for the full model.
 
-    `size` is None (full model), a preset name or alias (`"E2B"`, `"E2.54B-layer"`), a dict
+    `size` is None (full model), a name the checkpoint declares in `declared` (see
+    `read_declared_sizes`; these take precedence), a preset name or alias (`"E2B"`, `"E2.54B-layer"`), a dict
     `{"ffn": [...], "skip": [...]}` (either key optional: no ffn = the parent's widths of the kept
     layers, no skip = keep all; each may also be CLI text such as "8192x30" / "20-24"), the same as
     one string `"ffn=8192x30 skip=20-24"`, or a `SliceSpec`. A spec equal to the whole parent resolves to None.
@@ -378,13 +401,17 @@ def resolve_size(size: Any, text_config: Any) -> SliceSpec | None:
         if outside:
             raise InputError(f"{size.name}: layer(s) {outside} do not exist (the model has {n} layers)")
         spec = _validate(text_config, size.name, size.skipped(n), size.ffn_widths)
+    elif isinstance(size, str) and (name := find_declared(size, declared)) is not None:
+        with warnings.catch_warnings():  # the checkpoint vouches for its own sizes
+            warnings.simplefilter("ignore")
+            return resolve_size({**declared[name], "name": name}, text_config)
     elif isinstance(size, str) and "=" in size:  # compact text: "ffn=8192x30 skip=20-24"
         parts = dict(re.findall(r"(\w+)=(\S+)", size))
         if not parts or set(parts) - {"ffn", "skip"} or re.sub(r"(\w+)=(\S+)", "", size).strip(" ;"):
             raise InputError(f"size {size!r}: write custom sizes as 'ffn=8192x30 skip=20-24'")
         return resolve_size(parts, text_config)
     elif isinstance(size, str):
-        p = find_preset(size)
+        p = find_preset(size, declared)
         widths = list(text_config.intermediate_size)
         if n == len(p.ffn_widths) and widths == list(p.ffn_widths) and n != p.parent_layers:
             return None  # the checkpoint already is this size (e.g. "E2B" on an E2B checkpoint)
@@ -421,6 +448,58 @@ def resolve_size(size: Any, text_config: Any) -> SliceSpec | None:
             f"got {type(size).__name__}"
         )
     return None if _is_full(spec, text_config) else spec
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes a checkpoint declares for itself (matformer_sizes.json)
+# --------------------------------------------------------------------------------------------
+
+_SIZES_SHAPE = '{"sizes": {"NAME": {"ffn": [...], "skip": [...]}}}'
+
+
+def read_declared_sizes(path: str | Path, text_config: Any) -> dict[str, dict]:
+    """The sizes checkpoint directory `path` declares in `SIZES_FILE`: {name: {"ffn": [...], "skip": [...]}}.
+
+    An absent file declares none ({}). Each entry is what `resolve_size` accepts as a dict (ffn and/or
+    skip) and must resolve against `text_config`; a malformed file or an invalid entry raises
+    CheckpointError naming the file and the size.
+    """
+    file = Path(path) / SIZES_FILE
+    if not file.is_file():
+        return {}
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    sizes = raw.get("sizes") if isinstance(raw, dict) else None
+    if not isinstance(sizes, dict) or set(raw) != {"sizes"}:
+        raise CheckpointError(f"{file} must hold one object {_SIZES_SHAPE}")
+    out: dict[str, dict] = {}
+    for name, entry in sizes.items():
+        clash = find_declared(name, out)
+        if clash is not None:
+            raise CheckpointError(f"{file}: size names {clash!r} and {name!r} are the same (case and spaces ignored)")
+        out[name] = _declared_entry(file, name, entry, text_config)
+    return out
+
+
+def _declared_entry(file: Path, name: str, entry: Any, text_config: Any) -> dict:
+    """One validated entry of a sizes file, its lists as ints."""
+    where = f"{file}: size {name!r}"
+    if not name.strip() or "=" in name:
+        raise CheckpointError(f"{where}: a size name must be non-empty and without '='")
+    if not isinstance(entry, dict) or not entry:
+        raise CheckpointError(f"{where} must be an object with 'ffn' and/or 'skip', as in {_SIZES_SHAPE}")
+    unknown = sorted(set(entry) - {"ffn", "skip"})
+    if unknown:
+        raise CheckpointError(f"{where} has unknown key(s) {unknown}; use 'ffn' and/or 'skip'")
+    try:
+        with warnings.catch_warnings():  # untrained-width warnings: the checkpoint vouches for its sizes
+            warnings.simplefilter("ignore")
+            resolve_size({**entry, "name": name}, text_config)
+        return {k: _as_int_list(v, k) for k, v in entry.items()}
+    except InputError as e:
+        raise CheckpointError(f"{where} does not fit this model: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,33 +558,92 @@ def effective_params(text_config: Any) -> int:
     return total
 
 
-def format_preset_table(text_config: Any = None) -> str:
-    """`gemma3n slice --list`: the presets with layers, effective params and MMLU."""
-    head = ("name", "layers", "eff. params", "MMLU PT", "skip", "FFN widths", "aliases")
-    rows = []
-    for p in _load_presets():
-        rows.append(
-            (
-                p.name,
-                str(p.num_layers),
-                f"{p.effective_params_b:.2f} B",
-                f"{p.mmlu_pt:.1f} %",
-                format_skip(p.skipped) or "-",
-                format_ffn(p.ffn_widths),
-                ", ".join(a for a in p.aliases if a != p.table_name and "level" not in a),
-            )
-        )
+_CUSTOM_HINT = (
+    "Custom: --ffn 8192x20,16384x10 (one width per kept layer) --skip 20-24 (original indices), "
+    "or --size 'ffn=8192x30 skip=20-24'."
+)
+
+
+def format_params(n: int) -> str:
+    """Effective parameters for a table: `1.91 B`, or `1.69 M` below 0.01 B (small models)."""
+    return f"{n / 1e9:.2f} B" if n >= 1e7 else f"{n / 1e6:.2f} M"
+
+
+def _aligned(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell (the last column is not padded), a dash rule under the head."""
     widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head) - 1)]
-    lines = []
-    for r in [head, *rows]:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(head[-1]))
-    lines.append("")
-    lines.append(
-        "Presets are defined for E4B (35 layers). Custom: --ffn 8192x20,16384x10 (one width per kept "
-        "layer) --skip 20-24 (original indices), or --size 'ffn=8192x30 skip=20-24'."
-    )
-    return "\n".join(lines)
+    return lines
+
+
+def _official_lines(rows: Iterable[Preset]) -> list[str]:
+    head = ("name", "layers", "eff. params", "MMLU PT", "skip", "FFN widths", "aliases")
+    cells = [
+        (
+            p.name,
+            str(p.num_layers),
+            f"{p.effective_params_b:.2f} B",
+            f"{p.mmlu_pt:.1f} %",
+            format_skip(p.skipped) or "-",
+            format_ffn(p.ffn_widths),
+            ", ".join(a for a in p.aliases if a != p.table_name and "level" not in a),
+        )
+        for p in rows
+    ]
+    return _aligned(head, cells)
+
+
+def _declared_lines(text_config: Any, declared: Mapping[str, Any]) -> list[str]:
+    n = text_config.num_hidden_layers
+    cells = []
+    for name in declared:
+        spec = resolve_size(name, text_config, declared)
+        if spec is None:
+            cells.append((name, str(n), format_params(effective_params(text_config)), "-", "full model"))
+            continue
+        eff = effective_params(sliced_text_config(text_config, spec))
+        skip = format_skip(spec.skipped(n)) or "-"
+        cells.append((name, str(len(spec.layers)), format_params(eff), skip, format_ffn(spec.ffn_widths)))
+    return _aligned(("name", "layers", "eff. params", "skip", "FFN widths"), cells)
+
+
+def fitting_presets(text_config: Any) -> list[Preset]:
+    """The official presets that resolve on `text_config` (all of them on E4B, none on a small model)."""
+    out = []
+    for p in _load_presets():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                resolve_size(p.name, text_config)
+        except InputError:
+            continue
+        out.append(p)
+    return out
+
+
+def format_preset_table(text_config: Any = None, declared: Mapping[str, Any] | None = None) -> str:
+    """`gemma3n slice --list`: the sizes with layers, effective params (and MMLU for the official rows).
+
+    Without `text_config`: the whole official table. With it: the checkpoint's `declared` sizes
+    first, then the official presets that fit this config (or one line saying none do)."""
+    if text_config is None:
+        lines = _official_lines(_load_presets())
+        return "\n".join([*lines, "", "Presets are defined for E4B (35 layers). " + _CUSTOM_HINT])
+    n = text_config.num_hidden_layers
+    lines = [f"This model: {n} layers, {format_params(effective_params(text_config))} effective params."]
+    if declared:
+        lines += ["", f"Sizes declared by this checkpoint ({SIZES_FILE}):", *_declared_lines(text_config, declared)]
+    fitting = fitting_presets(text_config)
+    if fitting:
+        lines += ["", "Official Mix-n-Match presets:", *_official_lines(fitting)]
+    else:
+        lines += [
+            "",
+            f"The official Mix-n-Match presets are defined for E4B (35 layers); this model has {n} layers, "
+            "so none fit (`gemma3n slice --list --model E4B` shows them).",
+        ]
+    return "\n".join([*lines, "", _CUSTOM_HINT])
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +665,7 @@ _ST_DTYPE = {
 # Files of a checkpoint directory that the export rewrites instead of copying.
 _NOT_COPIED = re.compile(
     r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.bin\.index\.json|\.pt|\.pth|\.gguf|\.msgpack|\.h5)$"
-    r"|^(config\.json|README\.md)$"
+    r"|^(config\.json|README\.md|matformer_sizes\.json)$"  # a slice's sizes are not its parent's
 )
 
 
@@ -674,8 +812,6 @@ def _write_shard(path: Path, jobs: list[_Job], fds: dict[Path, int], bar: Any) -
 def _model_card(src: Any, spec: SliceSpec, text: Any, new_text: Any, preset: Preset | None) -> str:
     n = text.num_hidden_layers
     skip = spec.skipped(n)
-    eff_parent = effective_params(text) / 1e9
-    eff = effective_params(new_text) / 1e9
     lines = [
         "---",
         "library_name: transformers",
@@ -692,7 +828,8 @@ def _model_card(src: Any, spec: SliceSpec, text: Any, new_text: Any, preset: Pre
         f"| Slice | {spec.name}" + (f" (table row: {preset.table_name})" if preset else "") + " |",
         f"| Layers | {len(spec.layers)} of {n}" + (f", skipped {format_skip(skip)}" if skip else "") + " |",
         f"| FFN widths | {format_ffn(spec.ffn_widths)} |",
-        f"| Effective params | {eff:.2f} B (parent {eff_parent:.2f} B) |",
+        f"| Effective params | {format_params(effective_params(new_text))} "
+        f"(parent {format_params(effective_params(text))}) |",
     ]
     if preset:
         lines.append(f"| MMLU PT (official table) | {preset.mmlu_pt:.1f} % |")
@@ -727,10 +864,11 @@ def export_slice(
 
     ckpt = open_checkpoint(src)
     text = ckpt.config.text
+    declared = read_declared_sizes(ckpt.path, text)
+    resolved = resolve_size(spec, text, declared)
     preset = None
-    if isinstance(spec, str):
-        preset = find_preset(spec)
-    resolved = resolve_size(spec, text)
+    if isinstance(spec, str) and find_declared(spec, declared) is None:
+        preset = _match_preset(spec)  # the table row, for the model card
     if resolved is None:  # the full model: an identity slice (a plain copy)
         resolved = SliceSpec("full", tuple(range(text.num_hidden_layers)), tuple(text.intermediate_size))
     spec = resolved
@@ -827,28 +965,35 @@ def size_from_cli(preset: str | None = None, ffn: str | None = None, skip: str |
     return None
 
 
-def describe_size(text_config: Any, size: Any) -> list[str]:
+def describe_size(text_config: Any, size: Any, declared: Mapping[str, Any] | None = None) -> list[str]:
     """Lines for `gemma3n info --size S`: the slice and its effective parameters."""
-    spec = resolve_size(size, text_config)
+    spec = resolve_size(size, text_config, declared)
     n = text_config.num_hidden_layers
-    full = effective_params(text_config) / 1e9
+    full = format_params(effective_params(text_config))
     if spec is None:
-        return [f"size: full model, {n} layers, effective params {full:.2f} B"]
+        return [f"size: full model, {n} layers, effective params {full}"]
     sub = sliced_text_config(text_config, spec)
     skip = spec.skipped(n)
     return [
         f"size: {spec.name}",
         f"  layers: {len(spec.layers)} of {n}" + (f" (skipped {format_skip(skip)})" if skip else ""),
         f"  FFN widths: {format_ffn(spec.ffn_widths)}",
-        f"  effective params: {effective_params(sub) / 1e9:.2f} B (full model {full:.2f} B)",
+        f"  effective params: {format_params(effective_params(sub))} (full model {full})",
     ]
 
 
 def add_slice_arguments(parser: Any) -> None:
     """Arguments of `gemma3n slice` (an argparse parser or subparser)."""
-    parser.add_argument("--list", action="store_true", help="show the Mix-n-Match presets and exit")
-    parser.add_argument("--model", "-m", help="parent checkpoint: directory, hub id, or E4B (google/gemma-3n-E4B-it)")
-    parser.add_argument("--preset", help="a preset name or alias, e.g. E2B, E2.54B-layer, E2.49B-block")
+    parser.add_argument("--list", action="store_true", help="show the model's sizes and the presets that fit, and exit")
+    parser.add_argument(
+        "--model",
+        "-m",
+        help="parent checkpoint: directory, hub id, or E4B (google/gemma-3n-E4B-it); default: the embedded tiny model",
+    )
+    parser.add_argument(
+        "--preset",
+        help=f"a size the model declares ({SIZES_FILE}) or a preset name or alias, e.g. E2B, E2.54B-layer",
+    )
     parser.add_argument("--ffn", help="one FFN width per kept layer: 8192x20,16384x10 or 8192,16384,...")
     parser.add_argument("--skip", help="original indices of skipped layers, e.g. 20-24")
     parser.add_argument("--out", "-o", help="output directory (must be empty or absent)")
@@ -856,19 +1001,40 @@ def add_slice_arguments(parser: Any) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _slice_parent(model: str | None) -> str | Path:
+    """`--model` of `gemma3n slice`: the embedded model when omitted; `E2B`/`E4B` = the official hub checkpoint."""
+    if not model:
+        from .model import default_model_path
+
+        return default_model_path()
+    if not Path(model).expanduser().exists() and model.upper() in ("E2B", "E4B"):
+        return f"google/gemma-3n-{model.upper()}-it"
+    return model
+
+
+def list_sizes(model: str | Path) -> str:
+    """`gemma3n slice --list`: a local checkpoint's own sizes and the presets that fit it (config.json
+    and matformer_sizes.json only, no weights); for a hub id, the official table (nothing is downloaded)."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return format_preset_table()
+    from .config import load_config
+
+    text = load_config(path).text
+    return format_preset_table(text, read_declared_sizes(path, text))
+
+
 def run_slice(args: Any) -> int:
-    """`gemma3n slice`: list the presets, or export a slice. Errors raise Gemma3nError."""
+    """`gemma3n slice`: list the sizes, or export a slice. Errors raise Gemma3nError."""
+    model = _slice_parent(args.model)
     if args.list:
-        print(format_preset_table())
+        print(list_sizes(model))
         return 0
-    if not args.model or not args.out:
-        raise InputError("gemma3n slice needs --model and --out (or --list)")
+    if not args.out:
+        raise InputError("gemma3n slice needs --out (or --list)")
     size = size_from_cli(args.preset, args.ffn, args.skip)
     if size is None:
         raise InputError("choose a slice: --preset NAME, or --ffn/--skip (see `gemma3n slice --list`)")
-    model = args.model
-    if not Path(model).expanduser().exists() and model.upper() in ("E2B", "E4B"):
-        model = f"google/gemma-3n-{model.upper()}-it"  # `--model E4B`: the official hub checkpoint
     out = export_slice(model, size, args.out, force=args.force, progress=not args.no_progress)
     print(f"wrote {out}")
     for line in (out / "README.md").read_text().splitlines():

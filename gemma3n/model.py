@@ -20,6 +20,7 @@ from .generate import (
     make_sampler,
     stream_generate,
 )
+from .matformer import read_declared_sizes
 from .multimodal import Towers, merge_embeddings
 from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
 from .processing import Processor, PromptInputs
@@ -63,6 +64,8 @@ class Model:
         self.towers = Towers(ckpt, decoder.device, decoder.dtype, self.config.text.hidden_size)
         self.generation_config = _read_generation_config(ckpt.path)
         self._plans: dict[str, LayerPlan] = {}
+        # the sizes the checkpoint declares in matformer_sizes.json ({} if none): {name: {"ffn", "skip"}}
+        self.declared_sizes: dict[str, dict] = read_declared_sizes(ckpt.path, self.config.text)
 
     @property
     def name(self) -> str:
@@ -83,7 +86,7 @@ class Model:
             return self._plans.setdefault("full", LayerPlan.full(self.config.text))
         from .matformer import resolve_size, sliced_text_config
 
-        spec = resolve_size(size, self.config.text)
+        spec = resolve_size(size, self.config.text, self.declared_sizes)
         if spec is None:
             return self.plan(None)
         key = f"{spec.name}:{spec.layers}:{spec.ffn_widths}"
@@ -93,18 +96,14 @@ class Model:
         return self._plans[key]
 
     def sizes(self) -> list[str]:
-        """Names of the elastic sizes this checkpoint can serve (official presets that fit)."""
-        try:
-            from .matformer import presets, resolve_size
-        except ImportError:
-            return []
-        names = []
-        for p in presets():
-            try:
-                resolve_size(p.name, self.config.text)
-            except InputError:
-                continue
-            names.append(p.name)
+        """Names of the elastic sizes this checkpoint can serve: its declared sizes
+        (matformer_sizes.json), then the official presets that fit and that no declared name shadows."""
+        from .matformer import find_declared, fitting_presets
+
+        names = list(self.declared_sizes)
+        names += [
+            p.name for p in fitting_presets(self.config.text) if find_declared(p.name, self.declared_sizes) is None
+        ]
         return names
 
     # --- model calls --------------------------------------------------------------------

@@ -536,7 +536,7 @@ def test_cli_helpers(tiny_ckpt, tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     mf.add_slice_arguments(parser)
-    assert mf.run_slice(parser.parse_args(["--list"])) == 0
+    assert mf.run_slice(parser.parse_args(["--list", "--model", "E4B"])) == 0  # a hub id: the whole table
     assert "E2.49B-block" in capsys.readouterr().out
     args = parser.parse_args(["-m", str(tiny_ckpt), "--ffn", "128x10", "--skip", "5-9", "-o", str(tmp_path / "s")])
     args.no_progress = True
