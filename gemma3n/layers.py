@@ -17,11 +17,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = as_dtype(x, torch.float32)
         out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
-            out = out * self.weight.float()
-        return out.type_as(x)
+            out = out * as_dtype(self.weight, torch.float32)
+        return as_dtype(out, x.dtype)
+
+
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)` without the call when it is a no-op: decoding one token of a small model is
+    bound by per-op dispatch, and these no-op casts were a fifth of its ops (bench/README.md)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 # Rows at or below which a half-precision weight is used by its own kernel (decode is bound by

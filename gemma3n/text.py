@@ -20,7 +20,7 @@ from torch import nn
 
 from .cache import Cache
 from .config import TextConfig
-from .layers import DIRECT_HALF_ROWS, Linear, RMSNorm, gelu_tanh, linear
+from .layers import DIRECT_HALF_ROWS, Linear, RMSNorm, as_dtype, gelu_tanh, linear
 
 # Decode reads only the FFN units that fire in the activation-sparse layers (MLP._sparse_decode).
 SPARSE_DECODE = True
@@ -39,18 +39,17 @@ def _std_multiplier(target: float) -> float:
 def rope_cos_sin(
     positions: torch.Tensor, base: float, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NeoX-layout RoPE tables [T, head_dim], built in fp32 and cast (§4.4)."""
+    """NeoX-layout RoPE tables [T, 1, head_dim] (broadcast over heads), built in fp32 and cast (§4.4)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return as_dtype(emb.cos(), dtype), as_dtype(emb.sin(), dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, d]; rotate-half pairs (x[t], x[t + d/2])."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    """x [B, T, H, d], cos/sin [T, 1, d]; rotate-half pairs (x[t], x[t + d/2])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -138,13 +137,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, width: int, sparsity: float) -> torch.Tensor:
-        gate = linear(x, self.gate_proj.weight[:width])
+        gate = linear(x, _first_rows(self.gate_proj.weight, width))
         if sparsity > 0.0:
             gate = gaussian_topk(gate, sparsity)
             if x.shape[:-1].numel() == 1 and SPARSE_DECODE:
                 return self._sparse_decode(x, gate, width)
-        up = linear(x, self.up_proj.weight[:width])
-        return linear(gelu_tanh(gate) * up, self.down_proj.weight[:, :width])
+        up = linear(x, _first_rows(self.up_proj.weight, width))
+        return linear(gelu_tanh(gate) * up, _first_columns(self.down_proj.weight, width))
 
     def _sparse_decode(self, x: torch.Tensor, gate: torch.Tensor, width: int) -> torch.Tensor:
         """One token through a sparse layer: after the Gaussian top-k ~95% of the gate is exactly
@@ -155,7 +154,15 @@ class MLP(nn.Module):
         up = linear(x, self.up_proj.weight.index_select(0, fired))
         hidden = torch.zeros_like(gate)
         hidden[..., fired] = gelu_tanh(gate[..., fired]) * up
-        return linear(hidden, self.down_proj.weight[:, :width])
+        return linear(hidden, _first_columns(self.down_proj.weight, width))
+
+
+def _first_rows(w: torch.Tensor, n: int) -> torch.Tensor:
+    return w if w.shape[0] == n else w[:n]
+
+
+def _first_columns(w: torch.Tensor, n: int) -> torch.Tensor:
+    return w if w.shape[1] == n else w[:, :n]
 
 
 def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -197,22 +204,24 @@ class AltUp(nn.Module):
     def router(self, x: torch.Tensor) -> torch.Tensor:
         """tanh(norm(x)/D @ W_rᵀ), tanh in fp32 (§3.2). [B, T, N]."""
         routed = self.modality_router(self.router_norm(x) * (1.0 / self.hidden))
-        return torch.tanh(routed.float()).type_as(x)
+        return as_dtype(torch.tanh(as_dtype(routed, torch.float32)), x.dtype)
 
     def predict(self, streams: torch.Tensor) -> torch.Tensor:
         """pred_i = S_i + Σ_j c_ij S_j with c = router(S_active) @ W_pᵀ read row-major (§3.3)."""
         coefs = self.prediction_coefs(self.router(streams[self.active]))
         coefs = coefs.view(*coefs.shape[:-1], self.n, self.n)  # [B, T, i, j]
-        return (torch.einsum("btij,jbtd->ibtd", coefs, streams) + streams).type_as(streams)
+        # [B, T, D, j] @ [B, T, j, i]: the reference's layout (one batched matmul, no einsum parse)
+        mixed = torch.matmul(streams.permute(1, 2, 3, 0), coefs.transpose(-1, -2)).permute(3, 0, 1, 2)
+        return as_dtype(mixed + streams, streams.dtype)
 
     def correct(self, pred: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
         """corr_i = pred_i + γ_i (act - pred_active), γ = router(act) @ W_cᵀ + 1 (§3.4)."""
         gamma = self.correction_coefs(self.router(activated)) + 1.0  # [B, T, N]
         innovation = activated - pred[self.active]
-        return (innovation[None] * gamma.permute(2, 0, 1)[..., None] + pred).type_as(activated)
+        return as_dtype(innovation[None] * gamma.permute(2, 0, 1)[..., None] + pred, activated.dtype)
 
     def scale_output(self, active: torch.Tensor) -> torch.Tensor:
-        return active * self.correct_output_scale.to(active.dtype)
+        return active * as_dtype(self.correct_output_scale, active.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -366,6 +375,7 @@ class TextDecoder(nn.Module):
         first_shared = cfg.first_kv_shared_layer if cfg.num_kv_shared_layers else cfg.num_hidden_layers
         sources = cfg.kv_sources()
         shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        masks: dict[tuple[int, int, int | None], tuple[torch.Tensor, ...]] = {}  # borrowers reuse their source's
         q_pos = positions
         ropes = self._ropes(cfg, q_pos, h0.dtype)
 
@@ -388,6 +398,7 @@ class TextDecoder(nn.Module):
                 window=window,
                 cache=cache,
                 shared_kv=shared_kv,
+                masks=masks,
             )
             streams = self.layers[parent_idx](
                 streams,
@@ -404,9 +415,10 @@ class TextDecoder(nn.Module):
         return self.norm(self.altup_collapse(streams))
 
     @staticmethod
-    def _layer_kv(layer, xn, *, j, source, q_pos, rope, window, cache, shared_kv):
+    def _layer_kv(layer, xn, *, j, source, q_pos, rope, window, cache, shared_kv, masks):
         """(k, v, mask) for plan layer j: borrowed from its source's post-norm, post-RoPE K/V
-        (§5.1), or computed here, appended to the cache, and kept for the borrowers."""
+        (§5.1), or computed here, appended to the cache, and kept for the borrowers. Masks are
+        built once per (queries, keys, window) in a forward pass."""
         if source is not None:
             k, v, k_pos = shared_kv[source]
         else:
@@ -415,7 +427,10 @@ class TextDecoder(nn.Module):
             if cache is not None:
                 k, v, k_pos = cache.update(j, k, v, q_pos)
             shared_kv[j] = (k, v, k_pos)
-        return k, v, attention_mask(q_pos, k_pos, window)
+        key = (id(q_pos), id(k_pos), window)
+        if key not in masks:  # the entry keeps q_pos/k_pos alive, so their ids stay theirs
+            masks[key] = (attention_mask(q_pos, k_pos, window), q_pos, k_pos)
+        return k, v, masks[key][0]
 
     def _ropes(self, cfg: TextConfig, positions: torch.Tensor, dtype: torch.dtype) -> dict:
         return {t: rope_cos_sin(positions, cfg.rope_base(t), cfg.head_dim, dtype) for t in set(cfg.layer_types)}
