@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import random
 import sys
@@ -55,6 +56,17 @@ AltUp.scale_output = _scale_output_for_autograd  # training only: this script ne
 
 NUM_LAYERS = 15
 SUB_SIZE = {"name": "E2B-like", "ffn": [256] * 10, "skip": [5, 6, 7, 8, 9]}
+FIRST_SHARED_PERIOD = [5, 6, 7, 8, 9]
+# The sizes the checkpoint declares (matformer_sizes.json; `gemma3n slice --list`), from the largest
+# to the E2B-like sub-model: all of them are points the random Mix-n-Match loss trains.
+DECLARED_SIZES = {
+    "half-ffn-5-9": {"ffn": [512] * 5 + [256] * 5 + [512] * 5},
+    "half-ffn-5-14": {"ffn": [512] * 5 + [256] * 10},
+    "skip-5-9": {"skip": FIRST_SHARED_PERIOD},
+    "half-ffn": {"ffn": [256] * 15},
+    "skip-5-9-half-ffn-10-14": {"ffn": [512] * 5 + [256] * 5, "skip": FIRST_SHARED_PERIOD},
+    "E2B-like": {"ffn": [256] * 10, "skip": FIRST_SHARED_PERIOD},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +302,8 @@ E2B-like sub-model {effective_params(pl["sub"].config):,}).
 It writes KJV-flavoured English; it knows nothing else. Use it to try the runtime, not for answers.
 """
     save_checkpoint(args.out, tok, cfg, state_of(dec), readme, force=args.force)
+    sizes = ",\n".join(f"  {json.dumps(name)}: {json.dumps(size)}" for name, size in DECLARED_SIZES.items())
+    (args.out / "matformer_sizes.json").write_text('{"sizes": {\n' + sizes + "\n}}\n")
     print(f"wrote {args.out} ({minutes:.1f} min)", flush=True)
 
 
