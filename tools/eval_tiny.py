@@ -92,21 +92,24 @@ def plot(results: dict[str, list[dict]], out: Path) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install -e .[tools]): no plot written", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    styles = {"MatFormer-trained (shipped)": ("o-", "tab:blue"), "trained without MatFormer": ("s--", "tab:red")}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    colors = {"MatFormer-trained (shipped)": "tab:blue", "trained without MatFormer": "tab:red"}
     for label, rows in results.items():
-        style, color = styles[label]
-        xs = [r["effective_params"] / 1e6 for r in rows]
-        ys = [r["heldout_ppl"] for r in rows]
-        ax.plot(xs, ys, style, color=color, label=label)
-        if label.startswith("MatFormer"):
-            for r, x, y in zip(rows, xs, ys):
-                ax.annotate(r["size"], (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        # one line per depth: layer skipping and FFN narrowing are different axes of Mix-n-Match
+        for depth, marker, dash in ((False, "o", "-"), (True, "^", ":")):
+            fam = [r for r in rows if bool((r["spec"] or {}).get("skip")) == depth]
+            xs = [r["effective_params"] / 1e6 for r in fam]
+            ys = [r["heldout_ppl"] for r in fam]
+            kept = "layers 5-9 skipped" if depth else "all layers"
+            ax.plot(xs, ys, marker=marker, linestyle=dash, color=colors[label], label=f"{label}, {kept}")
+            if label.startswith("MatFormer"):
+                for r, x, y in zip(fam, xs, ys):
+                    ax.annotate(r["size"], (x, y), textcoords="offset points", xytext=(3, -11), fontsize=7)
     ax.set_xlabel("effective parameters (millions)")
     ax.set_ylabel("held-out perplexity (KJV, lower is better)")
     ax.set_title("gemma3n-tiny: Mix-n-Match sizes as elastic views of one model")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     print(f"wrote {out}")

@@ -141,17 +141,24 @@ def save_checkpoint(
     *,
     force: bool = False,
     dtype: torch.dtype = torch.float32,
+    ple_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a text-only checkpoint in the Hugging Face layout: config.json (`gemma3n_text`),
     model.safetensors (`model.` names, incl. `embed_tokens_per_layer.weight`), tokenizer files,
-    generation_config.json and a README.md model card."""
+    generation_config.json and a README.md model card. `ple_dtype` stores the per-layer embedding
+    table in another dtype (it is only ever gathered row by row, on the host)."""
     if out.exists() and any(out.iterdir()):
         if not force:
             raise SystemExit(f"{out} is not empty; pass --force to overwrite it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(
-        {f"model.{k}": v.detach().to(dtype).contiguous() for k, v in state.items()},
+        {
+            f"model.{k}": v.detach()
+            .to(ple_dtype if ple_dtype and k == "embed_tokens_per_layer.weight" else dtype)
+            .contiguous()
+            for k, v in state.items()
+        },
         out / "model.safetensors",
         metadata={"format": "pt"},
     )
