@@ -21,6 +21,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--size", default=None, help="MatFormer size to run (a preset such as E2B); default: full")
     p.add_argument("--quantize", default=None, help="quantize weights at load: int8, int4 or int4:GROUP (CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"CPU threads (default: 1 for models under {SMALL_MODEL_PARAMS // 10**6} M weights, else torch's)",
+    )
+
+
+# Below this many decoder weights a token's matmuls are too small to split: a second CPU thread
+# only adds synchronisation (embedded model: 55 tok/s on 1 thread, 44 on 2; bench/README.md).
+SMALL_MODEL_PARAMS = 100_000_000
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,9 +61,18 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def _load(a: argparse.Namespace):
+    import torch
+
     from .model import load
 
-    return load(a.model, device=a.device, dtype=a.dtype, quantize=getattr(a, "quantize", None))
+    model = load(a.model, device=a.device, dtype=a.dtype, quantize=getattr(a, "quantize", None))
+    threads = getattr(a, "threads", None)
+    if threads is None and model.decoder.device.type == "cpu":
+        if sum(p.numel() for p in model.decoder.parameters()) < SMALL_MODEL_PARAMS:
+            threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+    return model
 
 
 def _print_stream(pieces, verbose: bool) -> None:

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
-.venv/bin/gemma3n generate --prompt "${1:-Tell me about on-device AI.}" --max-tokens 48 --seed 0 --verbose
+.venv/bin/gemma3n generate --prompt "${1:-Who made the heaven and the earth?}" --max-tokens 48 --seed 0 --verbose
