@@ -161,3 +161,20 @@ def test_cli_prints_one_line_and_exits_2(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("gemma3n: error: ") and "config.json" in err and "Traceback" not in err
     assert main(["generate", "--device", "cuda:0" if not torch.cuda.is_available() else "bogus", "-p", "x"]) == 2
+
+
+def test_cli_output_piped_into_a_closed_reader_exits_quietly():
+    """`gemma3n info | head -1`: no BrokenPipeError traceback when the reader has gone away."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from gemma3n.cli import main; sys.exit(main(['info']))"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line written as printed, as on a terminal
+    )
+    proc.stdout.close()  # the reader is gone before the first line (the child is still importing torch)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
