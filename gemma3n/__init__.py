@@ -5,8 +5,9 @@ model = gemma3n.load("google/gemma-3n-E2B-it")     # or a local directory; None 
 print(model.generate(messages=[{"role": "user", "content": "Hi!"}]).text)
 """
 
+from .cache import PromptCache
 from .errors import CheckpointError, ConfigError, Gemma3nError, InputError
 from .model import Model, load
 
-__all__ = ["load", "Model", "Gemma3nError", "ConfigError", "CheckpointError", "InputError"]
+__all__ = ["load", "Model", "PromptCache", "Gemma3nError", "ConfigError", "CheckpointError", "InputError"]
 __version__ = "0.1.0"

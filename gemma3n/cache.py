@@ -3,6 +3,9 @@ their source's K/V inside the forward pass. Sliding layers keep a bounded window
 
 A cache belongs to one `LayerPlan` (full model or a MatFormer view): hidden states differ per
 size, so a cache written under one size is never valid for another (matformer.md §4).
+
+`PromptCache` keeps a conversation's cache between calls, so the next turn prefills only the
+tokens that differ from what the cache already holds.
 """
 
 from __future__ import annotations
@@ -11,12 +14,18 @@ import torch
 
 from .config import TextConfig
 
+# Entries a sliding cache keeps beyond its window, so that a follow-up prompt may rewrite up to
+# this many of the last tokens (a chat template re-rendering the previous reply) and still reuse
+# the cache. They cost a little memory and attention work; the mask keeps them out of the window.
+ROLLBACK = 64
+
 
 class LayerKV:
     """K/V [B, Hkv, S, d] and their absolute positions [S] for one layer.
 
     Full layers keep everything in a buffer that grows by doubling (no per-token realloc);
-    sliding layers keep the last W-1 entries, enough for the next query's window.
+    sliding layers keep the last W-1 entries, enough for the next query's window, plus
+    `ROLLBACK` more so that `truncate` can step back.
     """
 
     def __init__(self, window: int | None):
@@ -57,10 +66,24 @@ class LayerKV:
             k = torch.cat((self.k, k), dim=2)
             v = torch.cat((self.v, v), dim=2)
             pos = torch.cat((self.pos, pos))
-        keep = self.window - 1
+        keep = self.window - 1 + ROLLBACK
         self.k, self.v, self.pos = k[:, :, -keep:], v[:, :, -keep:], pos[-keep:]
         self.length = self.k.shape[2]
         return k, v, pos
+
+    def truncate(self, n: int) -> bool:
+        """Forget every entry at position >= n. False if what is left cannot serve a query at
+        position n (a sliding cache that already dropped keys of that query's window)."""
+        if self.pos is None or self.length == 0:
+            return n == 0
+        kept = int((self.pos[: self.length] < n).sum())
+        if self.window is not None:
+            oldest = int(self.pos[0]) if kept else n
+            if oldest > max(0, n - self.window + 1):
+                return False
+            self.k, self.v, self.pos = self.k[:, :, :kept], self.v[:, :, :kept], self.pos[:kept]
+        self.length = kept
+        return True
 
     def nbytes(self) -> int:
         if self.k is None:
@@ -83,5 +106,48 @@ class Cache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         return self.layers[layer].update(k, v, pos)
 
+    def truncate(self, n: int) -> bool:
+        """Keep the first n tokens (positions 0..n-1); False (cache unusable) if a layer can't."""
+        if n > self.offset or not all(c.truncate(n) for c in self.layers.values()):
+            return False
+        self.offset = n
+        return True
+
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers.values())
+
+
+class PromptCache:
+    """The cache of one conversation, kept between calls (`Model.stream(..., prompt_cache=pc)`).
+
+    Holds the tokens the cache was fed. The next prompt reuses the longest common prefix with
+    them (at least one new token is always prefilled, for the logits) and prefills the rest;
+    another size, a multimodal prompt (its soft tokens depend on the media, not the ids) or a
+    divergence further back than a sliding window can rewind starts afresh. One conversation,
+    one caller at a time.
+    """
+
+    def __init__(self) -> None:
+        self.cache: Cache | None = None
+        self.ids: list[int] = []
+
+    def clear(self) -> None:
+        self.cache, self.ids = None, []
+
+    def take(self, config: TextConfig, plan_key: str, prompt_ids: list[int]) -> tuple[Cache, int]:
+        """A cache to continue from and how many of `prompt_ids` it already holds."""
+        cache, ids = self.cache, self.ids
+        self.clear()  # until `keep` is called, a half-written cache must not be reused
+        if cache is not None and cache.plan_key == plan_key:
+            common = 0
+            for a, b in zip(ids, prompt_ids[:-1]):
+                if a != b:
+                    break
+                common += 1
+            if common and cache.truncate(common):
+                return cache, common
+        return Cache(config, plan_key), 0
+
+    def keep(self, cache: Cache, ids: list[int]) -> None:
+        """Remember `cache` and the `cache.offset` tokens it was fed (`ids`)."""
+        self.cache, self.ids = cache, list(ids[: cache.offset])

@@ -118,8 +118,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
+    from .cache import PromptCache
+
     model = _load(a)
     history: list[dict] = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
+    conversation = PromptCache()  # each turn prefills only what the last one did not
     print(f"gemma3n chat with {model.name}: empty line or Ctrl-D to quit, /reset to forget the history.")
     while True:
         try:
@@ -131,14 +134,24 @@ def cmd_chat(a: argparse.Namespace) -> None:
             return
         if line.strip() == "/reset":
             history = history[:1] if a.system_prompt else []
+            conversation.clear()
             continue
         history.append({"role": "user", "content": line})
         reply = []
-        for piece in model.stream(messages=history, **_sampling_kwargs(a)):
+        last = None
+        for piece in model.stream(messages=history, prompt_cache=conversation, **_sampling_kwargs(a)):
             sys.stdout.write(piece)
             sys.stdout.flush()
             reply.append(str(piece))
+            last = piece
         print()
+        if a.verbose and last is not None and last.stats:
+            s = last.stats
+            print(
+                f"prompt: {s['prompt_tokens']} tokens ({s['cached_prompt_tokens']} from the previous turn), "
+                f"TTFT {s['ttft_s']:.2f} s | generation: {s['generation_tps']:.1f} tok/s",
+                file=sys.stderr,
+            )
         history.append({"role": "assistant", "content": "".join(reply)})
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import Cache
+from .cache import Cache, PromptCache
 from .errors import InputError
 from .text import LayerPlan, TextDecoder
 from .tokenizer import StreamingDetokenizer, Tokenizer
@@ -78,6 +78,7 @@ def make_sampler(p: SamplingParams) -> Sampler:
 @dataclass
 class StepStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # taken from a PromptCache, not prefilled
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
@@ -85,9 +86,12 @@ class StepStats:
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "ttft_s": self.prompt_seconds,
-            "prompt_tps": self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0,
+            "prompt_tps": (self.prompt_tokens - self.cached_prompt_tokens) / self.prompt_seconds
+            if self.prompt_seconds
+            else 0.0,
             "generation_tps": (self.generated_tokens - 1) / self.generation_seconds
             if self.generation_seconds and self.generated_tokens > 1
             else 0.0,
@@ -157,8 +161,11 @@ def generate_step(
     skip_shared: bool = True,
     stats: StepStats | None = None,
     embed: EmbedFn | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids, one at a time; the caller decides when to stop."""
+    """Yield generated token ids, one at a time; the caller decides when to stop. With a
+    `prompt_cache`, a text prompt continues from the cache of the previous call where their
+    tokens agree, and leaves its own cache there for the next one."""
     stats = stats if stats is not None else StepStats()
     context = plan.config.max_position_embeddings
     if len(prompt_ids) >= context:
@@ -167,8 +174,15 @@ def generate_step(
             "shorten the prompt (it is never truncated silently)"
         )
     max_tokens = min(max_tokens, context - len(prompt_ids))
-    cache = Cache(plan.config, plan.key)
-    ids = torch.tensor([prompt_ids], device=decoder.device)
+    done = 0
+    if prompt_cache is None:
+        cache = Cache(plan.config, plan.key)
+    elif inputs_embeds is None:
+        cache, done = prompt_cache.take(plan.config, plan.key, prompt_ids)
+    else:  # soft tokens depend on the media, not on the ids: nothing to reuse or keep
+        prompt_cache.clear()
+        cache = Cache(plan.config, plan.key)
+    ids = torch.tensor([prompt_ids[done:]], device=decoder.device)
     t0 = time.perf_counter()
     logits = prefill(
         decoder,
@@ -180,19 +194,23 @@ def generate_step(
         skip_shared=skip_shared,
     )
     history = list(prompt_ids)
-    stats.prompt_tokens = len(prompt_ids)
-    for i in range(max_tokens):
-        token = sampler(logits, history)
-        if i == 0:
-            stats.prompt_seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
-        else:
-            stats.generation_seconds = time.perf_counter() - t1
-        stats.generated_tokens = i + 1
-        history.append(token)
-        yield token
-        if i + 1 < max_tokens:
-            logits = decode_one(decoder, token, cache, plan, embed)
+    stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt_ids), done
+    try:
+        for i in range(max_tokens):
+            token = sampler(logits, history)
+            if i == 0:
+                stats.prompt_seconds = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            else:
+                stats.generation_seconds = time.perf_counter() - t1
+            stats.generated_tokens = i + 1
+            history.append(token)
+            yield token
+            if i + 1 < max_tokens:
+                logits = decode_one(decoder, token, cache, plan, embed)
+    finally:  # also when the consumer stops early (a stop string, a closed stream)
+        if prompt_cache is not None and inputs_embeds is None:
+            prompt_cache.keep(cache, history)
 
 
 class TextPiece(str):

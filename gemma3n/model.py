@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .cache import PromptCache
 from .checkpoint import open_checkpoint
 from .errors import InputError
 from .generate import (
@@ -171,9 +172,12 @@ class Model:
         image_size: int | None = None,
         prefill_skip: bool = True,
         prefill_chunk: int = 512,
+        prompt_cache: PromptCache | None = None,
     ) -> Iterator[TextPiece]:
         """Yield text pieces as they are decoded; the last carries finish_reason and stats.
-        Unset sampling options fall back to the checkpoint's generation_config.json."""
+        Unset sampling options fall back to the checkpoint's generation_config.json.
+        `prompt_cache` (a `gemma3n.PromptCache`, one per conversation) lets the next call reuse
+        the K/V of the tokens its prompt shares with this one (multi-turn chat)."""
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
         gc = self.generation_config
@@ -200,6 +204,7 @@ class Model:
             skip_shared=prefill_skip,
             stats=stats,
             embed=self.embed_ids,
+            prompt_cache=prompt_cache,
         )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         yield from stream_generate(
