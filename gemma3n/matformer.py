@@ -302,7 +302,22 @@ def _trained_widths(text_config: Any) -> set[int]:
     return {m * text_config.hidden_size for m in TRAINED_FFN_MULTIPLES}
 
 
-def _validate(text_config: Any, name: str, skip: Sequence[int], ffn: Sequence[int] | None) -> SliceSpec:
+def _declared_widths(declared: Mapping[str, Any] | None) -> frozenset[int]:
+    """FFN widths a checkpoint's declared sizes use: it vouches that they were trained (the
+    embedded model nests 2x hidden inside 4x, not Gemma 3n's 4x inside 8x)."""
+    widths: set[int] = set()
+    for entry in (declared or {}).values():
+        widths.update(_as_int_list(entry.get("ffn"), "ffn") or [])
+    return frozenset(widths)
+
+
+def _validate(
+    text_config: Any,
+    name: str,
+    skip: Sequence[int],
+    ffn: Sequence[int] | None,
+    also_trained: frozenset[int] = frozenset(),
+) -> SliceSpec:
     n = text_config.num_hidden_layers
     parent_w = list(text_config.intermediate_size)
     for i in skip:
@@ -338,7 +353,7 @@ def _validate(text_config: Any, name: str, skip: Sequence[int], ffn: Sequence[in
                 f"({n} layers minus {len(skipped)} skipped); give one width per kept layer, in order"
             )
     untrained = []
-    trained = _trained_widths(text_config)
+    trained = _trained_widths(text_config) | also_trained
     for j, (i, w) in enumerate(zip(kept, widths)):
         if w <= 0:
             raise InputError(f"{name}: FFN width of layer {i} (kept layer #{j}) must be positive, got {w}")
@@ -400,7 +415,7 @@ def resolve_size(size: Any, text_config: Any, declared: Mapping[str, Any] | None
         outside = [i for i in size.layers if not 0 <= i < n]
         if outside:
             raise InputError(f"{size.name}: layer(s) {outside} do not exist (the model has {n} layers)")
-        spec = _validate(text_config, size.name, size.skipped(n), size.ffn_widths)
+        spec = _validate(text_config, size.name, size.skipped(n), size.ffn_widths, _declared_widths(declared))
     elif isinstance(size, str) and (name := find_declared(size, declared)) is not None:
         with warnings.catch_warnings():  # the checkpoint vouches for its own sizes
             warnings.simplefilter("ignore")
@@ -409,7 +424,7 @@ def resolve_size(size: Any, text_config: Any, declared: Mapping[str, Any] | None
         parts = dict(re.findall(r"(\w+)=(\S+)", size))
         if not parts or set(parts) - {"ffn", "skip"} or re.sub(r"(\w+)=(\S+)", "", size).strip(" ;"):
             raise InputError(f"size {size!r}: write custom sizes as 'ffn=8192x30 skip=20-24'")
-        return resolve_size(parts, text_config)
+        return resolve_size(parts, text_config, declared)
     elif isinstance(size, str):
         p = find_preset(size, declared)
         widths = list(text_config.intermediate_size)
@@ -441,7 +456,7 @@ def resolve_size(size: Any, text_config: Any, declared: Mapping[str, Any] | None
                 name += f" ffn={format_ffn(ffn)}"
             if skip:
                 name += f" skip={format_skip(skip)}"
-        spec = _validate(text_config, str(name), skip, ffn)
+        spec = _validate(text_config, str(name), skip, ffn, _declared_widths(declared))
     else:
         raise InputError(
             f"size must be None, a preset name, a dict {{'ffn': [...], 'skip': [...]}} or a SliceSpec; "
@@ -564,6 +579,18 @@ _CUSTOM_HINT = (
 )
 
 
+def _custom_hint(text_config: Any) -> str:
+    """The custom-size hint in this model's own widths and layer count (E4B's numbers otherwise)."""
+    n, widths = text_config.num_hidden_layers, list(text_config.intermediate_size)
+    if n < 2 or len(set(widths)) != 1 or widths[0] % 2:
+        return _CUSTOM_HINT
+    w, half = widths[0], n // 2
+    return (
+        f"Custom: --ffn {w // 2}x{half},{w}x{n - half} (one width per kept layer) --skip {n - 1} "
+        f"(original indices), or --size 'ffn={w // 2}x{n - 1} skip={n - 1}'."
+    )
+
+
 def format_params(n: int) -> str:
     """Effective parameters for a table: `1.91 B`, or `1.69 M` below 0.01 B (small models)."""
     return f"{n / 1e9:.2f} B" if n >= 1e7 else f"{n / 1e6:.2f} M"
@@ -643,7 +670,7 @@ def format_preset_table(text_config: Any = None, declared: Mapping[str, Any] | N
             f"The official Mix-n-Match presets are defined for E4B (35 layers); this model has {n} layers, "
             "so none fit (`gemma3n slice --list --model E4B` shows them).",
         ]
-    return "\n".join([*lines, "", _CUSTOM_HINT])
+    return "\n".join([*lines, "", _custom_hint(text_config)])
 
 
 # --------------------------------------------------------------------------------------------

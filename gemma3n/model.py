@@ -90,7 +90,7 @@ class Model:
         spec = resolve_size(size, self.config.text, self.declared_sizes)
         if spec is None:
             return self.plan(None)
-        key = f"{spec.name}:{spec.layers}:{spec.ffn_widths}"
+        key = f"{spec.layers}:{spec.ffn_widths}"  # the same slice by name or by dict: one plan, one cache
         if key not in self._plans:
             cfg = sliced_text_config(self.config.text, spec)
             self._plans[key] = LayerPlan(config=cfg, layers=tuple(spec.layers), key=key)

@@ -79,6 +79,21 @@ def test_plan_by_declared_name_equals_plan_by_dict(model):
     assert list(plan.config.intermediate_size) == size["ffn"]
 
 
+def test_widths_the_checkpoint_declares_count_as_trained(model):
+    """A custom size at a width the declared sizes use gets no "never trained" warning; other
+    widths still do (the embedded model nests 2x hidden in 4x, not Gemma 3n's 4x in 8x)."""
+    text = model.config.text
+    declared_width = half_size(text)["ffn"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mf.resolve_size({"ffn": [declared_width] * text.num_hidden_layers}, text, model.declared_sizes)
+    if declared_width not in mf._trained_widths(text):  # not one of Gemma 3n's own multiples
+        with pytest.warns(UserWarning, match="never a trained granularity"):
+            mf.resolve_size({"ffn": [declared_width] * text.num_hidden_layers}, text)  # no declared sizes
+    with pytest.warns(UserWarning, match="never a trained granularity"):
+        mf.resolve_size({"ffn": [declared_width - 8] * text.num_hidden_layers}, text, model.declared_sizes)
+
+
 def test_declared_name_takes_precedence_over_a_preset(model):
     text = model.config.text
     with pytest.raises(InputError):  # the official E2B does not fit a small model
