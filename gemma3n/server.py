@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gemma3n.cache import PromptCache
 from gemma3n.errors import Gemma3nError
 
 log = logging.getLogger("gemma3n.server")
@@ -293,6 +294,9 @@ class _Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma3n-generate")
         self._lock = threading.Lock()
         self._jobs: set[_Job] = set()
+        # The last request's K/V, used only by the worker thread: a follow-up turn that re-sends
+        # the conversation prefills just its new tokens (exact: reuse needs identical tokens).
+        self._prompt_cache = PromptCache()
 
     @property
     def admitted(self) -> int:
@@ -316,7 +320,7 @@ class _Engine:
         try:
             if job.cancelled.is_set():  # its client left while it waited
                 return
-            pieces = self.model.stream(**kwargs)
+            pieces = self.model.stream(**kwargs, prompt_cache=self._prompt_cache)
             try:
                 for piece in pieces:
                     job.emit(piece)
@@ -371,11 +375,12 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},  # reused from the previous request
     }
 
 
@@ -386,14 +391,18 @@ class _Tally:
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def add(self, piece: str) -> None:
         self.prompt_tokens = getattr(piece, "prompt_tokens", None) or self.prompt_tokens
         self.completion_tokens = getattr(piece, "generated_tokens", None) or self.completion_tokens
         self.finish_reason = getattr(piece, "finish_reason", None) or self.finish_reason
+        stats = getattr(piece, "stats", None)
+        if stats:
+            self.cached_tokens = stats.get("cached_prompt_tokens", 0)
 
-    def usage(self) -> dict[str, int]:
-        return _usage(self.prompt_tokens, self.completion_tokens)
+    def usage(self) -> dict[str, Any]:
+        return _usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 # ---------------------------------------------------------------------------- the app

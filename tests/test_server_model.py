@@ -190,3 +190,20 @@ def test_concurrent_requests_are_not_mixed_up(client, model_id):
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(ask, range(len(prompts))))
     assert together == alone
+
+
+def test_a_follow_up_turn_reuses_the_previous_requests_cache(client, model_id):
+    """The client re-sends the conversation; the server prefills only the new turn (reported as
+    usage.prompt_tokens_details.cached_tokens) and answers exactly as a fresh prefill would."""
+    history = [{"role": "user", "content": "Who was Moses?"}]
+    first = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And Aaron?"},
+    ]
+    follow = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
+    assert follow.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    fresh = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
+    assert fresh.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens  # the "x" request
+    assert fresh.choices[0].message.content == follow.choices[0].message.content
