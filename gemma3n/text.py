@@ -96,19 +96,15 @@ class Attention(nn.Module):
         v = self.v_norm(self.v_proj(x).view(b, t, -1, self.head_dim))
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Post-norm, post-RoPE queries [B, Hq, T, d]."""
         b, t, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)), cos, sin).transpose(1, 2)
-        # Scale 1.0: q_norm/k_norm replace the usual 1/sqrt(d) (§4.4, §7.3).
-        out = attend(q, *kv, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)), cos, sin).transpose(1, 2)
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """Heads [B, Hq, T, d] merged and projected back to the hidden size."""
+        b, _, t, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(b, t, -1))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -254,16 +250,33 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """One layer in the exact order of §4. streams [N, B, T, D] -> [N, B, T, D].
 
-        `kv_fn(xn)` returns (k, v, mask) for this layer: computed (and cached) for KV owners,
-        borrowed from the source layer for shared ones.
+        `kv_fn(layer, xn)` returns (k, v, mask) for this layer: computed (and cached) for KV
+        owners, borrowed from the source layer for shared ones. The two halves around it are
+        pure tensor functions of their inputs and the layer's weights (no cache, no Python
+        state), so a compiler can take them whole (bench/README.md, "embedded tiny model").
         """
-        pred = self.altup.predict(streams)
-        active = pred[self.altup.active]
-        xn = self.input_layernorm(active)
-        lau = self.laurel(xn)
+        pred, xn, lau, q = self.pre_attention(streams, *rope)
         k, v, mask = kv_fn(self, xn)
-        attn = self.self_attn(xn, *rope, (k, v), mask)
-        h = (active + self.post_attention_layernorm(attn) + lau) / math.sqrt(2)
+        return self.post_attention(pred, lau, attend(q, k, v, mask), per_layer_input, width, sparsity)
+
+    def pre_attention(self, streams: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """AltUp predict, input norm, LAuReL and the queries (§4.1-§4.4)."""
+        pred = self.altup.predict(streams)
+        xn = self.input_layernorm(pred[self.altup.active])
+        return pred, xn, self.laurel(xn), self.self_attn.query(xn, cos, sin)
+
+    def post_attention(
+        self,
+        pred: torch.Tensor,
+        lau: torch.Tensor,
+        attended: torch.Tensor,
+        per_layer_input: torch.Tensor,
+        width: int,
+        sparsity: float,
+    ) -> torch.Tensor:
+        """Output projection, residual + LAuReL, FFN, AltUp correct, PLE injection (§4.4-§4.10)."""
+        attn = self.self_attn.output(attended)
+        h = (pred[self.altup.active] + self.post_attention_layernorm(attn) + lau) / math.sqrt(2)
         ffn = self.mlp(self.pre_feedforward_layernorm(h), width, sparsity)
         corrected = self.altup.correct(pred, h + self.post_feedforward_layernorm(ffn))
         # PLE injection (§4.10): gated by the scaled active stream, added to streams 1..N-1.

@@ -48,7 +48,7 @@ from gemma3n.text import AltUp, LayerPlan, TextDecoder  # noqa: E402
 
 
 def _scale_output_for_autograd(self: AltUp, active: torch.Tensor) -> torch.Tensor:
-    """`DecoderLayer.forward` adds the PLE output into `corrected[1:]` in place after reading
+    """`DecoderLayer.post_attention` adds the PLE output into `corrected[1:]` in place after reading
     `corrected[0]` through this scale; the copy keeps autograd's saved input intact (same values)."""
     return active.clone() * self.correct_output_scale.to(active.dtype)
 
