@@ -50,6 +50,11 @@ def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: st
     yield f"  main embedding (tied LM head): {_count(split['embedding'])}"
     yield f"  per-layer embedding table:     {_count(split['per_layer_embedding'])}"
     yield f"  effective (everything else):   {_count(split['effective'])}"
+    unstored = unstored_shared_kv(cfg)
+    if unstored and split["effective"] + unstored == _table_effective(cfg):
+        # slice --list and Google's table count them: say why the two figures differ
+        table = _count(split["effective"] + unstored)
+        yield f"  as MatFormer tables count it:  {table} (+ unused shared-layer K/V, not stored)"
     for tower in ("audio_tower", "vision_tower"):
         if split[tower]:
             yield f"  {tower.replace('_', ' ') + ':':31s}{_count(split[tower])}"
@@ -74,6 +79,19 @@ def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: st
             f"  device = effective {_count(split['effective'])} + main embedding {_count(split['embedding'])}"
             + (f" - {_count(unused)} of shared layers' K/V weights, stored but never used or loaded" if unused else "")
         )
+
+
+def unstored_shared_kv(cfg) -> int:
+    """k_proj, v_proj and k_norm of the KV-shared layers: Google's checkpoints store them (never
+    used); transformers 5 and our tools do not."""
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    return cfg.num_kv_shared_layers * (2 * cfg.hidden_size * kv + cfg.head_dim)
+
+
+def _table_effective(cfg) -> int:
+    from .matformer import effective_params
+
+    return effective_params(cfg)
 
 
 def _count(n: int) -> str:

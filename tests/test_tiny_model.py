@@ -85,4 +85,50 @@ def test_cli_runs_the_shipped_model_by_default(capsys):
     assert main(["generate", "--raw", "-p", "In the beginning", "--max-tokens", "8", "--temp", "0"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == GREEDY_8
     assert main(["slice", "--list"]) == 0
-    assert "E2B-like" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "E2B-like" in listing and "This model: 15 layers, 4.06 M effective params." in listing
+
+
+def test_info_explains_the_two_effective_counts(capsys):
+    """The tiny checkpoint does not store the KV-shared layers' unused K/V, so the stored count is
+    below the MatFormer-table count `slice --list` shows; `info` gives both, and says why."""
+    from gemma3n.cli import main
+    from gemma3n.matformer import effective_params
+
+    assert main(["info"]) == 0
+    info = capsys.readouterr().out
+    assert "effective (everything else):   3.892 M" in info
+    table = effective_params(gemma3n.load().config.text)
+    assert f"as MatFormer tables count it:  {table / 1e6:.3f} M (+ unused shared-layer K/V" in info
+
+
+def test_info_gives_one_effective_count_when_shared_kv_is_stored(hf_text, tmp_path):
+    """Google's checkpoints store the shared layers' (unused) K/V; transformers 5 and our tools
+    do not. With them stored, the two counts agree and `info` prints one; the loader skips them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gemma3n.checkpoint import open_checkpoint
+    from gemma3n.info import describe, parameter_split, unstored_shared_kv
+    from gemma3n.matformer import effective_params
+
+    src = open_checkpoint(hf_text[1])
+    cfg = src.config.text
+    assert parameter_split(src)["effective"] + unstored_shared_kv(cfg) == effective_params(cfg)
+    assert any("as MatFormer tables count it" in line for line in describe(src))
+
+    path = tmp_path / "google-style"
+    shutil.copytree(hf_text[1], path)
+    state = load_file(path / "model.safetensors")
+    prefix, kv = src.text_prefix, cfg.num_key_value_heads * cfg.head_dim
+    for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):
+        state[f"{prefix}layers.{i}.self_attn.k_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
+        state[f"{prefix}layers.{i}.self_attn.v_proj.weight"] = torch.zeros(kv, cfg.hidden_size)
+        state[f"{prefix}layers.{i}.self_attn.k_norm.weight"] = torch.zeros(cfg.head_dim)
+    save_file(state, path / "model.safetensors")
+    ckpt = open_checkpoint(path)
+    assert parameter_split(ckpt)["effective"] == effective_params(cfg)
+    assert not any("as MatFormer tables count it" in line for line in describe(ckpt))
+    ids = torch.tensor([[2, 5, 9, 14]])
+    torch.testing.assert_close(gemma3n.load(path).logits(ids), gemma3n.load(hf_text[1]).logits(ids))
