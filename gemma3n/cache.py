@@ -4,11 +4,13 @@ their source's K/V inside the forward pass. Sliding layers keep a bounded window
 A cache belongs to one `LayerPlan` (full model or a MatFormer view): hidden states differ per
 size, so a cache written under one size is never valid for another (matformer.md §4).
 
-`PromptCache` keeps a conversation's cache between calls, so the next turn prefills only the
-tokens that differ from what the cache already holds.
+`PromptCache` keeps conversations' caches between calls, so the next turn prefills only the
+tokens that differ from what a cache already holds.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -90,6 +92,15 @@ class LayerKV:
             return 0
         return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
 
+    def copy(self) -> LayerKV:
+        """An independent copy of the entries held (not of the spare capacity)."""
+        out = LayerKV(self.window)
+        if self.k is not None:
+            n = self.length
+            out.k, out.v, out.pos = self.k[:, :, :n].clone(), self.v[:, :, :n].clone(), self.pos[:n].clone()
+            out.length = n
+        return out
+
 
 class Cache:
     """The caches of one plan: one `LayerKV` per KV-owning layer (plan indices)."""
@@ -116,38 +127,79 @@ class Cache:
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers.values())
 
+    def fork(self, n: int) -> Cache | None:
+        """A copy holding the first n tokens, this cache untouched (None where `truncate` can't)."""
+        out = copy.copy(self)
+        out.layers = {j: c.copy() for j, c in self.layers.items()}
+        return out if out.truncate(n) else None
+
 
 class PromptCache:
-    """The cache of one conversation, kept between calls (`Model.stream(..., prompt_cache=pc)`).
+    """Recent conversations' caches, kept between calls (`Model.stream(..., prompt_cache=pc)`).
 
-    Holds the tokens the cache was fed. The next prompt reuses the longest common prefix with
-    them (at least one new token is always prefilled, for the logits) and prefills the rest;
-    another size, a multimodal prompt (its soft tokens depend on the media, not the ids) or a
-    divergence further back than a sliding window can rewind starts afresh. One conversation,
-    one caller at a time.
+    Holds up to `slots` caches (least recently used dropped first), each with the tokens it was
+    fed. The next prompt continues from the one sharing the longest prefix with it (at least one
+    new token is always prefilled, for the logits) and prefills the rest. Another size, a
+    multimodal prompt (its soft tokens depend on the media, not the ids) or a divergence further
+    back than a sliding window can rewind starts afresh.
+
+    One slot (the default) suits one conversation: a prompt that diverges takes the cache over.
+    With more (the server), a prompt that shares only part of a cache, such as a system prompt
+    or a conversation it branches from, gets a copy of that part, so the other conversation
+    keeps its cache. Each slot holds its conversation's K/V (`Cache.nbytes`). One caller at a time.
     """
 
-    def __init__(self) -> None:
-        self.cache: Cache | None = None
-        self.ids: list[int] = []
+    def __init__(self, slots: int = 1) -> None:
+        if slots < 1:
+            raise ValueError(f"a PromptCache needs at least one slot, not {slots}")
+        self.slots = slots
+        self._entries: list[tuple[Cache, list[int]]] = []  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def clear(self) -> None:
-        self.cache, self.ids = None, []
+        self._entries.clear()
 
     def take(self, config: TextConfig, plan_key: str, prompt_ids: list[int]) -> tuple[Cache, int]:
-        """A cache to continue from and how many of `prompt_ids` it already holds."""
-        cache, ids = self.cache, self.ids
-        self.clear()  # until `keep` is called, a half-written cache must not be reused
-        if cache is not None and cache.plan_key == plan_key:
-            common = 0
-            for a, b in zip(ids, prompt_ids[:-1]):
-                if a != b:
-                    break
-                common += 1
-            if common and cache.truncate(common):
-                return cache, common
+        """A cache to continue from and how many of `prompt_ids` it already holds. The cache is
+        the caller's until it gives it back with `keep` (a half-written one must not be reused)."""
+        best, common = None, 0
+        for i, (cache, ids) in enumerate(self._entries):
+            n = _common_prefix(ids, prompt_ids[:-1]) if cache.plan_key == plan_key else 0
+            if n > common:
+                best, common = i, n
+        if best is not None:
+            cache, ids = self._entries[best]
+            if self.slots > 1 and common < len(ids):  # a branch: leave the other conversation whole
+                forked = cache.fork(common)
+                if forked is not None:
+                    return forked, common
+            else:
+                del self._entries[best]
+                if cache.truncate(common):
+                    return cache, common
+        while len(self._entries) >= self.slots:  # make room now: the new cache comes back in `keep`
+            del self._entries[0]
         return Cache(config, plan_key), 0
 
+    def release(self, prompt_ids: list[int]) -> None:
+        """Drop the caches `prompt_ids` continues (a multimodal turn: they won't be reused)."""
+        self._entries = [(c, ids) for c, ids in self._entries if _common_prefix(ids, prompt_ids) < len(ids)]
+
     def keep(self, cache: Cache, ids: list[int]) -> None:
-        """Remember `cache` and the `cache.offset` tokens it was fed (`ids`)."""
-        self.cache, self.ids = cache, list(ids[: cache.offset])
+        """Remember `cache` (most recently used) and the `cache.offset` tokens it was fed (`ids`)."""
+        self._entries.append((cache, list(ids[: cache.offset])))
+        del self._entries[: max(0, len(self._entries) - self.slots)]
+
+    def nbytes(self) -> int:
+        return sum(cache.nbytes() for cache, _ in self._entries)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -180,7 +180,7 @@ def generate_step(
     elif inputs_embeds is None:
         cache, done = prompt_cache.take(plan.config, plan.key, prompt_ids)
     else:  # soft tokens depend on the media, not on the ids: nothing to reuse or keep
-        prompt_cache.clear()
+        prompt_cache.release(prompt_ids)
         cache = Cache(plan.config, plan.key)
     ids = torch.tensor([prompt_ids[done:]], device=decoder.device)
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ log = logging.getLogger("gemma3n.server")
 
 DEFAULT_MAX_QUEUE = 32  # requests admitted at once: the one generating plus those waiting
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # room for a few base64 images / a minute of wav
+DEFAULT_PROMPT_CACHE_SLOTS = 4  # conversations whose K/V is kept between requests (memory: one K/V each)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _POLL_S = 0.25  # how often a waiting request checks whether its client went away
 
@@ -289,14 +290,14 @@ class _Job:
 class _Engine:
     """A single generation thread in front of a non-thread-safe model, with a bounded queue."""
 
-    def __init__(self, model: Any, max_queue: int) -> None:
+    def __init__(self, model: Any, max_queue: int, prompt_cache_slots: int) -> None:
         self.model, self.max_queue = model, max_queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma3n-generate")
         self._lock = threading.Lock()
         self._jobs: set[_Job] = set()
-        # The last request's K/V, used only by the worker thread: a follow-up turn that re-sends
-        # the conversation prefills just its new tokens (exact: reuse needs identical tokens).
-        self._prompt_cache = PromptCache()
+        # Recent requests' K/V, used only by the worker thread: a follow-up turn that re-sends its
+        # conversation prefills just its new tokens (exact: reuse needs identical tokens).
+        self._prompt_cache = PromptCache(prompt_cache_slots) if prompt_cache_slots else None
 
     @property
     def admitted(self) -> int:
@@ -380,7 +381,7 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},  # reused from the previous request
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},  # reused from an earlier request
     }
 
 
@@ -424,6 +425,7 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
     allowed_hosts: Sequence[str] | None = None,
@@ -432,12 +434,17 @@ def create_app(
     `stream`, `sizes`, `name`, `has_audio`, `has_vision`). Every elastic size is its own model id;
     `sizes` adds custom ones, e.g. {"gemma3n-half": {"ffn": [4096] * 35}}. `allowed_hosts`, if
     given, is the set of Host header names answered (a loopback server's defence against DNS
-    rebinding, where a web page's own domain is pointed at 127.0.0.1)."""
+    rebinding, where a web page's own domain is pointed at 127.0.0.1). `prompt_cache_slots`
+    conversations keep their K/V between requests (0: none), see `gemma3n.PromptCache`; clients
+    can tell from `cached_tokens` or latency that a prefix was sent recently, so use 0 where they
+    must not learn about each other."""
     ids = _model_ids(model, model_id, sizes)
     default_id = next(iter(ids))
     aliases = {size: mid for mid, size in ids.items() if isinstance(size, str)}  # "E2B" -> "gemma3n-E2B"
     created = int(time.time())
-    engine = _Engine(model, max_queue)
+    if prompt_cache_slots < 0:
+        raise ValueError(f"prompt_cache_slots must be >= 0, not {prompt_cache_slots}")
+    engine = _Engine(model, max_queue, prompt_cache_slots)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -669,6 +676,7 @@ def serve(
     *,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
     log_level: str = "info",
@@ -683,7 +691,7 @@ def serve(
     loopback = host in LOOPBACK_HOSTS
     if not loopback and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this host can use it", host)
-    limits = {"max_queue": max_queue, "max_body_bytes": max_body_bytes}
+    limits = {"max_queue": max_queue, "max_body_bytes": max_body_bytes, "prompt_cache_slots": prompt_cache_slots}
     hosts = LOOPBACK_HOSTS if loopback else None
     app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

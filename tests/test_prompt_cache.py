@@ -75,3 +75,64 @@ def test_chat_turns_on_the_default_model(tiny_model_dir):
     again = model.generate(messages=history, prompt_cache=pc, **GREEDY)
     assert again.stats["cached_prompt_tokens"] > reply.prompt_tokens
     assert again.text == model.generate(messages=history, **GREEDY).text
+
+
+def test_slots_keep_interleaved_conversations_and_a_shared_prefix_is_copied(model):
+    """Two conversations that share a system prompt, turns interleaved, as a server sees them:
+    with two slots each follow-up continues from its own cache; a branch gets a copy of the
+    shared part and leaves the other conversation's cache whole. Outputs equal fresh prefills."""
+    pc = gemma3n.PromptCache(slots=2)
+    system = _prompt(12, 9)
+    a1, b1 = system + _prompt(10, 10), system + _prompt(7, 11)
+    ra1 = model.generate(a1, prompt_cache=pc, **GREEDY)
+    rb1 = model.generate(b1, prompt_cache=pc, **GREEDY)
+    assert rb1.stats["cached_prompt_tokens"] == len(system)  # a copy of A's system-prompt part
+    assert rb1.token_ids == model.generate(b1, **GREEDY).token_ids
+    assert len(pc) == 2
+    a2 = a1 + ra1.token_ids + _prompt(5, 12)
+    b2 = b1 + rb1.token_ids + _prompt(6, 13)
+    ra2 = model.generate(a2, prompt_cache=pc, **GREEDY)
+    rb2 = model.generate(b2, prompt_cache=pc, **GREEDY)
+    assert ra2.stats["cached_prompt_tokens"] == len(a1) + len(ra1.token_ids) - 1  # A's cache was whole
+    assert rb2.stats["cached_prompt_tokens"] == len(b1) + len(rb1.token_ids) - 1
+    assert ra2.token_ids == model.generate(a2, **GREEDY).token_ids
+    assert rb2.token_ids == model.generate(b2, **GREEDY).token_ids
+    # a third conversation evicts the least recently used (A); B still continues
+    model.generate(_prompt(9, 14), prompt_cache=pc, **GREEDY)
+    assert len(pc) == 2
+    b3 = b2 + rb2.token_ids + _prompt(3, 15)
+    assert model.generate(b3, prompt_cache=pc, **GREEDY).stats["cached_prompt_tokens"] == len(b2) + 9
+    a3 = a2 + ra2.token_ids + _prompt(3, 16)
+    ra3 = model.generate(a3, prompt_cache=pc, **GREEDY)
+    assert ra3.stats["cached_prompt_tokens"] == len(system)  # A is gone: only B's system part is there
+    assert ra3.token_ids == model.generate(a3, **GREEDY).token_ids
+    # a branch adds its copy as the most recent; the least recently used goes
+    d1 = system + _prompt(4, 23)
+    rd1 = model.generate(d1, prompt_cache=pc, **GREEDY)
+    assert rd1.stats["cached_prompt_tokens"] == len(system) and len(pc) == 2
+    d2 = d1 + rd1.token_ids + _prompt(2, 24)
+    assert model.generate(d2, prompt_cache=pc, **GREEDY).stats["cached_prompt_tokens"] == len(d1) + 9
+
+
+def test_one_slot_thrashes_between_conversations(model):
+    """The default (one conversation): the other conversation's turn takes the cache over."""
+    pc = gemma3n.PromptCache()
+    a1, b1 = _prompt(20, 17), _prompt(20, 18)
+    ra1 = model.generate(a1, prompt_cache=pc, **GREEDY)
+    model.generate(b1, prompt_cache=pc, **GREEDY)
+    a2 = a1 + ra1.token_ids + _prompt(4, 19)
+    assert model.generate(a2, prompt_cache=pc, **GREEDY).stats["cached_prompt_tokens"] == 0
+    assert len(pc) == 1
+    with pytest.raises(ValueError, match="at least one slot"):
+        gemma3n.PromptCache(slots=0)
+
+
+def test_release_drops_only_the_conversations_a_prompt_continues(model):
+    """A multimodal turn can't reuse ids-keyed caches: the one it continues is dropped, not others."""
+    pc = gemma3n.PromptCache(slots=3)
+    a1, b1 = _prompt(15, 20), _prompt(15, 21)
+    ra1 = model.generate(a1, prompt_cache=pc, **GREEDY)
+    model.generate(b1, prompt_cache=pc, **GREEDY)
+    pc.release(a1 + ra1.token_ids + _prompt(3, 22))
+    assert len(pc) == 1
+    assert model.generate(b1 + [7], prompt_cache=pc, **GREEDY).stats["cached_prompt_tokens"] > 0

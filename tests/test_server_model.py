@@ -192,18 +192,31 @@ def test_concurrent_requests_are_not_mixed_up(client, model_id):
     assert together == alone
 
 
-def test_a_follow_up_turn_reuses_the_previous_requests_cache(client, model_id):
-    """The client re-sends the conversation; the server prefills only the new turn (reported as
-    usage.prompt_tokens_details.cached_tokens) and answers exactly as a fresh prefill would."""
-    history = [{"role": "user", "content": "Who was Moses?"}]
-    first = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
-    history += [
-        {"role": "assistant", "content": first.choices[0].message.content},
-        {"role": "user", "content": "And Aaron?"},
-    ]
-    follow = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
-    assert follow.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
-    client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "x"}], max_tokens=1)
-    fresh = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
-    assert fresh.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens  # the "x" request
-    assert fresh.choices[0].message.content == follow.choices[0].message.content
+def test_follow_up_turns_reuse_their_conversations_cache(client, model, model_id):
+    """Clients re-send their conversations, turns interleaved; the server prefills only each new
+    turn (usage.prompt_tokens_details.cached_tokens) and answers exactly as a fresh prefill would."""
+    talks = [[{"role": "user", "content": "Who was Moses?"}], [{"role": "user", "content": "Where is Zion?"}]]
+    firsts = []
+    for history in talks:
+        first = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
+        history += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And then?"},
+        ]
+        firsts.append(first)
+    for history, first in zip(talks, firsts):
+        follow = client.chat.completions.create(model=model_id, messages=history, temperature=0.0, max_tokens=8)
+        assert follow.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+        fresh = model.generate(messages=history, temperature=0.0, max_tokens=8)  # no cache
+        assert follow.choices[0].message.content == fresh.text
+
+
+def test_prompt_cache_slots_zero_keeps_nothing(model):
+    with BackgroundServer(create_app(model, prompt_cache_slots=0)) as srv:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
+        mid = c.models.list().data[0].id
+        for _ in range(2):
+            r = chat(c, mid, "Who was Moses?", **GREEDY)
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+    with pytest.raises(ValueError, match="prompt_cache_slots"):
+        create_app(model, prompt_cache_slots=-1)
