@@ -8,6 +8,12 @@ adds to.
 
     python bench/bench_server.py                      # 1, 4, 16 clients, embedded model
     python bench/bench_server.py --clients 1 4 --requests 2 --max-tokens 16
+
+With --turns T, the first --clients value is instead a number of T-turn conversations, each
+re-sending its history as chat clients do, their turns interleaved, once per --prompt-cache-slots
+value: how much of each follow-up prompt the server takes from its prompt cache, and its TTFT.
+
+    python bench/bench_server.py --clients 4 --turns 6 --slots 0 1 4
 """
 
 from __future__ import annotations
@@ -70,6 +76,58 @@ def via_server(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) 
     return timed(chunks(), lambda c: c.usage.completion_tokens if c.usage else None)
 
 
+def conversation_turn(client: openai.OpenAI, model: str, history: list[dict], max_tokens: int) -> dict[str, float]:
+    """One streamed turn of a conversation; appends the reply and returns timing + cached tokens."""
+    usage: dict[str, int] = {}
+
+    def chunks() -> Iterator[tuple[str, Any]]:
+        stream = client.chat.completions.create(
+            model=model,
+            messages=history,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for c in stream:
+            if c.usage:
+                usage["prompt"], usage["cached"] = c.usage.prompt_tokens, c.usage.prompt_tokens_details.cached_tokens
+            text = (c.choices[0].delta.content or "") if c.choices else ""
+            reply.append(text)
+            yield text, c
+
+    reply: list[str] = []
+    row = timed(chunks(), lambda c: c.usage.completion_tokens if c.usage else None)
+    history.append({"role": "assistant", "content": "".join(reply)})
+    return {**row, "prompt_tokens": usage.get("prompt", 0), "cached_tokens": usage.get("cached", 0)}
+
+
+def run_conversations(base_url: str, conversations: int, turns: int, max_tokens: int) -> dict:
+    """`conversations` chats of `turns` turns, taken round-robin one request at a time (turns
+    interleave as with several chat clients, but nothing queues, so TTFT is prefill + one token)."""
+    client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    model_id = client.models.list().data[0].id
+    histories = [[{"role": "system", "content": "Answer briefly."}] for _ in range(conversations)]
+    results: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for t in range(turns):
+        for k, history in enumerate(histories):
+            history.append({"role": "user", "content": PROMPTS[(k + t) % len(PROMPTS)]})
+            results.append({**conversation_turn(client, model_id, history, max_tokens), "turn": t})
+    wall = time.perf_counter() - t0
+    follow = [r for r in results if r["turn"] > 0]
+    ttfts = sorted(r["ttft"] for r in follow)
+    prompt_tokens = sum(r["prompt_tokens"] for r in follow)
+    return {
+        "requests": len(results),
+        "wall_s": round(wall, 3),
+        "follow_up_prompt_tokens": prompt_tokens,
+        "follow_up_cached_pct": round(100 * sum(r["cached_tokens"] for r in follow) / max(1, prompt_tokens), 1),
+        "follow_up_ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
+        "follow_up_ttft_max_ms": round(1000 * ttfts[-1], 1),
+    }
+
+
 def direct(model: Any, prompt: str, max_tokens: int) -> dict[str, float]:
     """The same request through `model.stream` in this thread: the floor the server adds to."""
     pieces = model.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0)
@@ -116,7 +174,9 @@ def report(name: str, row: dict, as_json: bool) -> None:
 
 
 @contextmanager
-def server_process(model: str | None, max_queue: int, threads: int | None = None) -> Iterator[str]:
+def server_process(
+    model: str | None, max_queue: int, threads: int | None = None, slots: int | None = None
+) -> Iterator[str]:
     """`gemma3n serve` in its own process (clients in this one must not share its GIL); yields /v1 URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -125,6 +185,7 @@ def server_process(model: str | None, max_queue: int, threads: int | None = None
     log = tempfile.TemporaryFile()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     args = cmd + (["--model", model] if model else [])
+    args += ["--prompt-cache-slots", str(slots)] if slots is not None else []
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -158,7 +219,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in both processes (default: torch's)")
     ap.add_argument("--in-process", action="store_true", help="run the server in this process (shares the GIL)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
+    ap.add_argument("--turns", type=int, default=0, help="multi-turn conversations instead (see above)")
+    ap.add_argument("--slots", type=int, nargs="+", default=[0, 1, 4], help="--prompt-cache-slots values (--turns)")
     args = ap.parse_args()
+    if args.turns:
+        conversations(args)
+        return
 
     def prompt(k: int, i: int) -> str:
         return PROMPTS[(k + i) % len(PROMPTS)]
@@ -192,6 +258,31 @@ def main() -> None:
             report(f"{n} client" + "s" * (n > 1), run_level(ask, n, args.requests, args.seconds), args.json)
     finally:
         server.__exit__(None, None, None)
+
+
+def conversations(args: argparse.Namespace) -> None:
+    clients = args.clients[0]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{clients} conversations x {args.turns} turns, max_tokens {args.max_tokens}, load {load}")
+    if not args.json:
+        head = ("slots", "reqs", "follow-up prompt tok", "cached", "TTFT p50", "TTFT max", "wall")
+        print("{:>5} {:>5} {:>20} {:>7} {:>10} {:>10} {:>7}".format(*head))
+    for slots in args.slots:
+        with server_process(args.model, clients + 1, args.threads, slots) as base_url:
+            row = {"slots": slots, **run_conversations(base_url, clients, args.turns, args.max_tokens)}
+        if args.json:
+            print(json.dumps(row))
+            continue
+        cells = (
+            slots,
+            row["requests"],
+            row["follow_up_prompt_tokens"],
+            row["follow_up_cached_pct"],
+            row["follow_up_ttft_p50_ms"],
+            row["follow_up_ttft_max_ms"],
+            row["wall_s"],
+        )
+        print("{:>5} {:>5} {:>20} {:>6.1f}% {:>8.1f}ms {:>8.1f}ms {:>6.1f}s".format(*cells))
 
 
 if __name__ == "__main__":
