@@ -92,11 +92,11 @@ class LayerKV:
             return 0
         return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
 
-    def copy(self) -> LayerKV:
-        """An independent copy of the entries held (not of the spare capacity)."""
+    def copy(self, before: int) -> LayerKV:
+        """An independent copy of the entries at positions < `before` (not of the spare capacity)."""
         out = LayerKV(self.window)
         if self.k is not None:
-            n = self.length
+            n = int((self.pos[: self.length] < before).sum())  # positions ascend: a prefix
             out.k, out.v, out.pos = self.k[:, :, :n].clone(), self.v[:, :, :n].clone(), self.pos[:n].clone()
             out.length = n
         return out
@@ -130,7 +130,7 @@ class Cache:
     def fork(self, n: int) -> Cache | None:
         """A copy holding the first n tokens, this cache untouched (None where `truncate` can't)."""
         out = copy.copy(self)
-        out.layers = {j: c.copy() for j, c in self.layers.items()}
+        out.layers = {j: c.copy(n) for j, c in self.layers.items()}  # only what the copy keeps
         return out if out.truncate(n) else None
 
 
