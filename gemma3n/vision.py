@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, InputError
+from .placement import choose_compute_dtype
 
 # ---------------------------------------------------------------------------------------------------
 # Image input
@@ -677,8 +678,8 @@ class VisionTower(nn.Module):
     The output is exactly what transformers' `get_image_features` passes to
     `embed_vision(inputs_embeds=...)`: `timm forward_features` [N, C, R, R] -> reshape [N, C, R*R] ->
     permute [N, R*R, C] (token k = row k // R, column k % R) -> `*= vision_config.hidden_size ** 0.5`.
-    On CPU the maths runs in float32 whatever `dtype` says (no fast bf16 GEMM on AVX2); the output is
-    cast to `dtype`."""
+    Computes in `placement.choose_compute_dtype` (fp32 on a CPU for half-precision weights: no fast
+    bf16 GEMM on AVX2); the output is cast to `dtype`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -696,7 +697,7 @@ class VisionTower(nn.Module):
         skeleton = _build_timm_skeleton(vision_config)
         _check_coverage(sd, skeleton)
         device = torch.device(device)
-        compute = torch.float32 if device.type == "cpu" else dtype
+        compute = choose_compute_dtype(device, dtype)  # fp32 on a CPU for half-precision weights
         ld = _Loader(sd, device, compute)
         hidden = int(vision_config.get("hidden_size", 2048))
         if skeleton.msfa is None or skeleton.msfa.out_channels != hidden:
