@@ -9,6 +9,12 @@ Optionally the same sizes sliced out of a contrast model trained *without* MatFo
 
 Writes OUT.json (every figure), OUT.png (the plot; needs matplotlib: `pip install -e .[tools]`) and
 prints a Markdown table. Sizes come from the model's matformer_sizes.json (`gemma3n slice --list`).
+
+With --quantize, the quality of weight-only quantization instead (issue #9): held-out perplexity
+and greedy top-1 agreement with the model as stored, for each scheme given to `gemma3n.load`,
+written to OUT.json.
+
+    python tools/eval_tiny.py --quantize int8,int4:32,int4:64,int4:128 --out bench/out/tiny-quantize
 """
 
 from __future__ import annotations
@@ -83,6 +89,28 @@ def evaluate(model_dir: Path, sizes: dict[str, dict | None], windows: torch.Tens
     return sorted(rows, key=lambda r: -r["effective_params"])
 
 
+@torch.inference_mode()
+def quantization_quality(model_dir: Path, schemes: list[str], windows: torch.Tensor, agree_windows: int = 64) -> list:
+    """Held-out perplexity and top-1 agreement (every position of the first `agree_windows`
+    windows) with the unquantized model, for each scheme."""
+    rows, reference = [], None
+    for scheme in [None, *schemes]:
+        model = gemma3n.load(model_dir, quantize=scheme)
+        t = time.perf_counter()
+        ppl = perplexity(model, windows, None)
+        top1 = torch.cat([model.logits(w[None, :-1]).argmax(-1) for w in windows[:agree_windows]])
+        reference = top1 if reference is None else reference
+        row = {
+            "scheme": scheme or "as stored",
+            "heldout_ppl": round(ppl, 3),
+            "top1_agreement": round(float((top1 == reference).float().mean()), 4),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        rows.append(row)
+        print(f"  {row['scheme']:>10}  ppl {ppl:8.3f}  top-1 agreement {row['top1_agreement']:.4f}", flush=True)
+    return rows
+
+
 def plot(results: dict[str, list[dict]], out: Path) -> None:
     try:
         import matplotlib
@@ -122,8 +150,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "tiny-matformer")
     ap.add_argument("--seq", type=int, default=128, help="tokens per held-out window (as in training)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quantize", default=None, help="comma-separated schemes: quantization quality instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quantize:
+        windows = held_out_windows(args.model, args.seq)
+        rows = quantization_quality(args.model, args.quantize.split(","), windows)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"held_out_windows": len(windows), "rows": rows}, indent=1))
+        print("\n| scheme | held-out ppl | top-1 agreement |\n| --- | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['scheme']} | {r['heldout_ppl']:.3f} | {100 * r['top1_agreement']:.1f} % |")
+        return
 
     sizes: dict[str, dict | None] = {"full": None, **declared_sizes(args.model)}
     windows = held_out_windows(args.model, args.seq)
