@@ -13,9 +13,10 @@ PLE = "embed_tokens_per_layer.weight"
 
 def parameter_split(ckpt: Checkpoint) -> dict[str, int]:
     """Main embedding, per-layer embedding table, and 'effective' = the rest of the decoder
-    (as stored, shared-layer K/V included: text-decoder.md §6.2)."""
+    (as stored, shared-layer K/V included: text-decoder.md §6.2). A quantized checkpoint counts
+    the weights its tensors stand for, not its packed bytes or scales."""
     prefix = ckpt.text_prefix
-    text = {n[len(prefix) :]: math.prod(ckpt.shape(n)) for n in ckpt.names() if n.startswith(prefix)}
+    text = dict(_logical_counts(ckpt, prefix))
     text = {
         n: c
         for n, c in text.items()
@@ -26,6 +27,22 @@ def parameter_split(ckpt: Checkpoint) -> dict[str, int]:
     for tower in ("audio_tower", "vision_tower"):
         split[tower] = sum(math.prod(ckpt.shape(n)) for n in ckpt.names() if n.startswith(f"model.{tower}."))
     return split
+
+
+def _logical_counts(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, int]]:
+    """(name relative to `prefix`, parameters) of the text tensors; a quantized `X.qweight`
+    (int4: two weights a byte) counts as the `X.weight` it replaces, its `X.scales` as nothing."""
+    from .quantize import stored_config
+
+    qc = stored_config(ckpt.path)
+    per_byte = 2 if qc is not None and qc.bits == 4 else 1
+    for n in ckpt.names():
+        if not n.startswith(prefix) or (qc is not None and n.endswith(".scales")):
+            continue
+        count = math.prod(ckpt.shape(n))
+        if qc is not None and n.endswith(".qweight"):
+            n, count = n[: -len(".qweight")] + ".weight", count * per_byte
+        yield n[len(prefix) :], count
 
 
 def layer_map(ckpt: Checkpoint) -> list[str]:

@@ -150,12 +150,16 @@ class PlacementReport:
 
 
 def placement_report(decoder: TextDecoder) -> PlacementReport:
+    from .quantize import QWeight
+
     params = list(decoder.parameters())
+    # quantized modules hold a QWeight (not a parameter): the weights it stands for, its packed bytes
+    qweights = [w for m in decoder.modules() if isinstance(w := getattr(m, "weight", None), QWeight)]
     table = decoder.embed_tokens_per_layer
     return PlacementReport(
         device=str(decoder.device),
-        device_params=sum(p.numel() for p in params),
-        device_bytes=sum(p.numel() * p.element_size() for p in params),
+        device_params=sum(p.numel() for p in params) + sum(w.numel() for w in qweights),
+        device_bytes=sum(p.numel() * p.element_size() for p in params) + sum(w.nbytes() for w in qweights),
         host_params=table.numel() if table is not None else 0,
         host_bytes=table.numel() * table.element_size() if table is not None else 0,
     )

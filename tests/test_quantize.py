@@ -180,6 +180,21 @@ def test_quantized_checkpoint_round_trip(tiny_model_dir, tmp_path):
     assert step.shape[1] == ids.shape[1] + 1
     with pytest.raises(InputError, match="already quantized"):
         load(out, quantize="int8")
+    _same_counts_as_source(out, tiny_model_dir)
+
+
+def _same_counts_as_source(quantized, source) -> None:
+    """`info` counts the weights a quantized checkpoint stands for (not packed bytes or scales),
+    and `--placement` puts the quantized modules' weights on the device, in fewer bytes."""
+    from gemma3n.checkpoint import open_checkpoint
+    from gemma3n.info import parameter_split
+    from gemma3n.model import load
+    from gemma3n.placement import placement_report
+
+    assert parameter_split(open_checkpoint(quantized)) == parameter_split(open_checkpoint(source))
+    q, full = placement_report(load(quantized).decoder), placement_report(load(source).decoder)
+    assert (q.device_params, q.host_params) == (full.device_params, full.host_params)
+    assert q.device_bytes < full.device_bytes / 2 and q.host_bytes < full.host_bytes
 
 
 def test_quantize_int8_checkpoint_and_flag(tiny_model_dir, tmp_path, capsys):
@@ -191,6 +206,7 @@ def test_quantize_int8_checkpoint_and_flag(tiny_model_dir, tmp_path, capsys):
     m = load(out)
     ids = _ids(m, 16)
     _close(m.logits(ids), load(tiny_model_dir).logits(ids), rel=0.2)  # chaotic random model: see above
+    _same_counts_as_source(out, tiny_model_dir)
     assert main(["generate", "--quantize", "int8", "--raw", "-p", "hello", "--max-tokens", "3", "--temp", "0"]) == 0
     assert capsys.readouterr().out
 
