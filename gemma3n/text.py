@@ -108,7 +108,8 @@ class Attention(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention with scale 1.0 and GQA. q [B, Hq, Tq, d], k/v [B, Hkv, Tk, d].
+    """Attention with scale 1.0 (q_norm/k_norm replace the usual 1/sqrt(d): §4.4, §7.3) and GQA.
+    q [B, Hq, Tq, d], k/v [B, Hkv, Tk, d].
 
     fp32 uses the fused kernel. In half precision the reference's order of roundings is
     reproduced (scores in the activation dtype, softmax in fp32, cast back: §7 "softmax"),
