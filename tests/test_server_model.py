@@ -123,25 +123,6 @@ def _wav() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def test_image_part(client, model, model_id):
-    if not model.has_vision:
-        pytest.skip("the test model has no vision tower")
-    content = [{"type": "image_url", "image_url": {"url": _png()}}, {"type": "text", "text": "What is this?"}]
-    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": content}], **GREEDY)
-    assert r.usage.prompt_tokens > 8 and r.choices[0].finish_reason in ("stop", "length")
-
-
-def test_audio_part(client, model, model_id):
-    if not model.has_audio:
-        pytest.skip("the test model has no audio tower")
-    content = [
-        {"type": "input_audio", "input_audio": {"data": _wav(), "format": "wav"}},
-        {"type": "text", "text": "?"},
-    ]
-    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": content}], **GREEDY)
-    assert r.usage.prompt_tokens > 8 and r.choices[0].finish_reason in ("stop", "length")
-
-
 def test_media_errors_are_400(client, model, model_id):
     parts = [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]
     if not model.has_vision:
