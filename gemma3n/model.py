@@ -112,8 +112,11 @@ class Model:
     def logits(self, input_ids: torch.Tensor, size: Any = None) -> torch.Tensor:
         """Full forward without a cache: LongTensor [B, T] -> float32 soft-capped logits [B, T, V]."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if ids.dim() != 2:
-            raise InputError(f"input_ids must be [batch, tokens], got shape {list(ids.shape)}")
+        if ids.dim() != 2 or 0 in ids.shape:
+            raise InputError(f"input_ids must be a non-empty [batch, tokens], got shape {list(ids.shape)}")
+        context = self.config.text.max_position_embeddings
+        if ids.shape[1] > context:
+            raise InputError(f"input_ids has {ids.shape[1]} tokens but the model's context is {context} tokens")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.text.vocab_size):
             raise InputError(f"token ids must be in [0, {self.config.text.vocab_size})")
         ids = ids.to(self.decoder.device)

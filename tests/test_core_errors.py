@@ -149,6 +149,19 @@ def test_bad_messages(tiny_model_dir):
         model.generate([1, 2, 10**6])
 
 
+def test_bad_logits_input(tiny_model_dir):
+    model = gemma3n.load(tiny_model_dir)
+    context = model.config.text.max_position_embeddings
+    for ids, match in [
+        (torch.zeros(1, 0, dtype=torch.long), r"non-empty \[batch, tokens\], got shape \[1, 0\]"),
+        (torch.zeros(4, dtype=torch.long), r"got shape \[4\]"),
+        (torch.zeros(1, context + 1, dtype=torch.long), f"has {context + 1} tokens but the model's context is"),
+        (torch.tensor([[1, model.config.text.vocab_size]]), "token ids must be in"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            model.logits(ids)
+
+
 def test_text_only_checkpoint_refuses_media(tiny_model_dir):
     model = gemma3n.load(tiny_model_dir)
     for part in ({"type": "image", "image": "x.png"}, {"type": "audio", "audio": "x.wav"}):
