@@ -146,13 +146,17 @@ class PromptCache:
     One slot (the default) suits one conversation: a prompt that diverges takes the cache over.
     With more (the server), a prompt that shares only part of a cache, such as a system prompt
     or a conversation it branches from, gets a copy of that part, so the other conversation
-    keeps its cache. Each slot holds its conversation's K/V (`Cache.nbytes`). One caller at a time.
+    keeps its cache. Each slot holds its conversation's K/V (`Cache.nbytes`); `max_bytes` caps
+    what all of them hold between calls (least recently used dropped first, the newest too if it
+    alone is over). One caller at a time.
     """
 
-    def __init__(self, slots: int = 1) -> None:
+    def __init__(self, slots: int = 1, max_bytes: int | None = None) -> None:
         if slots < 1:
             raise ValueError(f"a PromptCache needs at least one slot, not {slots}")
-        self.slots = slots
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        self.slots, self.max_bytes = slots, max_bytes
         self._entries: list[tuple[Cache, list[int]]] = []  # least recently used first
 
     def __len__(self) -> int:
@@ -191,6 +195,9 @@ class PromptCache:
         """Remember `cache` (most recently used) and the `cache.offset` tokens it was fed (`ids`)."""
         self._entries.append((cache, list(ids[: cache.offset])))
         del self._entries[: max(0, len(self._entries) - self.slots)]
+        if self.max_bytes is not None:
+            while self._entries and self.nbytes() > self.max_bytes:
+                del self._entries[0]
 
     def nbytes(self) -> int:
         return sum(cache.nbytes() for cache, _ in self._entries)

@@ -188,6 +188,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise InputError(f"the server needs its extra: pip install 'gemma3n[server]' ({e})") from None
     if a.prompt_cache_slots < 0:
         raise InputError(f"--prompt-cache-slots must be 0 or more, not {a.prompt_cache_slots}")
+    if a.prompt_cache_mb is not None and a.prompt_cache_mb < 0:
+        raise InputError(f"--prompt-cache-mb must be 0 or more, not {a.prompt_cache_mb:g}")
     model = _load(a)
     serve(
         model,
@@ -196,6 +198,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         api_key=a.api_key,
         max_queue=a.max_queue,
         prompt_cache_slots=a.prompt_cache_slots,
+        prompt_cache_bytes=None if a.prompt_cache_mb is None else int(a.prompt_cache_mb * 2**20),
         model_id=a.model_id,
     )
 
@@ -291,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="conversations whose K/V is kept for their next request (default 4; 0: none); each costs "
         "up to its K/V, about 100 MiB per 4k tokens for E2B/E4B with fp32 activations",
+    )
+    s.add_argument(
+        "--prompt-cache-mb",
+        type=float,
+        default=None,
+        help="cap on the K/V those conversations hold between requests, in MiB (default: no cap)",
     )
     s.add_argument("--model-id", default=None, help="id of the full model in /v1/models (default: its name)")
     s.set_defaults(func=cmd_serve)

@@ -290,14 +290,14 @@ class _Job:
 class _Engine:
     """A single generation thread in front of a non-thread-safe model, with a bounded queue."""
 
-    def __init__(self, model: Any, max_queue: int, prompt_cache_slots: int) -> None:
+    def __init__(self, model: Any, max_queue: int, prompt_cache_slots: int, prompt_cache_bytes: int | None) -> None:
         self.model, self.max_queue = model, max_queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma3n-generate")
         self._lock = threading.Lock()
         self._jobs: set[_Job] = set()
         # Recent requests' K/V, used only by the worker thread: a follow-up turn that re-sends its
         # conversation prefills just its new tokens (exact: reuse needs identical tokens).
-        self._prompt_cache = PromptCache(prompt_cache_slots) if prompt_cache_slots else None
+        self._prompt_cache = PromptCache(prompt_cache_slots, prompt_cache_bytes) if prompt_cache_slots else None
 
     @property
     def admitted(self) -> int:
@@ -426,6 +426,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
+    prompt_cache_bytes: int | None = None,
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
     allowed_hosts: Sequence[str] | None = None,
@@ -435,7 +436,8 @@ def create_app(
     `sizes` adds custom ones, e.g. {"gemma3n-half": {"ffn": [4096] * 35}}. `allowed_hosts`, if
     given, is the set of Host header names answered (a loopback server's defence against DNS
     rebinding, where a web page's own domain is pointed at 127.0.0.1). `prompt_cache_slots`
-    conversations keep their K/V between requests (0: none), see `gemma3n.PromptCache`; clients
+    conversations keep their K/V between requests (0: none; at most `prompt_cache_bytes` in all,
+    if given), see `gemma3n.PromptCache`; clients
     can tell from `cached_tokens` or latency that a prefix was sent recently, so use 0 where they
     must not learn about each other."""
     ids = _model_ids(model, model_id, sizes)
@@ -444,7 +446,9 @@ def create_app(
     created = int(time.time())
     if prompt_cache_slots < 0:
         raise ValueError(f"prompt_cache_slots must be >= 0, not {prompt_cache_slots}")
-    engine = _Engine(model, max_queue, prompt_cache_slots)
+    if prompt_cache_bytes is not None and prompt_cache_bytes < 0:
+        raise ValueError(f"prompt_cache_bytes must be >= 0, not {prompt_cache_bytes}")
+    engine = _Engine(model, max_queue, prompt_cache_slots, prompt_cache_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -677,6 +681,7 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
+    prompt_cache_bytes: int | None = None,
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
     log_level: str = "info",
@@ -691,7 +696,12 @@ def serve(
     loopback = host in LOOPBACK_HOSTS
     if not loopback and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this host can use it", host)
-    limits = {"max_queue": max_queue, "max_body_bytes": max_body_bytes, "prompt_cache_slots": prompt_cache_slots}
+    limits = {
+        "max_queue": max_queue,
+        "max_body_bytes": max_body_bytes,
+        "prompt_cache_slots": prompt_cache_slots,
+        "prompt_cache_bytes": prompt_cache_bytes,
+    }
     hosts = LOOPBACK_HOSTS if loopback else None
     app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

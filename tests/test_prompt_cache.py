@@ -136,3 +136,23 @@ def test_release_drops_only_the_conversations_a_prompt_continues(model):
     pc.release(a1 + ra1.token_ids + _prompt(3, 22))
     assert len(pc) == 1
     assert model.generate(b1 + [7], prompt_cache=pc, **GREEDY).stats["cached_prompt_tokens"] > 0
+
+
+def test_a_byte_cap_drops_the_least_recently_used(model):
+    sizes = []
+    probe = gemma3n.PromptCache(slots=4)
+    for seed in (30, 31, 32):
+        model.generate(_prompt(20, seed), prompt_cache=probe, **GREEDY)
+        sizes.append(probe.nbytes() - sum(sizes))
+    assert len(probe) == 3 and min(sizes) > 0
+    capped = gemma3n.PromptCache(slots=4, max_bytes=sizes[1] + sizes[2])  # room for the two newest
+    for seed in (30, 31, 32):
+        model.generate(_prompt(20, seed), prompt_cache=capped, **GREEDY)
+    assert len(capped) == 2 and capped.nbytes() <= capped.max_bytes
+    again = model.generate(_prompt(20, 30), prompt_cache=capped, **GREEDY)
+    assert again.stats["cached_prompt_tokens"] == 0  # the oldest went
+    none = gemma3n.PromptCache(max_bytes=0)
+    model.generate(_prompt(20, 33), prompt_cache=none, **GREEDY)
+    assert len(none) == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        gemma3n.PromptCache(max_bytes=-1)

@@ -192,12 +192,14 @@ def test_follow_up_turns_reuse_their_conversations_cache(client, model, model_id
         assert follow.choices[0].message.content == fresh.text
 
 
-def test_prompt_cache_slots_zero_keeps_nothing(model):
-    with BackgroundServer(create_app(model, prompt_cache_slots=0)) as srv:
+@pytest.mark.parametrize("limit", [{"prompt_cache_slots": 0}, {"prompt_cache_bytes": 0}])
+def test_a_prompt_cache_of_zero_keeps_nothing(model, limit):
+    with BackgroundServer(create_app(model, **limit)) as srv:
         c = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
         mid = c.models.list().data[0].id
         for _ in range(2):
             r = chat(c, mid, "Who was Moses?", **GREEDY)
             assert r.usage.prompt_tokens_details.cached_tokens == 0
-    with pytest.raises(ValueError, match="prompt_cache_slots"):
-        create_app(model, prompt_cache_slots=-1)
+    name = next(iter(limit))
+    with pytest.raises(ValueError, match=name):
+        create_app(model, **{name: -1})
