@@ -405,6 +405,8 @@ def _stored_params(ckpt: str) -> int:
 
 
 def summarize(results: list[dict], prompts: list[int], dp: dict, bw: dict) -> list[dict]:
+    from gemma3n.cache import common_prefix
+
     refs = {
         key: next((r for r in results if r.get("engine") == eng and "decode" in r), None)
         for key, eng in (("agree", "hf-fp32"), ("agree_bf16", "hf-bf16"))
@@ -432,23 +434,14 @@ def summarize(results: list[dict], prompts: list[int], dp: dict, bw: dict) -> li
             row["bound_frac"] = row["decode_tps"] / row["bound_tps"]
             for key, ref in refs.items():
                 if ref is not None:
-                    row[key] = _common_prefix(r["decode"]["token_ids"], ref["decode"]["token_ids"])
+                    same = common_prefix(r["decode"]["token_ids"], ref["decode"]["token_ids"])
+                    row[key] = f"{same}/{len(ref['decode']['token_ids'])}"  # greedy tokens equal to the reference's
         row["peak_rss_gb"] = r.get("peak_rss_gb")
         row["loadavg"] = (r.get("loadavg_before") or [None])[0]
         row["load_s"] = r.get("load_s")
         row["cuda_peak_gb"] = r.get("cuda_peak_gb")
         rows.append(row)
     return rows
-
-
-def _common_prefix(a: list[int], b: list[int]) -> str:
-    """Greedy tokens identical to the reference's, as `prefix length / reference length`."""
-    same = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        same += 1
-    return f"{same}/{len(b)}"
 
 
 def _ratios(rows: list[dict], prompts: list[int]) -> list[str]:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gemma3n  # noqa: E402
 from bench import common  # noqa: E402
+from gemma3n.cache import common_prefix  # noqa: E402
 from gemma3n.placement import placement_report  # noqa: E402
 
 PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good:"
@@ -64,7 +65,7 @@ def check(path: str | None, device: str, dtype: str | None, decode: int) -> dict
     del reference
     model.generate(ids, temperature=0.0, max_tokens=4)  # warm-up (kernels, caches)
     result = model.generate(ids, **greedy)
-    agree = next((i for i, (a, b) in enumerate(zip(result.token_ids, ref_tokens)) if a != b), len(ref_tokens))
+    agree = common_prefix(result.token_ids, ref_tokens)
     return {
         "model": model.name,
         "device": str(model.decoder.device),

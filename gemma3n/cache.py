@@ -170,7 +170,7 @@ class PromptCache:
         the caller's until it gives it back with `keep` (a half-written one must not be reused)."""
         best, common = None, 0
         for i, (cache, ids) in enumerate(self._entries):
-            n = _common_prefix(ids, prompt_ids[:-1]) if cache.plan_key == plan_key else 0
+            n = common_prefix(ids, prompt_ids[:-1]) if cache.plan_key == plan_key else 0
             if n > common:
                 best, common = i, n
         if best is not None:
@@ -189,7 +189,7 @@ class PromptCache:
 
     def release(self, prompt_ids: list[int]) -> None:
         """Drop the caches `prompt_ids` continues (a multimodal turn: they won't be reused)."""
-        self._entries = [(c, ids) for c, ids in self._entries if _common_prefix(ids, prompt_ids) < len(ids)]
+        self._entries = [(c, ids) for c, ids in self._entries if common_prefix(ids, prompt_ids) < len(ids)]
 
     def keep(self, cache: Cache, ids: list[int]) -> None:
         """Remember `cache` (most recently used) and the `cache.offset` tokens it was fed (`ids`)."""
@@ -203,7 +203,8 @@ class PromptCache:
         return sum(cache.nbytes() for cache, _ in self._entries)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

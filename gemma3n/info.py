@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterator
 
 from .checkpoint import Checkpoint
+from .matformer import effective_params, read_declared_sizes, resolve_size, sliced_text_config
 
 EMBED = "embed_tokens.weight"
 PLE = "embed_tokens_per_layer.weight"
@@ -68,7 +69,7 @@ def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: st
     yield f"  per-layer embedding table:     {_count(split['per_layer_embedding'])}"
     yield f"  effective (everything else):   {_count(split['effective'])}"
     unstored = unstored_shared_kv(cfg)
-    if unstored and split["effective"] + unstored == _table_effective(cfg):
+    if unstored and split["effective"] + unstored == effective_params(cfg):
         # slice --list and Google's table count them: say why the two figures differ
         table = _count(split["effective"] + unstored)
         yield f"  as MatFormer tables count it:  {table} (+ unused shared-layer K/V, not stored)"
@@ -78,8 +79,6 @@ def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: st
     yield "layers:"
     yield from layer_map(ckpt)
     if size is not None:
-        from .matformer import effective_params, read_declared_sizes, resolve_size, sliced_text_config
-
         spec = resolve_size(size, cfg, read_declared_sizes(ckpt.path, cfg))
         sliced = sliced_text_config(cfg, spec) if spec is not None else cfg
         yield f"size {size}: {_count(effective_params(sliced))} effective, {sliced.num_hidden_layers} layers"
@@ -103,12 +102,6 @@ def unstored_shared_kv(cfg) -> int:
     used); transformers 5 and our tools do not."""
     kv = cfg.num_key_value_heads * cfg.head_dim
     return cfg.num_kv_shared_layers * (2 * cfg.hidden_size * kv + cfg.head_dim)
-
-
-def _table_effective(cfg) -> int:
-    from .matformer import effective_params
-
-    return effective_params(cfg)
 
 
 def _count(n: int) -> str:
