@@ -45,7 +45,7 @@ def _dir_bytes(path: str) -> int:
 
 
 def export_worker(ckpt: str, size: str, out: str) -> dict[str, Any]:
-    from gemma3n.matformer import export_slice
+    from gemma3n.export import export_slice
 
     t0 = time.perf_counter()
     export_slice(ckpt, size, out, force=True, progress=sys.stderr.isatty())

@@ -210,7 +210,8 @@ def _default() -> Path:
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from .quantize import QuantConfig, quantize_checkpoint
+    from .export import quantize_checkpoint
+    from .quantize import QuantConfig
 
     bits = {8: "int8", 4: "int4"}.get(a.bits)
     if bits is None:

@@ -650,88 +650,6 @@ def stored_names(ckpt, prefix: str) -> dict[str, tuple[int, ...]]:
     }
 
 
-# --- offline: write a quantized checkpoint ----------------------------------------------
-def quantize_checkpoint(model: str | Path, out: str | Path, qc: QuantConfig, log=print) -> Path:
-    """Write a quantized copy of `model` to `out`: quantized tensors (portable layout), everything
-    else as stored, config.json with a `quantization` section, tokenizer and other files copied."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from .checkpoint import open_checkpoint
-    from .text import TextDecoder
-
-    ckpt = open_checkpoint(model)
-    if stored_config(ckpt.path) is not None:
-        raise InputError(f"{ckpt.path} is already quantized")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"--out {out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = ckpt.text_prefix
-    with torch.device("meta"):
-        decoder = TextDecoder(ckpt.config.text)
-    planned = {prefix + n for n in plan_modules(decoder, qc)}
-    ple = prefix + "embed_tokens_per_layer"
-    if qc.per_layer_embeddings:
-        planned.add(ple)
-    p = ckpt.config.text.hidden_size_per_layer_input
-    shard: dict[str, torch.Tensor] = {}
-    weight_map: dict[str, str] = {}
-    shard_bytes, shard_no, files = 0, 0, []
-
-    def flush():
-        nonlocal shard, shard_bytes, shard_no
-        if not shard:
-            return
-        shard_no += 1
-        fname = f"model-{shard_no:05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        for n in shard:
-            weight_map[n] = fname
-        files.append(fname)
-        shard, shard_bytes = {}, 0
-
-    def add(name: str, t: torch.Tensor):
-        nonlocal shard_bytes
-        shard[name] = t.contiguous()
-        shard_bytes += t.numel() * t.element_size()
-        if shard_bytes > 2 * 2**30:
-            flush()
-
-    done = 0
-    for name in ckpt.names():
-        base = name[: -len(".weight")] if name.endswith(".weight") else None
-        if base in planned:
-            w = ckpt.tensor(name)
-            if base == ple:  # row-wise: int8 one scale per (row, layer) group; int4 by groups
-                if qc.bits == 8:
-                    q, s = quantize_int8_rows_chunked(w, group=p)
-                else:
-                    q, s = _chunked(w, lambda c: quantize_int4(c, qc.group_size))
-            else:
-                q, s = _chunked(w, lambda c: _from_tensor(c, qc))
-            add(base + ".qweight", q)
-            add(base + ".scales", s)
-            done += 1
-        else:
-            add(name, ckpt.tensor(name))
-    flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    config = json.loads((ckpt.path / "config.json").read_text(encoding="utf-8"))
-    config["quantization"] = qc.to_json()
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for f in ckpt.path.iterdir():
-        if (
-            f.is_file()
-            and not f.name.endswith(".safetensors")
-            and f.name not in ("config.json", "model.safetensors.index.json")
-        ):
-            shutil.copy2(f, out / f.name)
-    log(f"quantized {done} tensors ({qc.name}) -> {out} ({len(files)} shard(s))")
-    return out
-
-
 def _chunked(w: torch.Tensor, fn, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a big row-wise tensor in row chunks written into preallocated outputs (bounded
     fp32 scratch, no concatenation copy: the LM head alone is 0.5-1 GB quantized)."""
@@ -744,10 +662,6 @@ def _chunked(w: torch.Tensor, fn, rows: int = 8192) -> tuple[torch.Tensor, torch
     for i in range(rows, w.shape[0], rows):
         q[i : i + rows], s[i : i + rows] = fn(w[i : i + rows])
     return q, s
-
-
-def quantize_int8_rows_chunked(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _chunked(w, lambda c: quantize_int8(c, group=group))
 
 
 def quant_bytes(decoder: nn.Module) -> int:

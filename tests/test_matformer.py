@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gemma3n import export as ex
 from gemma3n import matformer as mf
 from gemma3n.config import TextConfig
 from gemma3n.errors import InputError
@@ -257,7 +258,7 @@ def test_export_multimodal_layout_rewrites_nested_config(tiny_ckpt, tmp_path):
     raw = {"model_type": "gemma3n", "text_config": text, "vision_config": {"x": 1}, "image_token_id": 7}
     (src / "config.json").write_text(json.dumps(raw))
     (src / "processor_config.json").write_text("{}")
-    out = mf.export_slice(src, {"ffn": "128x10", "skip": "5-9"}, tmp_path / "out", progress=False)
+    out = ex.export_slice(src, {"ffn": "128x10", "skip": "5-9"}, tmp_path / "out", progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vision_config"] == {"x": 1} and cfg["image_token_id"] == 7
     assert cfg["text_config"]["num_hidden_layers"] == 10 and cfg["text_config"]["num_kv_shared_layers"] == 5
@@ -277,30 +278,30 @@ def test_export_refuses_non_empty_dir_unless_force(tiny_ckpt, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(InputError, match=r"is not empty; pass --force"):
-        mf.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
+        ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
     assert (out / "keep.txt").is_file()
     with pytest.raises(InputError, match="is the source checkpoint"):
-        mf.export_slice(tiny_ckpt, {"skip": "5-9"}, tiny_ckpt, progress=False, force=True)
-    mf.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False, force=True)
+        ex.export_slice(tiny_ckpt, {"skip": "5-9"}, tiny_ckpt, progress=False, force=True)
+    ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
-    mf.export_slice(tiny_ckpt, {"skip": "5-9"}, empty, progress=False)  # an empty dir is fine
+    ex.export_slice(tiny_ckpt, {"skip": "5-9"}, empty, progress=False)  # an empty dir is fine
     assert (empty / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 
 def test_export_invalid_spec_writes_nothing(tiny_ckpt, tmp_path):
     with pytest.raises(InputError, match="layer 3 cannot be skipped"):
-        mf.export_slice(tiny_ckpt, {"skip": [3]}, tmp_path / "out", progress=False)
+        ex.export_slice(tiny_ckpt, {"skip": [3]}, tmp_path / "out", progress=False)
     with pytest.raises(InputError, match="defined for a 35-layer parent"):
-        mf.export_slice(tiny_ckpt, "E2B", tmp_path / "out", progress=False)
+        ex.export_slice(tiny_ckpt, "E2B", tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_export_leaves_no_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = mf._stream
+    real = ex._stream
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -308,20 +309,20 @@ def test_interrupted_export_leaves_no_checkpoint(tiny_ckpt, tmp_path, monkeypatc
             raise KeyboardInterrupt  # what Ctrl-C mid-export raises
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mf, "_stream", flaky)
+    monkeypatch.setattr(ex, "_stream", flaky)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        mf.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
+        ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the partial temp dir is removed too
     # with --force over an old export, an interruption keeps the old export intact
-    monkeypatch.setattr(mf, "_stream", real)
-    mf.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
+    monkeypatch.setattr(ex, "_stream", real)
+    ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
     before = (out / "config.json").read_text()
     calls["n"] = 0
-    monkeypatch.setattr(mf, "_stream", flaky)
+    monkeypatch.setattr(ex, "_stream", flaky)
     with pytest.raises(KeyboardInterrupt):
-        mf.export_slice(tiny_ckpt, {"ffn": "128x15"}, out, progress=False, force=True)
+        ex.export_slice(tiny_ckpt, {"ffn": "128x15"}, out, progress=False, force=True)
     assert (out / "config.json").read_text() == before
 
 
@@ -371,7 +372,7 @@ def test_export_and_elastic_view_match_transformers(tiny_ckpt, hf_parent_state, 
     size = SPECS[label]
     parent_cfg = TextConfig.from_dict(json.loads((tiny_ckpt / "config.json").read_text()))
     spec = mf.resolve_size(size, parent_cfg)
-    out = mf.export_slice(tiny_ckpt, spec, tmp_path / "slice", progress=False, max_shard_bytes=200_000)
+    out = ex.export_slice(tiny_ckpt, spec, tmp_path / "slice", progress=False, max_shard_bytes=200_000)
     files = sorted(p.name for p in out.iterdir())
     assert "config.json" in files and "model.safetensors.index.json" in files and "tokenizer.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 1  # sharded
