@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     if bits is None:
         raise InputError(f"--bits must be 4 or 8, got {a.bits}")
     qc = QuantConfig.parse(bits, group_size=a.group_size if a.bits == 4 else None)
-    quantize_checkpoint(a.model if a.model is not None else _default(), a.out, qc)
+    quantize_checkpoint(a.model if a.model is not None else _default(), a.out, qc, force=a.force)
 
 
 def cmd_slice(a: argparse.Namespace) -> None:
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--bits", type=int, required=True, choices=[4, 8])
     qp.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128 (default 64)")
     qp.add_argument("--out", required=True, help="output directory (new or empty)")
+    qp.add_argument(
+        "--force", action="store_true", help="replace the checkpoint in --out (never the source, never other files)"
+    )
     qp.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("transcribe", help="speech recognition or translation of an audio file (any length)")
@@ -315,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     except Gemma3nError as e:
         print(f"gemma3n: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)  # export.Interrupted: a write was stopped and cleaned up
+        print(f"gemma3n: {e}" if signum else "", file=sys.stderr)
+        return 128 + (signum or signal.SIGINT)
     except BrokenPipeError:  # `gemma3n info | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141

@@ -718,7 +718,9 @@ def add_slice_arguments(parser: Any) -> None:
     parser.add_argument("--ffn", help="one FFN width per kept layer: 8192x20,16384x10 or 8192,16384,...")
     parser.add_argument("--skip", help="original indices of skipped layers, e.g. 20-24")
     parser.add_argument("--out", "-o", help="output directory (must be empty or absent)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument(
+        "--force", action="store_true", help="replace the checkpoint in --out (never the source, never other files)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -282,8 +282,13 @@ def test_export_refuses_non_empty_dir_unless_force(tiny_ckpt, tmp_path):
     assert (out / "keep.txt").is_file()
     with pytest.raises(InputError, match="is the source checkpoint"):
         ex.export_slice(tiny_ckpt, {"skip": "5-9"}, tiny_ckpt, progress=False, force=True)
-    ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(InputError, match=r"holds keep.txt, which a checkpoint does not have"):
+        ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False, force=True)  # not a checkpoint
+    assert (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()
+    ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
+    ex.export_slice(tiny_ckpt, {"ffn": "128x15"}, out, progress=False, force=True)  # a checkpoint: replaced
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 15
     empty = tmp_path / "empty"
     empty.mkdir()
     ex.export_slice(tiny_ckpt, {"skip": "5-9"}, empty, progress=False)  # an empty dir is fine
