@@ -93,8 +93,50 @@ def _print_stream(pieces, verbose: bool) -> None:
         )
 
 
+def _stdin_text() -> str:
+    """All of stdin as UTF-8 (a BOM is dropped); other bytes are one clear error."""
+    from .tokenizer import check_text
+
+    if getattr(sys.stdin, "buffer", None) is None:  # a text stream put in its place (tests, embedding)
+        text = sys.stdin.read()
+        check_text(text, "stdin")
+        return text
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"stdin is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason}); "
+            "convert it first, e.g. with iconv"
+        ) from None
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    """Text options from argv before anything loads: bytes that are not UTF-8 arrive as lone
+    surrogates (surrogateescape) and would fail deep in the tokenizer."""
+    from .generate import check_max_tokens, sampling_params
+    from .tokenizer import check_text
+
+    check_max_tokens(a.max_tokens)  # the sampling flags too, before the model loads
+    sampling_params(
+        {},
+        temperature=a.temp,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+    )
+    for flag, value in (("--prompt", getattr(a, "prompt", None)), ("--system-prompt", a.system_prompt)):
+        if value is not None:
+            check_text(value, flag)
+    for s in a.stop or []:
+        check_text(s, "--stop")
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    _check_args(a)
+    prompt = _stdin_text() if a.prompt == "-" else a.prompt
     if not prompt:
         raise InputError("the prompt is empty (pass --prompt TEXT, or --prompt - to read stdin)")
     model = _load(a)
@@ -120,7 +162,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def cmd_chat(a: argparse.Namespace) -> None:
     from .cache import PromptCache
+    from .tokenizer import check_text
 
+    _check_args(a)
     model = _load(a)
     history: list[dict] = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
     conversation = PromptCache()  # each turn prefills only what the last one did not
@@ -128,9 +172,14 @@ def cmd_chat(a: argparse.Namespace) -> None:
     while True:
         try:
             line = input(">>> ")
+            check_text(line, "the line")
         except EOFError:
             print()
             return
+        except (UnicodeDecodeError, InputError) as e:  # a bad line is refused; the chat goes on
+            reason = e if isinstance(e, InputError) else "the line is not UTF-8 text"
+            print(f"gemma3n: error: {reason}", file=sys.stderr)
+            continue
         if not line.strip():
             return
         if line.strip() == "/reset":

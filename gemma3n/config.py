@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,8 +102,15 @@ class TextConfig:
         n = _int_field(d, "num_hidden_layers", minimum=1)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {k: v for k, v in d.items() if k in known and v is not None}
+        for name, value in kwargs.items():
+            if name in _SCALAR_RULES:
+                kwargs[name] = _check_scalar(name, value)
 
         inter = d.get("intermediate_size", 16_384)
+        for name, value in (("intermediate_size", inter), ("layer_types", d.get("layer_types"))):
+            if isinstance(value, (list, tuple)) and len(value) != n:  # before any per-layer list is built
+                raise ConfigError(f"'{name}' has {len(value)} entries but num_hidden_layers is {n}")
+        check_memory(_min_load_bytes(cls, kwargs, n, inter), n)
         kwargs["intermediate_size"] = _per_layer(inter, n, "intermediate_size", int)
         types = d.get("layer_types") or [
             "full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n)
@@ -115,8 +124,13 @@ class TextConfig:
 
         rope = d.get("rope_parameters") or {}
         if rope:
+            if not isinstance(rope, dict):
+                raise ConfigError(f"config field 'rope_parameters' must be an object, got {rope!r}")
             full = rope.get("full_attention") or {}
             local = rope.get("sliding_attention") or {}
+            for name, part in (("full_attention", full), ("sliding_attention", local)):
+                if not isinstance(part, dict):
+                    raise ConfigError(f"config field 'rope_parameters.{name}' must be an object, got {part!r}")
             for name, part in (("full_attention", full), ("sliding_attention", local)):
                 if part.get("rope_type", "default") != "default":
                     raise ConfigError(
@@ -124,11 +138,14 @@ class TextConfig:
                         "(Gemma 3n uses plain RoPE)"
                     )
             if "rope_theta" in full:
-                kwargs["rope_theta"] = float(full["rope_theta"])
+                kwargs["rope_theta"] = _check_scalar(
+                    "rope_theta", full["rope_theta"], "rope_parameters.full_attention."
+                )
             if "rope_theta" in local:
-                kwargs["rope_local_base_freq"] = float(local["rope_theta"])
-        eos = d.get("eos_token_id", [1])
-        kwargs["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos or [])
+                kwargs["rope_local_base_freq"] = _check_scalar(
+                    "rope_local_base_freq", local["rope_theta"], "rope_parameters.sliding_attention."
+                )
+        kwargs["eos_token_id"] = token_ids(d.get("eos_token_id", [1]), "eos_token_id")
         kwargs["num_hidden_layers"] = n
         cfg = cls(**kwargs)
         cfg.validate()
@@ -216,14 +233,21 @@ class ModelConfig:
         if not isinstance(d.get("text_config"), dict):
             raise ConfigError("config field 'text_config' is missing or not an object")
         text = TextConfig.from_dict(d["text_config"])
-        eos = d.get("eos_token_id", text.eos_token_id)
-        extras = {k: int(d[k]) for k in _MULTIMODAL_DEFAULTS if d.get(k) is not None}
+        eos = token_ids(d.get("eos_token_id", text.eos_token_id), "eos_token_id")
+        extras = {
+            k: _check_int(k, d[k], 1 if k.endswith("_per_image") else 0)
+            for k in _MULTIMODAL_DEFAULTS
+            if d.get(k) is not None
+        }
+        for k in ("audio_config", "vision_config"):
+            if d.get(k) is not None and not isinstance(d[k], dict):
+                raise ConfigError(f"config field '{k}' must be an object, got {d[k]!r}")
         return cls(
             text=text,
             model_type=model_type,
             audio=d.get("audio_config"),
             vision=d.get("vision_config"),
-            eos_token_ids=[eos] if isinstance(eos, int) else list(eos),
+            eos_token_ids=eos,
             raw=d,
             **extras,
         )
@@ -248,24 +272,146 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 
 def _int_field(d: dict[str, Any], name: str, minimum: int = 0) -> int:
-    value = d[name]
-    if not isinstance(value, int) or value < minimum:
+    return _check_int(name, d[name], minimum)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """A JSON integer (not a bool, a float or a string) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"config field '{name}' must be an integer >= {minimum}, got {value!r}")
     return value
 
 
+def _check_float(name: str, value: Any, low: float, low_open: bool, high: float = math.inf) -> float:
+    """A finite JSON number (int or float, not a bool) in [low, high) (or (low, high))."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > low if low_open else value >= low) and value < high:
+        return float(value)
+    span = f"{'>' if low_open else '>='} {low:g}" if high == math.inf else f"in [{low:g}, {high:g})"
+    raise ConfigError(f"config field '{name}' must be a finite number {span}, got {value!r}")
+
+
+# Scalar fields of TextConfig: (kind, minimum). Sizes are >= 1; ids and indices >= 0; floats > 0.
+_SCALAR_RULES: dict[str, tuple[str, int]] = {
+    **{
+        k: ("int", 1)
+        for k in (
+            "num_hidden_layers",
+            "vocab_size",
+            "vocab_size_per_layer_input",
+            "hidden_size",
+            "hidden_size_per_layer_input",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "sliding_window",
+            "altup_num_inputs",
+            "laurel_rank",
+        )
+    },
+    **{k: ("int", 0) for k in ("altup_active_idx", "num_kv_shared_layers", "pad_token_id", "bos_token_id")},
+    **{k: ("float", 0) for k in ("rms_norm_eps", "rope_theta", "rope_local_base_freq")},
+    **{k: ("float?", 0) for k in ("final_logit_softcapping", "altup_coef_clip")},
+    **{k: ("bool", 0) for k in ("altup_correct_scale", "tie_word_embeddings", "attention_bias")},
+    "hidden_activation": ("str", 0),
+}
+
+
+def _check_scalar(name: str, value: Any, where: str = "") -> Any:
+    """One scalar field by its rule, or a ConfigError naming it (`where`: a nesting prefix)."""
+    kind, minimum = _SCALAR_RULES[name]
+    label = where + ("rope_theta" if where else name)
+    if kind == "int":
+        return _check_int(label, value, minimum)
+    if kind == "float" or (kind == "float?" and value is not None):
+        return _check_float(label, value, minimum, low_open=True)
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"config field '{label}' must be true or false, got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise ConfigError(f"config field '{label}' must be a string, got {value!r}")
+    return value
+
+
+def token_ids(value: Any, name: str) -> list[int]:
+    """A token id or a list of them (eos_token_id's two JSON forms) -> a list of ints >= 0."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [_check_int(f"{name}[{i}]" if items is value else name, v, 0) for i, v in enumerate(items)]
+
+
 def _per_layer(value: Any, n: int, name: str, kind: type) -> list:
-    """An int/float broadcast to every layer, or a list that must have one entry per layer."""
+    """An int/float broadcast to every layer, or a list that must have one entry per layer.
+    Entries are checked strictly (a string, a bool or a fraction where an int goes is an error,
+    not converted): 0 < int sizes, finite floats, strings."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ConfigError(f"'{name}' has {len(value)} entries but num_hidden_layers is {n}")
-        try:
-            return [kind(v) for v in value]
-        except (TypeError, ValueError):
-            raise ConfigError(f"'{name}' must hold {kind.__name__} values, got {value!r}") from None
+        return [_layer_value(v, f"{name}[{i}]", kind) for i, v in enumerate(value)]
     if kind is str:
         raise ConfigError(f"'{name}' must be a list of {n} strings, got {value!r}")
+    return [_layer_value(value, name, kind)] * n
+
+
+def _layer_value(value: Any, label: str, kind: type) -> Any:
+    if kind is int:
+        return _check_int(label, value, 1)
+    if kind is float:
+        return _check_float(label, value, 0.0, low_open=False, high=1.0)
+    if not isinstance(value, str):
+        raise ConfigError(f"config field '{label}' must be a string, got {value!r}")
+    return value
+
+
+# --- memory, before anything is built -------------------------------------------------------
+# Python objects of one decoder layer built on the meta device (its modules, parameters and
+# per-layer list entries): measured ~67 KB with tracemalloc; the estimate uses a lower bound.
+LAYER_BUILD_BYTES = 48 << 10
+# The least a weight takes in any supported storage (int4 codes); the estimate is a lower bound.
+MIN_BYTES_PER_WEIGHT = 0.5
+
+
+def _min_load_bytes(cls: type, kw: dict[str, Any], n: int, inter: Any) -> int:
+    """A lower bound of the host memory loading this config takes: the core weights (everything
+    but the memory-mapped PLE table, read in full for every token) at the smallest storage, plus
+    the Python objects of n layers. Computed from scalar fields, before per-layer lists exist."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def get(k: str) -> int:
+        return int(kw.get(k, defaults[k]))
+
+    d, hd, p, r = get("hidden_size"), get("head_dim"), get("hidden_size_per_layer_input"), get("laurel_rank")
+    heads, kv = get("num_attention_heads"), get("num_key_value_heads")
+    if isinstance(inter, (list, tuple)):
+        ffn = sum(_check_int(f"intermediate_size[{i}]", w, 1) for i, w in enumerate(inter))
+    else:
+        ffn = _check_int("intermediate_size", inter, 1) * n
+    per_layer = d * hd * 2 * (heads + kv) + 2 * d * p + 2 * d * r  # attention, per-layer input, LAuReL
+    weights = n * per_layer + 3 * d * ffn + get("vocab_size") * d + n * p * d
+    return int(weights * MIN_BYTES_PER_WEIGHT) + n * LAYER_BUILD_BYTES
+
+
+def machine_memory() -> tuple[int, str] | None:
+    """(bytes, what): the memory available now (/proc/meminfo), else the physical memory, else None."""
     try:
-        return [kind(value)] * n
-    except (TypeError, ValueError):
-        raise ConfigError(f"'{name}' must be a {kind.__name__} or a list, got {value!r}") from None
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "installed"
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def check_memory(need: int, layers: int) -> None:
+    """Refuse a config whose lower-bound memory exceeds what the machine has (before building)."""
+    have = machine_memory()
+    if have is not None and need > have[0]:
+        raise ConfigError(
+            f"this config ({layers:,} layers) needs at least {need / 2**30:,.1f} GiB of memory to load but the "
+            f"machine has {have[0] / 2**30:,.1f} GiB {have[1]}; check num_hidden_layers and the size fields"
+        )

@@ -5,17 +5,20 @@ with the shared-layer skip, then decode), `stream_generate` turns them into text
 
 from __future__ import annotations
 
+import math
+import numbers
 import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .cache import Cache, PromptCache
-from .errors import InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .text import LayerPlan, TextDecoder
-from .tokenizer import StreamingDetokenizer, Tokenizer
+from .tokenizer import StreamingDetokenizer, Tokenizer, check_text
 
 Sampler = Callable[[torch.Tensor, list[int]], int]
 EmbedFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids -> h0, or None for plain text
@@ -31,16 +34,94 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise InputError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Types and ranges, as InputError naming the parameter (NaN and infinities included:
+        a NaN compares false with every bound, so ranges alone would let it through)."""
+        for name, value in self.__dict__.items():
+            check = _SAMPLING_RULES[name]
+            if not check(value):
+                raise InputError(f"{name} must be {_SAMPLING_HELP[name]}, got {value!r}")
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+# torch.Generator.manual_seed takes [-2**63, 2**64)
+_SAMPLING_RULES: dict[str, Callable[[Any], bool]] = {
+    "temperature": lambda x: _real(x) and x >= 0,
+    "top_k": lambda x: _integer(x) and x >= 0,
+    "top_p": lambda x: _real(x) and 0 < x <= 1,
+    "min_p": lambda x: _real(x) and 0 <= x < 1,
+    "repetition_penalty": lambda x: _real(x) and x > 0,
+    "seed": lambda x: x is None or (_integer(x) and -(2**63) <= x < 2**64),
+}
+_SAMPLING_HELP = {
+    "temperature": "a finite number >= 0 (0 = greedy)",
+    "top_k": "an integer >= 0 (0 disables it)",
+    "top_p": "a number in (0, 1]",
+    "min_p": "a number in [0, 1)",
+    "repetition_penalty": "a finite number > 0",
+    "seed": "an integer in [-2**63, 2**64) or None",
+}
+
+
+def sampling_params(
+    generation_config: dict,
+    *,
+    temperature: Any = None,
+    top_p: Any = None,
+    top_k: Any = None,
+    min_p: Any = 0.0,
+    repetition_penalty: Any = 1.0,
+    seed: Any = None,
+) -> SamplingParams:
+    """The caller's values, else the checkpoint's generation_config.json, else the defaults;
+    validated. A bad value the caller gave is an InputError, one from the file a ConfigError."""
+    gc = generation_config
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    from_file = {
+        "temperature": gc.get("temperature") if gc.get("do_sample", True) else 0.0,
+        "top_p": gc.get("top_p"),
+        "top_k": gc.get("top_k"),
+    }
+    for name, value in from_file.items():
+        if given[name] is None and value is not None and not _SAMPLING_RULES[name](value):
+            raise ConfigError(f"generation_config.json: {name} must be {_SAMPLING_HELP[name]}, got {value!r}")
+    pick = {k: given[k] if given[k] is not None else from_file[k] for k in given}
+    params = SamplingParams(
+        temperature=_or(pick["temperature"], 1.0),
+        top_k=_or(pick["top_k"], 0),
+        top_p=_or(pick["top_p"], 1.0),
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    params.validate()
+    return params
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def check_max_tokens(max_tokens: Any) -> int:
+    if not _integer(max_tokens) or max_tokens < 1:
+        raise InputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    return int(max_tokens)
+
+
+def check_stops(stop: Any) -> list[str]:
+    """`stop`: None, a string or a list of strings -> the list (each valid Unicode)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    for i, s in enumerate(stops):
+        if not isinstance(s, str):
+            raise InputError(f"stop strings must be str, got {s!r}")
+        check_text(s, f"stop string {i + 1}")
+    return stops
 
 
 def make_sampler(p: SamplingParams) -> Sampler:
@@ -197,6 +278,7 @@ def generate_step(
     stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt_ids), done
     try:
         for i in range(max_tokens):
+            check_logits(logits, i)
             token = sampler(logits, history)
             if i == 0:
                 stats.prompt_seconds = time.perf_counter() - t0
@@ -211,6 +293,18 @@ def generate_step(
     finally:  # also when the consumer stops early (a stop string, a closed stream)
         if prompt_cache is not None and inputs_embeds is None:
             prompt_cache.keep(cache, history)
+
+
+def check_logits(logits: torch.Tensor, step: int) -> None:
+    """Non-finite logits (NaN / infinity) cannot be sampled from: greedy would pick an arbitrary
+    token (NaN is the argmax) and sampling fail inside torch. Say so instead."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise CheckpointError(
+            f"the model produced non-finite logits ({bad} of {logits.numel()} are NaN or infinite) "
+            f"at generated token {step + 1}: the checkpoint's weights hold NaN/inf values, or the compute "
+            "dtype overflows (try --dtype float32)"
+        )
 
 
 class TextPiece(str):

@@ -14,11 +14,13 @@ from .checkpoint import open_checkpoint
 from .errors import InputError
 from .generate import (
     GenerationResult,
-    SamplingParams,
     StepStats,
     TextPiece,
+    check_max_tokens,
+    check_stops,
     generate_step,
     make_sampler,
+    sampling_params,
     stream_generate,
 )
 from .matformer import read_declared_sizes
@@ -181,17 +183,17 @@ class Model:
         Unset sampling options fall back to the checkpoint's generation_config.json.
         `prompt_cache` (a `gemma3n.PromptCache`, one per conversation) lets the next call reuse
         the K/V of the tokens its prompt shares with this one (multi-turn chat)."""
-        if max_tokens < 1:
-            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
-        gc = self.generation_config
-        params = SamplingParams(
-            temperature=_pick(temperature, gc.get("temperature") if gc.get("do_sample", True) else 0.0, 1.0),
-            top_k=int(_pick(top_k, gc.get("top_k"), 0)),
-            top_p=float(_pick(top_p, gc.get("top_p"), 1.0)),
+        max_tokens = check_max_tokens(max_tokens)
+        params = sampling_params(
+            self.generation_config,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
             seed=seed,
         )
+        stops = check_stops(stop)
         sampler = make_sampler(params)
         plan = self.plan(size)
         inputs, embeds = self.prepare(prompt, messages, image_size)
@@ -209,7 +211,6 @@ class Model:
             embed=self.embed_ids,
             prompt_cache=prompt_cache,
         )
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
         yield from stream_generate(
             tokens, self.tokenizer, stop_ids=self.stop_ids(), stop=stops, max_tokens=max_tokens, stats=stats
         )
@@ -231,10 +232,6 @@ class Model:
 
     def placement(self):
         return placement_report(self.decoder)
-
-
-def _pick(*values):
-    return next(v for v in values if v is not None)
 
 
 def _read_generation_config(path: Path) -> dict:

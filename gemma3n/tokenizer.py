@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 # Gemma special tokens that matter to the runtime; their ids always come from the tokenizer.
 SPECIAL = {
@@ -43,6 +43,7 @@ class Tokenizer:
         return self.ids.get(key)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        check_text(text, "the prompt")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
@@ -59,6 +60,22 @@ class Tokenizer:
         if template is None:
             template = _read_json(path / "processor_config.json").get("chat_template")
         return template
+
+
+def check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (U+D800-U+DFFF) is what Python makes of bytes
+    that are not UTF-8 in argv or a file read with surrogateescape, or what a broken str holds;
+    it cannot be encoded, so it is an InputError naming where it is, not a tokenizer TypeError."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        raw = f" (the byte 0x{ord(ch) - 0xDC00:02x} that is not UTF-8)" if 0xDC80 <= ord(ch) <= 0xDCFF else ""
+        raise InputError(
+            f"{what} is not valid Unicode: a lone surrogate U+{ord(ch):04X}{raw} at character {e.start}"
+        ) from None
 
 
 class StreamingDetokenizer:

@@ -127,9 +127,9 @@ def test_prompt_longer_than_context(tiny_model_dir):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(temperature=-1), "temperature must be >= 0"),
-        (dict(top_p=0), r"top_p must be in \(0, 1\]"),
-        (dict(max_tokens=0), "max_tokens must be >= 1"),
+        (dict(temperature=-1), "temperature must be a finite number >= 0"),
+        (dict(top_p=0), r"top_p must be a number in \(0, 1\]"),
+        (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
         (dict(messages=[{"role": "user", "content": "a"}]), "exactly one of prompt"),
     ],
 )
