@@ -25,6 +25,8 @@ __all__ = [
     "AudioEncoder",
     "AudioEncoderConfig",
     "AudioFeatureExtractor",
+    "encoder_windows",
+    "header_seconds",
     "load_audio",
     "plan_windows",
     "soft_tokens_for_duration",
@@ -35,42 +37,153 @@ __all__ = [
 # Decoding
 
 
+# A header may claim a little more than the file holds without anything being lost (sloppy
+# writers get container sizes wrong by a few bytes; MP3 decoders trim encoder delay): shortfalls
+# up to this are not reported. Container decoders other than libsndfile may only estimate a
+# duration, hence the relative margin for them.
+_TRUNCATION_TOLERANCE_S = 0.05
+_ESTIMATE_TOLERANCE = 0.02
+# Chunk sizes from here up mean "length unknown" (a WAV written to a pipe), not a claim.
+_UNKNOWN_SIZE = 0x7FFF0000
+# libsndfile's header log flags a size that disagrees with the file: "data : 640000 (should be 64000)"
+_SIZE_MISMATCH = re.compile(r":\s*(\d+)\s*\(should be (\d+)\)")
+
+
+def _check_complete(name: str, declared_s: float, held_s: float, tolerance_s: float) -> None:
+    if declared_s - held_s > tolerance_s:
+        raise InputError(
+            f"audio {name} is truncated or its header is wrong: the header declares {declared_s:.2f} s "
+            f"but the file holds {held_s:.2f} s; re-encode it (e.g. ffmpeg -i IN OUT.wav) to use what it holds"
+        )
+
+
+# bytes per sample of the uncompressed subtypes, to turn a header's byte count into seconds
+_PCM_BYTES = {
+    "PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+}  # fmt: skip
+
+
+def _declared_seconds_from_log(info, file_size: int) -> float | None:
+    """The duration a libsndfile header claims when it claims more bytes than the file has.
+
+    For uncompressed formats libsndfile silently caps the frame count at what the file holds and
+    only notes the disagreement in its header log (`info.extra_info`), so that log is where a
+    lying or truncated header shows. Bytes become seconds at the format's byte rate (PCM), else
+    at the file's average rate.
+    """
+    excess = 0
+    for claimed, held in _SIZE_MISMATCH.findall(info.extra_info or ""):
+        claimed, held = int(claimed), int(held)
+        if held < claimed < _UNKNOWN_SIZE:
+            excess = max(excess, claimed - held)
+    if not excess:
+        return None
+    if info.subtype in _PCM_BYTES:
+        rate = info.samplerate * info.channels * _PCM_BYTES[info.subtype]
+    elif info.duration > 0:
+        rate = file_size / info.duration
+    else:
+        return None
+    return info.duration + excess / rate
+
+
 def _decode(data: bytes | str, name: str) -> tuple[np.ndarray, int]:
-    """Encoded file (path or bytes) -> ([N, C] float32, sample rate). soundfile, then PyAV."""
+    """Encoded file (path or bytes) -> ([N, C] float32, sample rate). soundfile, then PyAV.
+
+    A file holding less audio than its header declares (a truncated download, a lying WAV
+    header) is an InputError rather than silently shorter audio.
+    """
     import soundfile as sf
 
-    src = io.BytesIO(data) if isinstance(data, bytes) else data
+    def src():
+        return io.BytesIO(data) if isinstance(data, bytes) else data
+
     try:
-        wave, sr = sf.read(src, dtype="float32", always_2d=True)
-        return wave, int(sr)
+        info = sf.info(src())
+    except Exception:  # not a format libsndfile knows: PyAV may
+        info = None
+    if info is not None and info.format == "OGG" and _ogg_truncated(_tail(data, _OGG_MAX_PAGE)):
+        # libsndfile decodes the complete pages of a cut Ogg file and says nothing
+        raise InputError(f"audio {name} is truncated: its Ogg stream ends before its end-of-stream page")
+    try:
+        wave, sr = sf.read(src(), dtype="float32", always_2d=True)
     except Exception as sf_error:  # libsndfile raises several types for unknown/corrupt input
-        try:
-            import av  # optional: formats libsndfile lacks (m4a, aac, opus in mp4, ...)
-        except ImportError:
-            raise InputError(
-                f"cannot decode audio {name}: {sf_error} "
-                "(WAV/FLAC/OGG/MP3 are supported; install PyAV for other formats)"
-            ) from None
-        try:
-            return _decode_av(av, io.BytesIO(data) if isinstance(data, bytes) else data)
-        except Exception as av_error:
-            raise InputError(f"cannot decode audio {name}: {sf_error}; PyAV: {av_error}") from None
+        wave, sr, declared = _decode_fallback(src, name, sf_error)
+        if info is not None and info.frames > 0 and info.samplerate > 0:  # libsndfile read the header
+            declared = info.frames / info.samplerate
+        if declared is not None and sr:
+            tolerance = max(_TRUNCATION_TOLERANCE_S, _ESTIMATE_TOLERANCE * declared)
+            _check_complete(name, declared, wave.shape[0] / sr, tolerance)
+        return wave, sr
+    if info is not None and info.samplerate > 0:
+        size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
+        declared = max(info.frames / info.samplerate, _declared_seconds_from_log(info, size) or 0.0)
+        _check_complete(name, declared, wave.shape[0] / int(sr), _TRUNCATION_TOLERANCE_S)
+    return wave, int(sr)
 
 
-def _decode_av(av, src) -> tuple[np.ndarray, int]:
+_OGG_MAX_PAGE = 27 + 255 + 255 * 255  # header, segment table, payload (RFC 3533 §6)
+
+
+def _tail(data: bytes | str, n: int) -> bytes:
+    """The last `n` bytes of encoded audio (bytes or a path), without reading the rest."""
+    if isinstance(data, bytes):
+        return data[-n:]
+    with open(data, "rb") as f:
+        f.seek(max(0, f.seek(0, io.SEEK_END) - n))
+        return f.read()
+
+
+def _ogg_truncated(tail: bytes) -> bool:
+    """Whether an Ogg file, given its last bytes, stops mid-stream. Ogg declares no length up
+    front; a complete stream ends with a whole page flagged end-of-stream (RFC 3533 §6)."""
+    at = len(tail)
+    while (at := tail.rfind(b"OggS", 0, at)) >= 0 and tail[at + 4 : at + 5] != b"\x00":
+        pass  # "OggS" inside a payload is not a page unless stream structure version 0 follows
+    if at < 0 or len(tail) < at + 27:
+        return True
+    flags, segments = tail[at + 5], tail[at + 26]
+    table = tail[at + 27 : at + 27 + segments]
+    return not flags & 0x04 or len(table) < segments or len(tail) < at + 27 + segments + sum(table)
+
+
+def _decode_fallback(src, name: str, sf_error: Exception) -> tuple[np.ndarray, int, float | None]:
+    # libsndfile names a file object by its repr ("Error opening <_io.BytesIO object at 0x7f..>: ...")
+    why = _FILE_OBJECT.sub("it", str(sf_error))
+    try:
+        import av  # optional: formats libsndfile lacks (m4a, aac, opus in mp4, ...)
+    except ImportError:
+        raise InputError(
+            f"cannot decode audio {name}: {why} (WAV/FLAC/OGG/MP3 are supported; install PyAV for other formats)"
+        ) from None
+    try:
+        return _decode_av(av, src())
+    except Exception as av_error:
+        why = f"{why}; PyAV: {av_error}"
+        raise InputError(f"cannot decode audio {name} (truncated, corrupt or not audio): {why}") from None
+
+
+_FILE_OBJECT = re.compile(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
+def _decode_av(av, src) -> tuple[np.ndarray, int, float | None]:
+    """-> ([N, C] float32, sample rate, the duration the container declares or None)."""
     with av.open(src) as container:
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="fltp")
         chunks = [f.to_ndarray() for frame in container.decode(stream) for f in resampler.resample(frame)]
         sr = stream.rate
+        declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     if not chunks:
-        return np.zeros((0, 1), np.float32), sr
-    return np.concatenate(chunks, axis=1).T.astype(np.float32), sr  # planar [C, N] -> [N, C]
+        return np.zeros((0, 1), np.float32), sr, declared
+    return np.concatenate(chunks, axis=1).T.astype(np.float32), sr, declared  # planar [C, N] -> [N, C]
 
 
 def _to_mono(wave: np.ndarray, name: str, channel_axis: int | None) -> np.ndarray:
     if wave.ndim == 1:
         return wave
+    if wave.ndim == 2 and channel_axis is not None and wave.shape[channel_axis] == 1:
+        return wave.reshape(-1)  # a decoded mono file: a view, not a copy of every sample
     if wave.ndim != 2:
         raise InputError(f"audio {name}: expected a 1-D or 2-D array, got shape {wave.shape}")
     if channel_axis is None:  # a caller's array, [C, N] or [N, C]: channels are the short axis
@@ -119,6 +232,20 @@ def load_audio(src, *, sampling_rate: int = 16000) -> np.ndarray:
 
         wave = soxr.resample(wave, sr, sampling_rate, quality="HQ")
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def header_seconds(src) -> float | None:
+    """The duration a file's header declares, read without decoding the audio: lets a caller
+    refuse hours of audio before spending memory on it. None for arrays and unknown formats."""
+    if not isinstance(src, (str, Path, bytes, bytearray, memoryview)):
+        return None
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(src) if isinstance(src, (str, Path)) else io.BytesIO(src))
+    except Exception:  # missing or not a libsndfile format: load_audio gives the clear error
+        return None
+    return info.duration if info.frames > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,11 +420,17 @@ def soft_tokens_for_duration(
 
 
 def _frame_energy(wave: np.ndarray, frame: int) -> np.ndarray:
-    """RMS of consecutive `frame`-sample frames (the tail frame may be short)."""
-    n = len(wave)
-    padded = np.zeros(-(-n // frame) * frame, dtype=np.float64)
-    padded[:n] = wave
-    return np.sqrt((padded.reshape(-1, frame) ** 2).mean(axis=1))
+    """RMS of consecutive `frame`-sample frames (the tail frame may be short, counted as zero-padded).
+
+    Float32 products summed per frame, with no copy of the clip: an hour of audio stays an hour's
+    worth of memory."""
+    full = len(wave) // frame
+    body = wave[: full * frame].reshape(full, frame)
+    energy = np.einsum("ij,ij->i", body, body).astype(np.float64)
+    if len(wave) > full * frame:
+        tail = wave[full * frame :].astype(np.float64)
+        energy = np.append(energy, tail @ tail)
+    return np.sqrt(energy / frame)
 
 
 def plan_windows(
@@ -310,8 +443,10 @@ def plan_windows(
 ) -> list[tuple[int, int]]:
     """Cut a clip into [start, end) sample windows of at most `max_seconds`.
 
-    Each cut is placed at the quietest 20 ms frame (energy smoothed over 200 ms) in the second
-    half of the window. A cut in silence (40 dB below the clip's loud frames) needs no overlap, so
+    Each cut is placed in the second half of the window, at the latest 20 ms frame (energy
+    smoothed over 200 ms) that is silent or within 6 dB of the quietest one there: a pause, as
+    late as possible, so that windows stay long (a prompt pays the same tokens for a short
+    window as for a full one). A cut in silence (40 dB below the clip's loud frames) needs no overlap, so
     neighbouring windows just touch; a cut inside sound gets `overlap_seconds` of overlap centred
     on it, for `stitch_transcripts` to de-duplicate. Every sample lies in at least one window.
     """
@@ -331,8 +466,9 @@ def plan_windows(
     while n - start > max_len:
         lo = (start + max_len // 2) // frame
         hi = (min(start + max_len - half_overlap, n - min_tail) - frame) // frame
-        # quietest frame; among equals the latest, to keep windows long
-        cut_frame = hi - int(np.argmin(smooth[lo : hi + 1][::-1]))
+        span = smooth[lo : hi + 1]
+        quiet = (span <= 2.0 * span.min()) | silent[lo : hi + 1]  # 2x the RMS: 6 dB
+        cut_frame = lo + int(np.flatnonzero(quiet)[-1])
         if silent[cut_frame]:
             cut = min(start + max_len, (cut_frame + 1) * frame)
             windows.append((start, cut))
@@ -343,6 +479,19 @@ def plan_windows(
             start = cut - half_overlap
     windows.append((start, n))
     return windows
+
+
+def encoder_windows(wave: np.ndarray, feature_extractor: AudioFeatureExtractor) -> list[np.ndarray]:
+    """A prompt's clip as consecutive windows the encoder takes whole (`max_length`: 30 s).
+
+    These are `plan_windows`' cuts at quiet points, without overlap: the windows touch, so every
+    sample is encoded once and in order. (Transcription overlaps windows cut inside sound and
+    removes the repeated words afterwards; a prompt has no such step, so an overlap would reach
+    the model twice.)
+    """
+    fe = feature_extractor
+    bounds = plan_windows(wave, fe.sampling_rate, max_seconds=fe.max_length / fe.sampling_rate, overlap_seconds=0.0)
+    return [wave[start:end] for start, end in bounds]
 
 
 def _norm_word(word: str) -> str:

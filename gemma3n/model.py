@@ -131,22 +131,29 @@ class Model:
         """Prompt -> ids and the merged input embeddings (None for plain text)."""
         if (prompt is None) == (messages is None):
             raise InputError("pass exactly one of prompt (text or token ids) or messages (a chat)")
-        inputs = self.processor.from_text(prompt) if prompt is not None else self.processor.from_messages(messages)
+        if prompt is not None:
+            inputs = self.processor.from_text(prompt)
+        else:  # a text-only checkpoint refuses media before any is decoded
+            inputs = self.processor.from_messages(messages, check_media=self.towers.require)
         ids = torch.tensor([inputs.ids], device=self.decoder.device)
-        pixel_values = audio = None
+        pixel_values = audio_extractor = None
         if inputs.images:
             from .vision import ImageProcessor, load_image
 
             self.towers.vision_tower()  # a text-only checkpoint fails here, before any decoding
             images = [load_image(img) for img in inputs.images]
             pixel_values = ImageProcessor.from_pretrained(self.path)(images, size=image_size)
-        if inputs.audios:
-            from .audio import AudioFeatureExtractor, load_audio
-
+        if inputs.audios:  # already decoded and cut into the encoder's windows by the processor
             self.towers.audio_tower()
-            waves = [load_audio(a) for a in inputs.audios]
-            audio = AudioFeatureExtractor.from_pretrained(self.path)(waves)
-        embeds = merge_embeddings(self.decoder, self.towers, ids, pixel_values=pixel_values, audio_features=audio)
+            audio_extractor = self.processor.audio_extractor
+        embeds = merge_embeddings(
+            self.decoder,
+            self.towers,
+            ids,
+            pixel_values=pixel_values,
+            audio_clips=inputs.audios,
+            audio_extractor=audio_extractor,
+        )
         return inputs, embeds
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor | None:

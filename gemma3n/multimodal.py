@@ -8,9 +8,10 @@ Towers and embedders are read from disk only the first time a request needs them
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +19,9 @@ from .checkpoint import Checkpoint, check_coverage
 from .errors import InputError
 from .layers import RMSNorm
 from .text import TextDecoder
+
+if TYPE_CHECKING:
+    from .audio import AudioFeatureExtractor
 
 
 class MultimodalEmbedder(nn.Module):
@@ -107,6 +111,11 @@ class Towers:
             ),
         )
 
+    def require(self, kind: str) -> None:
+        """Load the tower a prompt's "image" or "audio" parts need; InputError if the checkpoint
+        has none, so a text-only checkpoint refuses media before any of it is decoded."""
+        self.vision_tower() if kind == "image" else self.audio_tower()
+
     def vision_tower(self):
         from .vision import VisionTower
 
@@ -129,6 +138,36 @@ class Towers:
         )
 
 
+# Audio windows encoded at once: bounds the encoder's activations however long the prompt's
+# audio (a 30 s window is 750 conformer steps of 1536 features, 6144 in the feed-forward).
+AUDIO_BATCH = 8
+
+
+@torch.inference_mode()
+def encode_audio(
+    towers: Towers, clips: Sequence[np.ndarray], extractor: AudioFeatureExtractor, soft_tokens: int
+) -> torch.Tensor:
+    """16 kHz clips of at most the encoder's window -> their soft tokens [N, soft_tokens, text D].
+
+    Padded frames and the tail up to the fixed soft-token count take the padding embedding, the
+    hard embedding of the audio vocabulary's last id (§B.6). Up to AUDIO_BATCH clips are padded
+    into one batch, as the reference processor batches a prompt's clips.
+    """
+    tower, embedder = towers.audio_tower(), towers.embedder("audio")
+    pad_id = torch.tensor([embedder.vocab_offset + embedder.vocab_size - 1], device=towers.device)
+    pad = embedder.embed_hard(pad_id)[0]
+    out = []
+    for i in range(0, len(clips), AUDIO_BATCH):
+        feats, feat_mask = extractor(clips[i : i + AUDIO_BATCH])
+        encoded, padded = tower(feats.to(towers.device), feat_mask.to(towers.device))
+        soft = torch.where(padded[..., None], pad, embedder.embed_soft(encoded))
+        extra = soft_tokens - soft.shape[1]
+        if extra > 0:
+            soft = torch.cat([soft, pad.expand(soft.shape[0], extra, -1)], dim=1)
+        out.append(soft[:, :soft_tokens])
+    return torch.cat(out)
+
+
 @torch.inference_mode()
 def merge_embeddings(
     decoder: TextDecoder,
@@ -136,9 +175,13 @@ def merge_embeddings(
     ids: torch.Tensor,
     *,
     pixel_values: torch.Tensor | None = None,
-    audio_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    audio_clips: Sequence[np.ndarray] | None = None,
+    audio_extractor: AudioFeatureExtractor | None = None,
 ) -> torch.Tensor | None:
-    """h0 for a multimodal prompt [1, T, D], or None when plain text embedding suffices."""
+    """h0 for a multimodal prompt [1, T, D], or None when plain text embedding suffices.
+
+    `audio_clips` (with the `audio_extractor` that makes their features) fill the audio
+    placeholder blocks in order, one clip per block."""
     cfg = towers.ckpt.config
     ranges = []
     for kind, mm in (("vision", cfg.vision), ("audio", cfg.audio)):
@@ -146,7 +189,7 @@ def merge_embeddings(
             lo = int(mm["vocab_offset"])
             ranges.append((kind, lo, lo + int(mm["vocab_size"])))
     hard = [(k, lo, hi) for k, lo, hi in ranges if bool(((ids >= lo) & (ids < hi)).any())]
-    if not hard and pixel_values is None and audio_features is None:
+    if not hard and pixel_values is None and not audio_clips:
         return None
     h0 = decoder.embed(ids)
     for kind, lo, hi in hard:
@@ -156,20 +199,11 @@ def merge_embeddings(
         features = towers.vision_tower()(pixel_values.to(towers.device))
         soft = towers.embedder("vision").embed_soft(features)
         h0 = _scatter(h0, ids == cfg.image_token_id, soft, "image")
-    if audio_features is not None:
-        feats, feat_mask = audio_features
-        encoded, padded = towers.audio_tower()(feats.to(towers.device), feat_mask.to(towers.device))
-        embedder = towers.embedder("audio")
-        soft = embedder.embed_soft(encoded)
-        # Padded frames and the tail up to the fixed soft-token count take the padding embedding,
-        # the hard embedding of the audio vocabulary's last id (§B.6).
-        pad_id = torch.tensor([embedder.vocab_offset + embedder.vocab_size - 1], device=soft.device)
-        pad = embedder.embed_hard(pad_id)[0]
-        soft = torch.where(padded[..., None], pad, soft)
-        extra = cfg.audio_soft_tokens_per_image - soft.shape[1]
-        if extra > 0:
-            soft = torch.cat([soft, pad.expand(soft.shape[0], extra, -1)], dim=1)
-        h0 = _scatter(h0, ids == cfg.audio_token_id, soft[:, : cfg.audio_soft_tokens_per_image], "audio")
+    if audio_clips:
+        if audio_extractor is None:
+            raise ValueError("audio_clips need the audio_extractor that makes their features")
+        soft = encode_audio(towers, audio_clips, audio_extractor, cfg.audio_soft_tokens_per_image)
+        h0 = _scatter(h0, ids == cfg.audio_token_id, soft, "audio")
     return h0
 
 
