@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,7 +36,8 @@ from gemma3n.errors import Gemma3nError
 log = logging.getLogger("gemma3n.server")
 
 DEFAULT_MAX_QUEUE = 32  # requests admitted at once: the one generating plus those waiting
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # room for a few base64 images / a minute of wav
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # room for a few base64 images / 12 min of 16 kHz 16-bit wav
+MAX_JSON_DEPTH = 64  # nested arrays/objects in a body; OpenAI requests use under 10, JSON schemas a few more
 DEFAULT_PROMPT_CACHE_SLOTS = 4  # conversations whose K/V is kept between requests (memory: one K/V each)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _POLL_S = 0.25  # how often a waiting request checks whether its client went away
@@ -96,15 +98,104 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> APIError
     return APIError(400, "invalid request: " + "; ".join(parts), param=first or None)
 
 
+# ---------------------------------------------------------------------------- request bodies
+
+# A JSON string, escapes included; what is left when strings are removed is the body's structure.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply a JSON text nests arrays and objects, found without parsing it, so that a
+    pathological body is refused before a recursive parser (json, pydantic) ever sees it.
+    Brackets inside strings do not count; an unbalanced text counts its unclosed brackets."""
+    structure = np.frombuffer(_JSON_STRING.sub(b'""', body), np.uint8)
+    if not structure.size:
+        return 0
+    return max(0, int(np.cumsum(_BRACKET_STEP[structure], dtype=np.int32).max()))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
+
+
+def parse_body(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """A request body -> its JSON object, or an APIError (400) that says what is wrong with it:
+    nesting deeper than `max_depth`, bytes that are not UTF-8, text that is not JSON (NaN and
+    Infinity included), a top level that is not an object, or a string holding a lone UTF-16
+    surrogate (a `\\ud800` escape), which is not Unicode text and which no tokenizer can take."""
+    depth = json_depth(body)
+    if depth > max_depth:
+        raise APIError(
+            400,
+            f"request body nests arrays/objects {depth} levels deep; the limit is {max_depth}",
+            code="invalid_json",
+        )
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise APIError(
+            400,
+            f"request body is not valid UTF-8: byte 0x{body[exc.start]:02x} at position {exc.start}",
+            code="invalid_json",
+        ) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    bad = _first_non_unicode(data)
+    if bad is not None:
+        where, param = bad
+        raise APIError(
+            400,
+            f"{where} is not valid Unicode text: it holds a lone surrogate (a \\ud800-\\udfff escape "
+            "that is not half of a pair)",
+            param=param,
+            code="invalid_unicode",
+        )
+    return data
+
+
+def _first_non_unicode(data: Any) -> tuple[str, str | None] | None:
+    """(where, param) of the first string or key in document order that holds a lone surrogate,
+    else None. Iterative: the depth is bounded already, but this costs nothing."""
+    todo: list[tuple[Any, str]] = [(data, "")]
+    while todo:
+        value, where = todo.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return where, where
+        elif isinstance(value, dict):
+            for key in value:
+                if _SURROGATE.search(key):
+                    return f"a key of {where or 'the body'}", where or None
+            todo.extend((v, f"{where}.{k}" if where else k) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
+
+
 # ---------------------------------------------------------------------------- request models
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    # extra: OpenAI clients send fields we do not use. strict: a value of the wrong JSON type is
+    # refused (a string or a boolean where a number goes), not coerced. No NaN or infinity.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Base):
     include_usage: bool = False
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class _Sampling(_Base):
@@ -123,8 +214,17 @@ class _Sampling(_Base):
     n: int | None = 1
     logprobs: bool | int | None = None
     tools: list[Any] | None = None
+    response_format: ResponseFormat | None = None
 
     def generation_kwargs(self) -> dict[str, Any]:
+        if self.response_format is not None and self.response_format.type != "text":
+            raise APIError(
+                400,
+                f"response_format {self.response_format.type!r} is not implemented yet: this server cannot "
+                "constrain a reply to JSON, and will not pretend to; send response_format {'type': 'text'} or none",
+                param="response_format",
+                code="unsupported_response_format",
+            )
         if self.n not in (None, 1):
             raise APIError(400, f"n={self.n} is not supported; this server returns one choice (n=1)", param="n")
         if self.logprobs:
@@ -521,12 +621,7 @@ def create_app(
             body += chunk
             if len(body) > max_body_bytes:
                 raise too_big
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        data = parse_body(bytes(body))
         try:
             return schema.model_validate(data)
         except ValidationError as exc:
