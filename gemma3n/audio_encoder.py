@@ -17,8 +17,8 @@ from torch import nn
 
 from .checkpoint import check_coverage
 from .errors import ConfigError
+from .hardware import choose_compute_dtype
 from .layers import Linear, RMSNorm
-from .placement import choose_compute_dtype
 
 
 @dataclass

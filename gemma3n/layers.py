@@ -1,11 +1,28 @@
 """Building blocks shared by the text decoder, the audio encoder and the multimodal embedders:
-the checkpoint-named RMSNorm and Linear, and the CPU compute-dtype policy for matmuls."""
+the checkpoint-named RMSNorm, Linear and Embedding, and `matmul`, which picks how a product with
+a stored weight runs.
+
+A `Linear` is called with optional *views*: `rows` (a prefix length or an index tensor: which
+output features) and `cols` (a prefix length: which input features). The MatFormer widths
+(gate/up rows, down columns), the activation-sparse decode's fired rows and the tied LM head all
+run on the loaded weight through these views, without copying it. Quantized layers
+(quantize.QLinear) take the same arguments.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
+from .hardware import gemm_dtype
+
+# Rows (tokens x sequences) up to which a product is a decode step: bound by reading the weight,
+# so it streams the stored weight once (native kernels, or PyTorch's in the stored dtype).
+# Above it (prefill) the product is bound by FLOPs and runs in the machine's GEMM dtype.
+DECODE_ROWS = 8
+_scratch: dict[tuple, torch.Tensor] = {}
 
 
 class RMSNorm(nn.Module):
@@ -30,21 +47,39 @@ def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-# Rows at or below which a half-precision weight is used by its own kernel (decode is bound by
-# reading weights: converting them would triple the bytes moved); above it, the weight is
-# converted into a reused scratch buffer and multiplied in fp32 (prefill is bound by FLOPs,
-# and fp32 runs 5-20x faster than bf16 on CPUs without bf16 units). See placement.py.
-DIRECT_HALF_ROWS = 4
-_scratch: dict[tuple, torch.Tensor] = {}
+Rows = int | torch.Tensor | None
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ wᵀ in x's dtype (the compute dtype), whatever dtype `w` is stored in."""
+def view(w: torch.Tensor, rows: Rows = None, cols: int | None = None) -> torch.Tensor:
+    """The part of `w` [N, K] a call uses: a row prefix or gather, a column prefix (strided view)."""
+    if cols is not None and cols != w.shape[1]:
+        w = w[:, :cols]
+    if isinstance(rows, torch.Tensor):
+        return w.index_select(0, rows)
+    return w if rows is None or rows == w.shape[0] else w[:rows]
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, rows: Rows = None, cols: int | None = None) -> torch.Tensor:
+    """x @ view(w, rows, cols)ᵀ in x's dtype, whatever dtype `w` is stored in. x [..., K']."""
     if w.dtype == x.dtype:
-        return F.linear(x, w)
-    if x.shape[:-1].numel() <= DIRECT_HALF_ROWS:
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
-    return F.linear(x, converted(w, x.dtype))
+        return F.linear(x, view(w, rows, cols))
+    lead = x.shape[:-1]
+    m = lead.numel()
+    if m <= DECODE_ROWS:
+        native = kernels.loaded() if w.dtype == torch.bfloat16 and w.device.type == "cpu" else None
+        if native is not None:
+            w_used = w if cols is None or cols == w.shape[1] else w[:, :cols]
+            idx = rows if isinstance(rows, torch.Tensor) else None
+            if isinstance(rows, int) and rows != w.shape[0]:
+                w_used = w_used[:rows]
+            y = native.linear_bf16(x.reshape(m, -1), w_used, idx, 0)
+            return as_dtype(y, x.dtype).view(*lead, y.shape[-1])
+        return F.linear(x.to(w.dtype), view(w, rows, cols)).to(x.dtype)
+    wv = view(w, rows, cols)
+    gemm = gemm_dtype(w.device, w.dtype)
+    if gemm == w.dtype:  # the machine multiplies the stored dtype fast: round the inputs only
+        return F.linear(x.to(gemm), wv).to(x.dtype)
+    return F.linear(x, converted(wv, x.dtype))
 
 
 def converted(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,10 +93,24 @@ def converted(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (checkpoint names) that computes in its input's dtype, see `linear`."""
+    """nn.Linear (checkpoint names, no bias) computing in its input's dtype, with views (module doc)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+    def forward(self, x: torch.Tensor, rows: Rows = None, cols: int | None = None) -> torch.Tensor:
+        return matmul(x, self.weight, rows, cols)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table doubles as the tied output projection (`as_linear`)."""
+
+    # rows of a half-precision table converted at once when a long prefill needs logits at every
+    # position in fp32 (bounded scratch: the 262k-row head is 2 GB in fp32)
+    HEAD_BLOCK = 32768
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == x.dtype or x.shape[:-1].numel() <= DECODE_ROWS or gemm_dtype(w.device, w.dtype) == w.dtype:
+            return matmul(x, w)
+        return torch.cat([matmul(x, w[i : i + self.HEAD_BLOCK]) for i in range(0, w.shape[0], self.HEAD_BLOCK)], -1)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

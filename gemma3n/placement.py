@@ -5,13 +5,19 @@ table (2.0-2.35 B params) stays memory-mapped on the host and is gathered per to
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .checkpoint import Checkpoint, check_coverage
 from .errors import CheckpointError, InputError
+from .hardware import choose_compute_dtype, resolve_dtype
 from .text import TextDecoder
+
+__all__ = ["resolve_dtype", "resolve_device", "load_text_decoder", "placement_report"]
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
 
@@ -34,35 +40,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("--device mps was requested but Metal (MPS) is not available")
     return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-    return names[dtype]
-
-
-def choose_compute_dtype(device: torch.device, weight_dtype: torch.dtype, requested=None) -> torch.dtype:
-    """The activations' dtype. Policy: on a CPU, half-precision weights (bf16/fp16) are computed
-    in fp32: without bf16 units (AVX2) a bf16 matmul runs 5-20x slower than fp32 (measured here:
-    512x2048x8192 bf16 3.3 s vs 0.65 s fp32 plus 0.15 s to upcast the weight), so each weight
-    block is upcast just for its matmul (`text.linear`) and the model stays stored as is. GPUs
-    (and an explicit request, e.g. to reproduce the reference's bf16 roundings) use the given dtype."""
-    if requested not in (None, "auto"):
-        return resolve_dtype(requested)
-    if device.type == "cpu" and weight_dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return weight_dtype
 
 
 def load_text_decoder(
@@ -110,9 +87,23 @@ def load_text_decoder(
     decoder.requires_grad_(False)
     decoder.embed_tokens_per_layer = ple if ple is not None else ckpt.tensor(prefix + PLE_TABLE)  # host, mapped
     decoder.compute_dtype = choose_compute_dtype(device, decoder.dtype, compute_dtype)
+    if device.type == "cpu" and (qc is not None or _streams_half_weights(decoder)):
+        kernels.get(build=True, notify=_notice)
     if qc is not None:
-        q.finish(decoder, decoder.compute_dtype)
+        for problem in q.self_check(decoder):
+            warnings.warn(problem, stacklevel=2)
     return decoder
+
+
+def _streams_half_weights(decoder: TextDecoder) -> bool:
+    """Whether decode multiplies bf16 weights by fp32 activations (what the native kernels do)."""
+    return decoder.activation_dtype == torch.float32 and any(
+        p.dtype == torch.bfloat16 for p in decoder.parameters() if p.dim() == 2
+    )
+
+
+def _notice(message: str) -> None:
+    print(f"gemma3n: {message}", file=sys.stderr, flush=True)
 
 
 def _check_fits(ckpt: Checkpoint, expected: dict, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -150,11 +141,11 @@ class PlacementReport:
 
 
 def placement_report(decoder: TextDecoder) -> PlacementReport:
-    from .quantize import QWeight
+    from .quantize import QTensor
 
     params = list(decoder.parameters())
-    # quantized modules hold a QWeight (not a parameter): the weights it stands for, its packed bytes
-    qweights = [w for m in decoder.modules() if isinstance(w := getattr(m, "weight", None), QWeight)]
+    # quantized modules hold a QTensor (not a parameter): the weights it stands for, its packed bytes
+    qweights = [w for m in decoder.modules() if isinstance(w := getattr(m, "weight", None), QTensor)]
     table = decoder.embed_tokens_per_layer
     return PlacementReport(
         device=str(decoder.device),

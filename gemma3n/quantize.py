@@ -1,39 +1,30 @@
-"""Weight-only int8 / int4 quantization of the text decoder (issue #9).
+"""Weight-only int8 / int4 quantization of the text decoder.
 
 Schemes (weights only; activations stay in the compute dtype):
 - int8: symmetric, one bf16 scale per output channel (row): W ≈ q · s[n], q ∈ [-127, 127].
 - int4: asymmetric, group-wise along the input axis (group 32/64/128), a bf16 (scale, zero)
-  pair per group: W ≈ (q - 8) · s + z, q ∈ [0, 15] (the convention of PyTorch's int4 CPU kernel).
+  pair per group: W ≈ (q - 8) · s + z, q ∈ [0, 15].
 
 Which modules: every text-decoder linear layer and the main embedding / tied LM head, and the
 per-layer embedding (PLE) table, except names matching `keep` (norms, AltUp incl. its router
-and stream projections; towers are never touched). Tensors too small for the kernels' layout
-stay in high precision. Quantization is a module swap chosen by a predicate and recorded in
-config.json (`"quantization"`), in the style of mlx-lm / gpt-fast.
+and stream projections; towers are never touched). A weight the scheme cannot take (int4: an
+input width that is not a whole number of groups) stays in high precision, and the user is
+told which. Quantization is a module swap chosen by a predicate and recorded in config.json
+(`"quantization"`), in the style of mlx-lm / gpt-fast.
 
-Kernels (measured on the 2-core AVX2 development machine, [1,2048] x [8192,2048], 1 thread):
-fp32 F.linear 4.0 ms, bf16 4.4 ms, `torch._weight_int8pack_mm` (bf16 activations) 1.9 ms,
-`torch._weight_int4pack_mm_for_cpu` 3.5 ms (its AVX2 path is compute bound); both kernels are
-10-20x slower with fp32 / fp16 activations, so the quantized path casts activations to bf16.
-2 threads are slower than 1 on the shared box. torchao (not installed) wraps the same kernels.
-
-E2B shapes (30 layers, 2.42 B weights read per token, bench/bench_quantize.py, 1 thread, shared
-machine; wall / CPU-time tok/s, peak RSS incl. ~0.5 GB interpreter): bf16 1.30 / 1.96 tok/s,
-6.0 GB; int8 checkpoint 3.26 / 3.33, 3.36 GB (mapped, zero copy); int4-g64 checkpoint
-2.51 / 2.54, 2.53 GB. The AVX2 kernels, not bandwidth, bound int8 / int4 decode here.
-
-Checkpoint layout (portable; the int4 kernel's own packing depends on the CPU's ISA, so it is
-built at load time): `<name>.qweight` int8 [N, K] or uint8 [N, K/2] (low nibble = even input
+Checkpoint layout, which is also the runtime layout (memory-mapped and used in place, no
+repacking at load): `<name>.qweight` int8 [N, K] or uint8 [N, K/2] (low nibble = even input
 column), `<name>.scales` bf16 [N] (int8) or [N, K/g, 2] (int4 scale, zero). Row-wise layouts
-mean a gathered embedding row dequantizes alone.
+mean a gathered embedding row dequantizes alone, and every view the decoder takes is a strided
+view: MatFormer gate/up widths are row prefixes, down_proj widths column prefixes (exact
+prefixes of the dequantized weight: int8 scales are per row, int4 groups run along the input
+axis, so an int4 width must be a multiple of the group), the sparse decode's fired rows an
+index list.
 
-MatFormer widths: gate/up slices are row (output) prefixes, valid for both schemes. down_proj
-[D, I] is sliced on its *input* axis; a column prefix of an int8 per-row weight is an exact
-prefix of its dequantized weight (same scales), and int4 groups run along the input axis, so
-any width that is a multiple of the group is a prefix too. The kernels need contiguous weights,
-so down_proj is kept as column blocks of DOWN_BLOCK (2048: every Mix-n-Match width is a multiple)
-and a width runs the blocks it covers; a width inside a block falls back to slicing it (int8) or
-is refused (int4).
+Products (`qmatmul`): up to layers.DECODE_ROWS activation rows stream the codes once through
+the native kernels (kernels/decode.cpp), or without them through PyTorch's int8 / int4 CPU
+kernels within their preconditions (see `_torch_decode`); a prefill dequantizes blocks of rows
+into scratch and multiplies in the machine's GEMM dtype (hardware.py).
 """
 
 from __future__ import annotations
@@ -41,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import json
-import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import CheckpointError, ConfigError, InputError
+from .hardware import gemm_dtype
+from .layers import DECODE_ROWS, as_dtype, converted
 
 DEFAULT_KEEP = (
     "*norm*",
@@ -62,12 +56,7 @@ DEFAULT_KEEP = (
 )
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 64
-DOWN_BLOCK = 2048
-# int8: up to this many rows use the int8 kernel; a larger batch (prefill) converts the int8
-# weight to fp32 in a scratch buffer and scales the output per channel (prefill is FLOP bound).
-KERNEL_ROWS = 16
 FORMAT_VERSION = 1
-_KDTYPE = torch.bfloat16  # the kernels' activation / scale dtype
 
 
 # --- scheme ------------------------------------------------------------------------------
@@ -207,287 +196,175 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return ((q - 8.0) * sz[..., 0:1].float() + sz[..., 1:2].float()).view(n, -1)
 
 
-# --- the int4 kernel's (ISA-dependent) packing ------------------------------------------
-_PACK_ROWS: list[int] = []
-
-
-def pack_rows() -> int:
-    """Rows per independent block of `_convert_weight_to_int4pack_for_cpu` on this CPU (a row
-    slice or gather of the packed weight must be whole blocks). Probed once."""
-    if not _PACK_ROWS:
-        codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-        full = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        for b in (16, 32, 64, 128):
-            if all(
-                torch.equal(
-                    full[i : i + b], torch._convert_weight_to_int4pack_for_cpu(codes[i : i + b].contiguous(), 1)
-                )
-                for i in range(0, 128, b)
-            ):
-                _PACK_ROWS.append(b)
-                break
-        else:
-            _PACK_ROWS.append(128)
-    return _PACK_ROWS[0]
-
-
-def kernel_pack(packed: torch.Tensor, chunk_rows: int = 8192, drop_source: bool = False) -> torch.Tensor:
-    """Portable nibbles [N, K/2] -> the CPU kernel's layout, in row chunks (bounded scratch).
-    `drop_source`: release each chunk's mapped file pages once packed (peak RSS at load)."""
-    n = packed.shape[0]
-    out = torch.empty_like(packed)
-    step = max(pack_rows(), chunk_rows - chunk_rows % pack_rows())
-    for i in range(0, n, step):
-        src = packed[i : i + step]
-        out[i : i + step] = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(src).to(torch.int32), 1)
-        if drop_source and src.is_contiguous():
-            _drop_pages(src)
-    return out
-
-
-# --- the quantized weight: what text.linear multiplies ----------------------------------
-@dataclass
-class _Block:
-    k0: int
-    k1: int
-    data: torch.Tensor  # int8 [N, kb] or kernel-packed uint8 [N, kb/2]
-    sz: torch.Tensor | None = None  # int4: bf16 [kb/g, N, 2] (the kernel's layout)
-
-
-@dataclass
-class QWeight:
-    """A quantized [N, K] weight standing in for a tensor in `text.linear(x, w)`. Row slices
-    (`w[:width]`, `w[a:b]`), column prefixes (`w[:, :width]`) and row gathers
-    (`w.index_select(0, rows)`) give views (or small copies) the kernels can run."""
+# --- the quantized weight and its products ------------------------------------------------
+@dataclass(frozen=True)
+class QTensor:
+    """A quantized [N, K] weight in the portable layout the checkpoint stores (memory-mapped,
+    used in place): `q` int8 [N, K] or uint8 [N, K/2], `scales` bf16 [N] or [N, K/g, 2].
+    `view` gives row / column prefixes as strided views of the same memory."""
 
     bits: int
-    group_size: int | None
-    shape: tuple[int, int]
-    blocks: list[_Block]
-    scale: torch.Tensor | None = None  # int8: bf16 [N]
-    # The dtype it reports. `text.linear(x, w)` calls `F.linear(x, w)` when w.dtype == x.dtype,
-    # which `__torch_function__` routes to `matmul`: loading sets it to the compute dtype (the
-    # embedding's full weight reports the stored dtype instead: it defines `decoder.dtype`).
-    dtype: torch.dtype = torch.float32
-    compute_dtype: torch.dtype = torch.float32  # what its slices report
-    _sz_cache: dict = field(default_factory=dict, repr=False)
+    group: int | None
+    q: torch.Tensor
+    scales: torch.Tensor
+    # PyTorch's int4 kernel's repacked copies, per view (only without the native kernels)
+    repacked: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is F.linear and len(args) >= 2 and not isinstance(args[1], torch.Tensor) and args[2:] in ((), (None,)):
-            return args[1].matmul(args[0])
-        raise TypeError(f"{func} is not supported on a quantized weight (only F.linear / text.linear)")
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], self.q.shape[1] * (2 if self.bits == 4 else 1)
 
     @property
     def device(self) -> torch.device:
-        return self.blocks[0].data.device
+        return self.q.device
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
     def nbytes(self) -> int:
-        extra = self.scale.numel() * 2 if self.scale is not None else 0
-        return extra + sum(b.data.numel() + (b.sz.numel() * 2 if b.sz is not None else 0) for b in self.blocks)
+        return self.q.numel() * self.q.element_size() + self.scales.numel() * self.scales.element_size()
 
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    def dim(self) -> int:
-        return 2
-
-    def size(self, i: int | None = None):
-        return self.shape if i is None else self.shape[i]
-
-    # slicing ---------------------------------------------------------------------------
-    def __getitem__(self, idx) -> QWeight:
-        if isinstance(idx, tuple):
-            rows, cols = (idx + (slice(None),))[:2]
-            out = self._rows(rows)
-            return out._cols(cols)
-        return self._rows(idx)
-
-    def _rows(self, s: slice) -> QWeight:
-        if not isinstance(s, slice) or s.step not in (None, 1):
-            raise TypeError("QWeight supports contiguous row slices only")
-        a, b, _ = s.indices(self.shape[0])
-        if (a, b) == (0, self.shape[0]):
-            return self
-        if self.bits == 4 and (a % pack_rows() or (b % pack_rows() and b != self.shape[0])):
-            raise InputError(f"int4 weight rows {a}:{b} are not whole blocks of {pack_rows()} rows")
-        key = ("rows", a, b)
-        if key not in self._sz_cache:  # int4 scale slices must be contiguous: cache one per slice
-            blocks = [
-                _Block(x.k0, x.k1, x.data[a:b], None if x.sz is None else x.sz[:, a:b].contiguous())
-                for x in self.blocks
-            ]
-            scale = None if self.scale is None else self.scale[a:b]
-            self._sz_cache[key] = self._like((b - a, self.shape[1]), blocks, scale)
-        return self._sz_cache[key]
-
-    def _cols(self, s: slice) -> QWeight:
-        if not isinstance(s, slice) or s.start not in (None, 0) or s.step not in (None, 1):
-            raise TypeError("QWeight supports column prefixes only")
-        width = min(s.stop if s.stop is not None else self.shape[1], self.shape[1])
-        if width == self.shape[1]:
-            return self
-        blocks = []
-        for x in self.blocks:
-            if x.k1 <= width:
-                blocks.append(x)
-            elif x.k0 < width:  # the width cuts this block
-                if self.bits == 4:
-                    raise InputError(
-                        f"an int4 FFN width must be a multiple of {x.k1 - x.k0} here (got {width}); "
-                        "use an int8 model or a Mix-n-Match width (multiples of 2048)"
-                    )
-                blocks.append(_Block(x.k0, width, x.data[:, : width - x.k0].contiguous()))
-        return self._like((self.shape[0], width), blocks, self.scale)
-
-    def index_select(self, dim: int, rows: torch.Tensor) -> QWeight | _Gathered:
-        """Row gather (the sparse decode's fired `up_proj` units). int4 rows live in packed
-        blocks, so the blocks holding them are gathered and the wanted outputs picked after."""
-        assert dim == 0
-        if self.bits == 8:
-            blocks = [_Block(x.k0, x.k1, x.data.index_select(0, rows)) for x in self.blocks]
-            return self._like((rows.numel(), self.shape[1]), blocks, self.scale.index_select(0, rows))
-        b = pack_rows()
-        if self.shape[0] % b:
-            return _Gathered(self, rows, torch.arange(self.shape[0]))
-        which = torch.unique(rows // b)
-        full_rows = (which[:, None] * b + torch.arange(b)).reshape(-1)
-        blocks = []
-        for x in self.blocks:
-            data = x.data.view(-1, b, x.data.shape[1]).index_select(0, which).view(-1, x.data.shape[1])
-            blocks.append(_Block(x.k0, x.k1, data, x.sz.index_select(1, full_rows)))
-        sub = self._like((full_rows.numel(), self.shape[1]), blocks, None)
-        return _Gathered(sub, rows, full_rows)
-
-    def _like(self, shape, blocks, scale) -> QWeight:
-        c = self.compute_dtype
-        return QWeight(self.bits, self.group_size, shape, blocks, scale, dtype=c, compute_dtype=c)
-
-    # maths -----------------------------------------------------------------------------
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ Wᵀ in x's dtype. x [..., K]."""
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
-        m = x2.shape[0]
-        out = None
-        for blk in self.blocks:
-            xs = x2[:, blk.k0 : blk.k1] if (blk.k0, blk.k1) != (0, k) else x2
-            if self.bits == 8:
-                if m <= KERNEL_ROWS:
-                    y = torch._weight_int8pack_mm(xs.to(_KDTYPE).contiguous(), blk.data, self.scale)
-                else:
-                    y = F.linear(xs.float(), _as_float(blk.data))
+    def view(self, rows: int | None = None, cols: int | None = None) -> QTensor:
+        q, s = self.q, self.scales
+        n, k = self.shape
+        if cols is not None and cols != k:
+            if self.bits == 4:
+                if cols % self.group:
+                    raise InputError(f"an int4 width must be a multiple of its group size {self.group}, got {cols}")
+                q, s = q[:, : cols // 2], s[:, : cols // self.group]
             else:
-                y = torch._weight_int4pack_mm_for_cpu(xs.to(_KDTYPE).contiguous(), blk.data, self.group_size, blk.sz)
-            y = y.float()
-            out = y if out is None else out.add_(y)
-        if self.bits == 8 and m > KERNEL_ROWS:
-            out.mul_(self.scale.float())
-        return out.to(x.dtype).view(*lead, self.shape[0])
+                q = q[:, :cols]
+        if rows is not None and rows != n:
+            q, s = q[:rows], s[:rows]
+        return QTensor(self.bits, self.group, q, s)
 
     def dequantize(self) -> torch.Tensor:
-        """fp32 [N, K] (reference / tests; for int4 via the kernel on an identity, exact in fp32 sums)."""
-        cols = []
-        for blk in self.blocks:
-            if self.bits == 8:
-                cols.append(blk.data.float() * self.scale.float()[:, None])
+        """fp32 [N, K]: the reference the kernels are tested against."""
+        if self.bits == 8:
+            return dequantize_int8(self.q, self.scales)
+        return dequantize_int4(self.q, self.scales)
+
+
+Rows = int | torch.Tensor | None
+
+
+def qmatmul(x: torch.Tensor, w: QTensor, rows: Rows = None, cols: int | None = None) -> torch.Tensor:
+    """x @ view(w)ᵀ in x's dtype, with the views of layers.Linear (a row prefix or index tensor,
+    a column prefix). Decode-sized x streams the codes once (native kernels, else PyTorch's
+    under their preconditions); a prefill dequantizes row blocks into scratch and multiplies
+    in the machine's GEMM dtype."""
+    prefix = rows if isinstance(rows, int) else None
+    wv = w.view(prefix, cols)
+    idx = rows if isinstance(rows, torch.Tensor) else None
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] <= DECODE_ROWS:
+        native = kernels.loaded()
+        if native is not None:
+            if wv.bits == 8:
+                y = native.linear_int8(x2, wv.q, wv.scales, idx, 0)
             else:
-                eye = torch.eye(blk.k1 - blk.k0, dtype=_KDTYPE)
-                cols.append(torch._weight_int4pack_mm_for_cpu(eye, blk.data, self.group_size, blk.sz).float().t())
-        return torch.cat(cols, 1)
-
-
-_scratch: list[torch.Tensor] = []
-
-
-def _as_float(q: torch.Tensor) -> torch.Tensor:
-    """int8 codes as fp32 in a reused scratch buffer (a fresh allocation per call page-faults)."""
-    if not _scratch or _scratch[0].numel() < q.numel():
-        _scratch[:] = [torch.empty(q.numel(), dtype=torch.float32)]
-    return _scratch[0][: q.numel()].view(q.shape).copy_(q)
-
-
-@dataclass
-class _Gathered:
-    """int4 row gather: a block-aligned QWeight plus which of its rows were asked for."""
-
-    sub: QWeight
-    rows: torch.Tensor
-    full_rows: torch.Tensor
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.sub.dtype
-
-    __torch_function__ = QWeight.__torch_function__
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.sub.matmul(x)
-        pos = torch.searchsorted(self.full_rows, self.rows)
-        return y.index_select(-1, pos)
-
-
-def make_qweight(
-    bits: int,
-    group: int | None,
-    q: torch.Tensor,
-    scales: torch.Tensor,
-    dtype: torch.dtype,
-    col_block: int | None = None,
-    mapped: bool = False,
-) -> QWeight:
-    """Runtime weight from the portable layout (int8 tensors used as is, zero copy when one block)."""
-    n = q.shape[0]
-    k = q.shape[1] * (2 if bits == 4 else 1)
-    bounds = [(0, k)]
-    if col_block and k > col_block and k % col_block == 0:
-        bounds = [(a, a + col_block) for a in range(0, k, col_block)]
-    blocks = []
-    for a, b in bounds:
-        if bits == 8:
-            data = q if (a, b) == (0, k) else q[:, a:b].contiguous()
-            blocks.append(_Block(a, b, data))
+                y = native.linear_int4(x2, wv.q, wv.scales, wv.group, idx, 0)
         else:
-            data = kernel_pack(q[:, a // 2 : b // 2] if (a, b) != (0, k) else q, drop_source=mapped)
-            sz = scales[:, a // group : b // group].transpose(0, 1).contiguous().to(_KDTYPE)
-            blocks.append(_Block(a, b, data, sz))
-    scale = scales.to(_KDTYPE).contiguous() if bits == 8 else None
-    return QWeight(bits, group, (n, k), blocks, scale, dtype=dtype, compute_dtype=dtype)
+            y = _torch_decode(x2, wv, idx, w.repacked, (prefix, cols))
+    else:
+        y = _prefill(x2, wv if idx is None else _gathered(wv, idx))
+    return as_dtype(y, x.dtype).view(*lead, y.shape[-1])
 
 
-# --- modules swapped in ------------------------------------------------------------------
+def _gathered(w: QTensor, idx: torch.Tensor) -> QTensor:
+    return QTensor(w.bits, w.group, w.q.index_select(0, idx), w.scales.index_select(0, idx))
+
+
+# Row blocks of a prefill's dequantized weight: bounded scratch (the LM head is 262k rows).
+PREFILL_BLOCK_ELEMS = 1 << 24
+
+
+def _prefill(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    n, k = w.shape
+    dtype = gemm_dtype(x.device, torch.bfloat16)
+    xg = x.to(dtype)
+    step = max(1, PREFILL_BLOCK_ELEMS // max(1, k))
+    parts = [_prefill_block(xg, _row_range(w, i, min(n, i + step)), dtype) for i in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+def _row_range(w: QTensor, a: int, b: int) -> QTensor:
+    return QTensor(w.bits, w.group, w.q[a:b], w.scales[a:b])
+
+
+def _prefill_block(x: torch.Tensor, w: QTensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (in the GEMM dtype) times one row block, dequantized into a reused scratch buffer.
+    int8 codes convert exactly (|q| <= 127 fits bf16's 8 significant bits), and the per-row
+    scale multiplies the output instead of every weight."""
+    if w.bits == 8:
+        return F.linear(x, converted(w.q, dtype)).float().mul_(w.scales.float())
+    return F.linear(x, converted(dequantize_int4(w.q, w.scales), dtype)).float()
+
+
+# --- PyTorch's kernels: the path without a compiler ---------------------------------------
+# `torch._weight_int8pack_mm` reads garbage when K is not a multiple of 16 on AVX-512 and
+# crashes (SIGSEGV) when the weight is not 16-byte aligned and x has 4+ rows; it also needs a
+# contiguous weight. `torch._weight_int4pack_mm_for_cpu` needs the weight repacked into an
+# ISA-dependent layout with N a multiple of 16. Outside these preconditions: dequantize.
+INT8_KERNEL_K = 16
+INT8_KERNEL_ALIGN = 64
+INT4_KERNEL_N = 16
+
+
+def _int8_kernel_ok(q: torch.Tensor) -> bool:
+    return q.is_contiguous() and q.shape[1] % INT8_KERNEL_K == 0 and q.data_ptr() % INT8_KERNEL_ALIGN == 0
+
+
+def _torch_decode(x: torch.Tensor, w: QTensor, idx: torch.Tensor | None, repacked: dict, key: tuple) -> torch.Tensor:
+    if w.bits == 8:
+        if idx is not None:
+            w = _gathered(w, idx)  # a fresh (aligned, contiguous) copy of the fired rows
+        if not _int8_kernel_ok(w.q):
+            return _prefill(x, w)
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), w.q, w.scales.to(torch.bfloat16)).float()
+    n = w.shape[0]
+    if n % INT4_KERNEL_N:
+        return _prefill(x, w if idx is None else _gathered(w, idx))
+    if key not in repacked:  # once per view of the weight (PyTorch's layout is ISA-specific)
+        codes = unpack_int4(w.q.contiguous()).to(torch.int32)
+        repacked[key] = torch._convert_weight_to_int4pack_for_cpu(codes, 1), w.scales.transpose(0, 1).contiguous()
+    packed, sz = repacked[key]
+    y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, w.group, sz).float()
+    return y if idx is None else y.index_select(-1, idx)
+
+
+# --- modules swapped in ---------------------------------------------------------------------
 class QLinear(nn.Module):
-    """A bias-free linear layer whose weight is a QWeight (text.linear dispatches on it)."""
+    """A bias-free linear layer over a QTensor, with layers.Linear's views (`rows`, `cols`)."""
 
-    def __init__(self, weight: QWeight):
+    def __init__(self, weight: QTensor):
         super().__init__()
         self.weight = weight
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features, self.in_features = weight.shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight.matmul(x)
+    def forward(self, x: torch.Tensor, rows: Rows = None, cols: int | None = None) -> torch.Tensor:
+        return qmatmul(x, self.weight, rows, cols)
 
     def extra_repr(self) -> str:
-        return (
-            f"in={self.in_features}, out={self.out_features}, bits={self.weight.bits}, group={self.weight.group_size}"
-        )
+        w = self.weight
+        return f"in={self.in_features}, out={self.out_features}, bits={w.bits}, group={w.group}"
 
 
 class QEmbedding(nn.Module):
-    """The main embedding (and, through `weight`, the tied LM head): rows dequantize alone."""
+    """The main embedding (rows dequantize alone) and, through `as_linear`, the tied LM head."""
 
-    def __init__(self, weight: QWeight, q: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, weight: QTensor, dtype: torch.dtype):
         super().__init__()
         self.weight = weight
-        self.rows = QRows(q, scales, weight.bits, weight.dtype)
+        self.rows = QRows(weight.q, weight.scales, weight.bits, dtype)
         self.num_embeddings, self.embedding_dim = weight.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows[ids]
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return qmatmul(x, self.weight)
 
 
 class QRows:
@@ -512,28 +389,79 @@ class QRows:
         return (self.q.numel() * self.q.element_size() + self.scales.numel() * 2) / self.numel()
 
 
+def self_check(decoder: nn.Module) -> list[str]:
+    """Run each quantized layer's decode path on its own shapes (the first rows of its weight,
+    one and three activation rows) against the dequantized weight. A native kernel that
+    disagrees is switched off for the process, so the PyTorch path (or dequantization) runs
+    instead; the returned lines say what failed. About a millisecond per distinct shape."""
+    problems: list[str] = []
+    seen: set[tuple] = set()
+    gen = torch.Generator().manual_seed(0)
+    for name, mod in decoder.named_modules():
+        if not isinstance(mod, (QLinear, QEmbedding)):
+            continue
+        w = mod.weight
+        key = (w.bits, w.group, w.shape[1], w.q.stride(0), w.q.data_ptr() % INT8_KERNEL_ALIGN)
+        if key in seen:
+            continue
+        seen.add(key)
+        part = w.view(min(w.shape[0], 32), None)
+        ref_w = part.dequantize()
+        for m in (1, 3):
+            x = torch.randn(m, w.shape[1], generator=gen)
+            got, ref = qmatmul(x, part), x @ ref_w.t()
+            if not bool(torch.isfinite(got).all()) or (got - ref).abs().max() > 1e-3 * (ref.abs().max() + 1e-6):
+                problems.append(f"{name}: the {'native' if kernels.loaded() else 'PyTorch'} int{w.bits} kernel "
+                                f"is off by {(got - ref).abs().max():.3g} on [{m}, {w.shape[1]}]")
+                if kernels.loaded() is not None:
+                    kernels.disable("it failed the load-time check on this CPU")
+                break
+    return problems
+
+
 # --- the predicate ----------------------------------------------------------------------
-def _fits(bits: int, group: int | None, n: int, k: int) -> bool:
-    if bits == 8:
-        return True
-    return k % group == 0 and n % 16 == 0 and k % 2 == 0
+def unfit_reason(bits: int, group: int | None, n: int, k: int) -> str | None:
+    """Why a [N, K] weight cannot take the scheme (None if it can): int8 fits any shape; int4
+    groups run along the input axis, so K must be a whole number of groups."""
+    if bits == 4 and k % group:
+        return f"{k} input columns are not a multiple of the int4 group size {group}"
+    return None
+
+
+def _candidates(decoder: nn.Module, qc: QuantConfig):
+    from .layers import Linear
+
+    for name, mod in decoder.named_modules():
+        if isinstance(mod, Linear) and not qc.keeps(name):
+            yield name, tuple(mod.weight.shape)
+        elif name == "embed_tokens" and qc.embeddings and not qc.keeps(name):
+            yield name, tuple(mod.weight.shape)
 
 
 def plan_modules(decoder: nn.Module, qc: QuantConfig) -> dict[str, tuple[int, int]]:
     """Names (relative to the decoder) of the weights to quantize -> their [N, K] shape."""
-    from .text import Linear
+    return {
+        name: shape for name, shape in _candidates(decoder, qc) if unfit_reason(qc.bits, qc.group_size, *shape) is None
+    }
 
+
+def unfit_modules(decoder: nn.Module, qc: QuantConfig) -> dict[str, str]:
+    """Weights the scheme would cover but that stay in high precision -> why (reported, not fatal)."""
     out = {}
-    for name, mod in decoder.named_modules():
-        if isinstance(mod, Linear) and not qc.keeps(name):
-            n, k = mod.weight.shape
-            if _fits(qc.bits, qc.group_size, n, k):
-                out[name] = (n, k)
-        elif name == "embed_tokens" and qc.embeddings and not qc.keeps(name):
-            n, k = mod.weight.shape
-            if _fits(qc.bits, qc.group_size, n, k):
-                out[name] = (n, k)
+    for name, shape in _candidates(decoder, qc):
+        why = unfit_reason(qc.bits, qc.group_size, *shape)
+        if why is not None:
+            out[name] = why
     return out
+
+
+def describe_unfit(unfit: dict[str, str], qc: QuantConfig) -> str:
+    """One line for the user: which weights stay in high precision under `qc`, and why."""
+    names = sorted(unfit)
+    shown = "; ".join(f"{n} ({unfit[n]})" for n in names[:3])
+    if len(names) > 3:
+        shown += f"; and {len(names) - 3} more"
+    return f"{len(names)} weight(s) kept in high precision under {qc.name}: {shown}"
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -543,7 +471,7 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _drop_pages(t: torch.Tensor) -> None:
     """Let the kernel drop the (copy-on-write, unmodified) file pages of a mapped source tensor
-    once a repacked copy exists, so they do not stay in the resident set."""
+    once its quantized copy exists, so they do not stay in the resident set."""
     try:
         libc = ctypes.CDLL(None)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -562,11 +490,15 @@ def _from_tensor(w: torch.Tensor, qc: QuantConfig) -> tuple[torch.Tensor, torch.
 
 
 def install(decoder: nn.Module, ckpt, qc: QuantConfig, stored: bool, prefix: str) -> set[str]:
-    """Swap the planned modules of a (meta-built) decoder for quantized ones, reading either the
-    stored quantized tensors (`stored`) or the checkpoint's weights quantized now. Returns the
-    state-dict names now covered (so the loader does not expect them)."""
+    """Swap the planned modules of a (meta-built) decoder for quantized ones, over either the
+    stored quantized tensors (`stored`: memory-mapped, used in place) or the checkpoint's
+    weights quantized now. Returns the state-dict names now covered (so the loader does not
+    expect them). Weights the scheme cannot take stay in high precision, with a warning."""
     covered = set()
     dtype = _hp_dtype(ckpt, prefix)
+    unfit = unfit_modules(decoder, qc)
+    if unfit and not stored:
+        warnings.warn(describe_unfit(unfit, qc), stacklevel=2)
     for name, (n, k) in plan_modules(decoder, qc).items():
         base = prefix + name
         if stored:
@@ -574,22 +506,20 @@ def install(decoder: nn.Module, ckpt, qc: QuantConfig, stored: bool, prefix: str
                 continue  # kept in high precision when quantized: the plain weight is there
             q, s = ckpt.tensor(base + ".qweight"), ckpt.tensor(base + ".scales")
             want_q = (n, k) if qc.bits == 8 else (n, k // 2)
-            if tuple(q.shape) != want_q:
-                raise CheckpointError(f"{ckpt.path}: {base}.qweight has shape {list(q.shape)}, expected {list(want_q)}")
+            want_s = (n,) if qc.bits == 8 else (n, k // qc.group_size, 2)
+            if tuple(q.shape) != want_q or tuple(s.shape) != want_s:
+                raise CheckpointError(
+                    f"{ckpt.path}: {base}.qweight / .scales have shapes {list(q.shape)} / {list(s.shape)}, "
+                    f"expected {list(want_q)} / {list(want_s)}"
+                )
+            if q.dtype != (torch.int8 if qc.bits == 8 else torch.uint8) or s.dtype != torch.bfloat16:
+                raise CheckpointError(f"{ckpt.path}: {base}.qweight / .scales have dtypes {q.dtype} / {s.dtype}")
         else:
             src = ckpt.tensor(base + ".weight")
             q, s = _chunked(src, lambda c: _from_tensor(c, qc))
             _drop_pages(src)
-        col_block = DOWN_BLOCK if name.endswith("mlp.down_proj") else None
-        weight = make_qweight(qc.bits, qc.group_size, q, s, dtype, col_block, mapped=stored)
-        if stored and (qc.bits == 4 or col_block):  # repacked / copied: the mapped source is not used
-            _drop_pages(q)
-            if qc.bits == 4:
-                _drop_pages(s)
-        if name == "embed_tokens":
-            _set_module(decoder, name, QEmbedding(weight, q, s))
-        else:
-            _set_module(decoder, name, QLinear(weight))
+        weight = QTensor(qc.bits, qc.group_size, q, s)
+        _set_module(decoder, name, QEmbedding(weight, dtype) if name == "embed_tokens" else QLinear(weight))
         covered.add(name + ".weight")
     _trim_heap()
     return covered
@@ -611,19 +541,8 @@ def resolve(ckpt, quantize, device: torch.device) -> tuple[QuantConfig | None, b
         raise InputError(f"{ckpt.path} is already quantized ({stored.name}); cannot load it as {asked.name}")
     qc = stored or asked
     if qc is not None and device.type != "cpu":
-        raise InputError(f"quantized weights ({qc.name}) run on the CPU only (PyTorch's CPU kernels); use --device cpu")
+        raise InputError(f"quantized weights ({qc.name}) run on the CPU only; use --device cpu")
     return qc, stored is not None
-
-
-def finish(decoder: nn.Module, compute_dtype: torch.dtype) -> None:
-    """After the compute dtype is chosen: quantized weights report it, so `text.linear` hands
-    them to F.linear (and so to their kernels) instead of converting them."""
-    for mod in decoder.modules():
-        if isinstance(mod, (QLinear, QEmbedding)):
-            mod.weight.compute_dtype = compute_dtype
-            mod.weight._sz_cache.clear()
-            if isinstance(mod, QLinear):
-                mod.weight.dtype = compute_dtype
 
 
 def _hp_dtype(ckpt, prefix: str) -> torch.dtype:
@@ -662,13 +581,3 @@ def _chunked(w: torch.Tensor, fn, rows: int = 8192) -> tuple[torch.Tensor, torch
     for i in range(rows, w.shape[0], rows):
         q[i : i + rows], s[i : i + rows] = fn(w[i : i + rows])
     return q, s
-
-
-def quant_bytes(decoder: nn.Module) -> int:
-    """Bytes of the quantized weights (for reports)."""
-    return sum(m.weight.nbytes() for m in decoder.modules() if isinstance(m, (QLinear, QEmbedding)))
-
-
-def bandwidth_bytes_per_token(n_params: int, bits: int, group: int | None) -> float:
-    per = 1.0 if bits == 8 else 0.5 + 4.0 / group
-    return math.ceil(n_params * per)

@@ -20,10 +20,7 @@ from torch import nn
 
 from .cache import Cache
 from .config import TextConfig
-from .layers import DIRECT_HALF_ROWS, Linear, RMSNorm, as_dtype, gelu_tanh, linear
-
-# Decode reads only the FFN units that fire in the activation-sparse layers (MLP._sparse_decode).
-SPARSE_DECODE = True
+from .layers import Embedding, Linear, RMSNorm, as_dtype, gelu_tanh
 
 # Φ⁻¹(0.95) as transformers computes it in fp32 (text-decoder.md §4.7); cast per dtype below.
 _ICDF_CACHE: dict[float, float] = {}
@@ -132,15 +129,17 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, width, bias=False)
         self.up_proj = Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = Linear(width, cfg.hidden_size, bias=False)
+        # decode reads only the `up_proj` rows of the units that fire in a sparse layer
+        self.gather_fired = True
 
     def forward(self, x: torch.Tensor, width: int, sparsity: float) -> torch.Tensor:
-        gate = linear(x, _first_rows(self.gate_proj.weight, width))
+        gate = self.gate_proj(x, rows=width)
         if sparsity > 0.0:
             gate = gaussian_topk(gate, sparsity)
-            if x.shape[:-1].numel() == 1 and SPARSE_DECODE:
+            if x.shape[:-1].numel() == 1 and self.gather_fired:
                 return self._sparse_decode(x, gate, width)
-        up = linear(x, _first_rows(self.up_proj.weight, width))
-        return linear(gelu_tanh(gate) * up, _first_columns(self.down_proj.weight, width))
+        up = self.up_proj(x, rows=width)
+        return self.down_proj(gelu_tanh(gate) * up, cols=width)
 
     def _sparse_decode(self, x: torch.Tensor, gate: torch.Tensor, width: int) -> torch.Tensor:
         """One token through a sparse layer: after the Gaussian top-k ~95% of the gate is exactly
@@ -148,18 +147,10 @@ class MLP(nn.Module):
         gather); the result is the same sum without its zero terms. `down_proj` is read whole:
         its columns are strided, so gathering them would touch nearly every cache line anyway."""
         fired = gate.reshape(-1).nonzero().squeeze(1)
-        up = linear(x, self.up_proj.weight.index_select(0, fired))
+        up = self.up_proj(x, rows=fired)
         hidden = torch.zeros_like(gate)
         hidden[..., fired] = gelu_tanh(gate[..., fired]) * up
-        return linear(hidden, _first_columns(self.down_proj.weight, width))
-
-
-def _first_rows(w: torch.Tensor, n: int) -> torch.Tensor:
-    return w if w.shape[0] == n else w[:n]
-
-
-def _first_columns(w: torch.Tensor, n: int) -> torch.Tensor:
-    return w if w.shape[1] == n else w[:, :n]
+        return self.down_proj(hidden, cols=width)
 
 
 def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -296,7 +287,7 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.config = cfg
         d, p, n_layers = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_tokens = Embedding(cfg.vocab_size, d)
         self.per_layer_model_projection = Linear(d, n_layers * p, bias=False)
         self.per_layer_projection_norm = RMSNorm(p, cfg.rms_norm_eps)
         self.altup_projections = nn.ModuleList(Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1))
@@ -312,7 +303,7 @@ class TextDecoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype  # the stored dtype (norms are never quantized)
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -451,11 +442,7 @@ class TextDecoder(nn.Module):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head and the final soft-cap: cap · tanh(logits / cap) (§6)."""
-        weight, block = self.embed_tokens.weight, 32768
-        if weight.dtype == hidden.dtype or hidden.shape[:-1].numel() <= DIRECT_HALF_ROWS:
-            logits = linear(hidden, weight)
-        else:  # convert the 262k-row head in blocks: bounded scratch memory
-            logits = torch.cat([linear(hidden, weight[i : i + block]) for i in range(0, weight.shape[0], block)], -1)
+        logits = self.embed_tokens.as_linear(hidden)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, InputError
-from .placement import choose_compute_dtype
+from .hardware import choose_compute_dtype
 
 # ---------------------------------------------------------------------------------------------------
 # Image input

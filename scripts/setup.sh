@@ -12,3 +12,5 @@ if [ "$(cat .venv/.gemma3n-installed 2>/dev/null)" != "$stamp" ]; then
     .venv/bin/python -m pip install -q -e ".[${extras}]"
     echo "$stamp" > .venv/.gemma3n-installed
 fi
+# the native decode kernels: built once per machine and torch version (cached), else a fallback
+.venv/bin/python -m gemma3n.kernels

@@ -1,0 +1,117 @@
+"""The native decode kernels (gemma3n/kernels/decode.cpp): every body this CPU can run (portable
+C++, AVX2, AVX-512) against the dequantized fp32 reference, on the shapes, strides, row lists
+and misalignments the decoder hands them; batch rows never change a row's result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3n import kernels
+from gemma3n import quantize as qz
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def test_kernels_build_where_a_compiler_exists():
+    """A machine with a C++ compiler gets the native kernels (a broken build must not hide
+    behind the fallback)."""
+    if kernels.why_unavailable() is not None:
+        pytest.skip(kernels.why_unavailable())
+    assert kernels.get() is not None, kernels.status()
+    assert kernels.status().startswith("native")
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = kernels.get()
+    if module is None:
+        pytest.skip(f"native kernels unavailable: {kernels.status()}")
+    return module
+
+
+def _isas(native) -> list[int]:
+    """Every body this CPU can run: generic always, then each SIMD level up to the best."""
+    best = kernels.ISA[native.isa_name(0)]
+    return [kernels.ISA["generic"]] + [i for i in (kernels.ISA["avx2"], kernels.ISA["avx512"]) if i <= best]
+
+
+def _offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """`t` copied to `offset` bytes past a 64-byte boundary (a mapped tensor starts anywhere)."""
+    nbytes = t.numel() * t.element_size()
+    buf = torch.zeros(nbytes + offset + 64, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % 64 + offset
+    return buf[start : start + nbytes].view(t.dtype).view(t.shape).copy_(t)
+
+
+SHAPES = [(1, 16), (7, 33), (48, 100), (64, 130), (33, 2048), (5, 7)]
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, k: int) -> None:
+    """Equal up to fp32 summation order: rounding grows with the k terms of each sum (~1e-4 at
+    k = 2048 with unit-scale values); a wrong element or lane is off by O(1)."""
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, k / 256))
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 11])
+def test_bf16_and_int8_any_shape(native, n, k, m):
+    w = torch.randn(n, k, generator=GEN)
+    x = torch.randn(m, k, generator=GEN)
+    wb = _offset_copy(w.bfloat16(), 2)
+    q, s = qz.quantize_int8(w)
+    q = _offset_copy(q, 8)
+    ref_b, ref_8 = x @ wb.float().t(), x @ qz.dequantize_int8(q, s).t()
+    for isa in _isas(native):
+        _close(native.linear_bf16(x, wb, None, isa), ref_b, k)
+        _close(native.linear_int8(x, q, s, None, isa), ref_8, k)
+
+
+@pytest.mark.parametrize("group", qz.GROUP_SIZES)
+@pytest.mark.parametrize("m", [1, 3, 8, 9])
+def test_int4_groups(native, group, m):
+    k = 2 * max(qz.GROUP_SIZES)
+    w = torch.randn(40, k, generator=GEN) + 0.1
+    q, sz = qz.quantize_int4(w, group)
+    x = torch.randn(m, k, generator=GEN)
+    ref = x @ qz.dequantize_int4(q, sz).t()
+    for isa in _isas(native):
+        _close(native.linear_int4(x, q, sz, group, None, isa), ref, k)
+
+
+def test_views_and_row_lists(native):
+    """Column prefixes (a MatFormer down_proj width) are strided views; a row list (the sparse
+    decode's fired units) selects outputs; both read the weight in place."""
+    w = torch.randn(64, 256, generator=GEN)
+    rows = torch.tensor([0, 5, 63, 5])
+    x = torch.randn(2, 128, generator=GEN)
+    wb = w.bfloat16()
+    q8, s8 = qz.quantize_int8(w)
+    q4, s4 = qz.quantize_int4(w, 32)
+    deq4 = qz.dequantize_int4(q4, s4)
+    for isa in _isas(native):
+        y = native.linear_bf16(x, wb[:, :128], rows, isa)
+        _close(y, x @ wb.float()[rows, :128].t(), 128)
+        y = native.linear_int8(x, q8[:, :128], s8, rows, isa)
+        _close(y, x @ qz.dequantize_int8(q8, s8)[rows, :128].t(), 128)
+        y = native.linear_int4(x, q4[:, :64], s4[:, :4], 32, rows, isa)
+        _close(y, x @ deq4[rows, :128].t(), 128)
+
+
+def test_batch_rows_do_not_change_a_rows_result(native):
+    """A sequence's output is bit-identical whether it is decoded alone or with 7 others."""
+    w = torch.randn(96, 2048, generator=GEN).bfloat16()
+    q, s = qz.quantize_int4(w.float(), 64)
+    x = torch.randn(8, 2048, generator=GEN)
+    assert torch.equal(native.linear_bf16(x, w, None, 0)[3], native.linear_bf16(x[3:4], w, None, 0)[0])
+    assert torch.equal(native.linear_int4(x, q, s, 64, None, 0)[5], native.linear_int4(x[5:6], q, s, 64, None, 0)[0])
+
+
+def test_bad_arguments_are_errors_not_reads(native):
+    w = torch.randn(8, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="row index out of range"):
+        native.linear_bf16(torch.randn(1, 32), w, torch.tensor([8]), 0)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, 32\]"):
+        native.linear_bf16(torch.randn(1, 31), w, None, 0)
+    with pytest.raises(RuntimeError, match="must be a 2-D CPU tensor"):
+        native.linear_int8(torch.randn(1, 32), w, torch.ones(8).bfloat16(), None, 0)
