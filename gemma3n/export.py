@@ -125,6 +125,8 @@ def foreign_entries(names: Sequence[str], kinds: dict[str, bool], source_names: 
 def check_out(out_dir: str | Path, ckpt: Any, force: bool) -> Path:
     """The resolved output folder, after the rules: not the source (nor containing it, nor inside
     it); absent, empty, or with `force` a checkpoint and nothing else. Raises InputError."""
+    if not str(out_dir).strip():
+        raise InputError("--out is empty; name the folder to write")
     out = _resolved(out_dir)
     src = Path(ckpt.path).resolve()
     sources = [src, *sorted({Path(f.path).resolve().parent for f in ckpt.files} - {src})]
@@ -170,7 +172,10 @@ def _check_parent(out: Path) -> None:
     if not anc.is_dir():
         raise InputError(f"--out {out}: {anc} is a file, not a folder")
     if not os.access(anc, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: cannot create it in {anc} (permission denied)")
+        why = "permission denied"
+        if hasattr(os, "statvfs") and os.statvfs(anc).f_flag & os.ST_RDONLY:
+            why = "read-only file system"
+        raise InputError(f"--out {out}: cannot create it in {anc} ({why})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +291,19 @@ def _os_error(out: Path, e: OSError) -> InputError:
     return InputError(f"--out {out}: cannot write: {what}{where}")
 
 
+def _size(n: float) -> str:
+    """Bytes for a message, in the unit that shows them (a 958 kB free disk is not '0.00 GB')."""
+    for unit in ("bytes", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
 def _check_space(out: Path, need: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if free < need:
-        raise InputError(
-            f"--out {out}: the output needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free there"
-        )
+        raise InputError(f"--out {out}: the output needs {_size(need)} but only {_size(free)} are free there")
 
 
 def _commit(tmp: Path, out: Path) -> None:

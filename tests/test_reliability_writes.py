@@ -180,7 +180,7 @@ def test_free_space_is_checked_before_writing(src, tmp_path, capsys, monkeypatch
         ["quantize", "--model", str(src), "--bits", "4", "--group-size", "32"],
         ["slice", "--model", str(src), *SLICE],
     ):
-        _refused(capsys, [*argv, "--out", str(tmp_path / "out")], "GB but only 0.00 GB are free")
+        _refused(capsys, [*argv, "--out", str(tmp_path / "out")], "MB but only 1.00 kB are free there")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parent"]
 
 
