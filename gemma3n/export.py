@@ -9,7 +9,7 @@ writer into shards named `model-0000k-of-0000n.safetensors`, so the free space i
 anything is written and no shard is ever held in memory whole.
 
 Nothing the user had is lost (issue #21): the output is written into a hidden sibling folder
-(`.NAME.partial-*`), fsynced and renamed into place at the end; SIGINT / SIGTERM during the write
+(`.NAME.partial-*`), fsynced and renamed into place at the end; SIGINT / SIGTERM / SIGHUP during the write
 remove that folder and raise `Interrupted`; `force` replaces only an empty folder or a checkpoint,
 never one that is, holds or lies inside the source, nor one holding other files. Folders and files
 follow the umask. OS errors (disk full, permissions, a file in the way) become one InputError line.
@@ -184,7 +184,7 @@ def _check_parent(out: Path) -> None:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a write: the partial output was removed, `out` is as it was."""
+    """SIGINT, SIGTERM or SIGHUP during a write: the partial output was removed, `out` is as it was."""
 
     def __init__(self, signum: int, out: Path):
         self.signum = signum
@@ -193,12 +193,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _SignalGuard:
-    """SIGINT / SIGTERM raise `Interrupted` for the duration of a write (so the staging folder is
-    removed: SIGTERM's default would kill the process and leave it behind); inside `deferred()`
-    they wait until the block ends. Previous handlers are restored on exit; an ignored signal
-    stays ignored; outside the main thread (where handlers cannot be set) nothing changes."""
+    """SIGINT / SIGTERM / SIGHUP (a closed terminal) raise `Interrupted` for the duration of a
+    write, so the staging folder is removed (the defaults of the last two kill the process and
+    left it behind); inside `deferred()` they wait until the block ends. Previous handlers are
+    restored on exit; an ignored signal (nohup's SIGHUP, a background job's SIGINT) stays
+    ignored; outside the main thread (where handlers cannot be set) nothing changes."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s))
 
     def __init__(self, out: Path):
         self.out = out
@@ -210,7 +211,7 @@ class _SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 prev = signal.getsignal(s)
-                if prev in (signal.SIG_IGN, None):  # ignored (e.g. a background job's SIGINT) or set from C
+                if prev in (signal.SIG_IGN, None):  # ignored, or set from C: left alone
                     continue
                 self.previous[s] = prev
                 signal.signal(s, self._handle)
@@ -328,7 +329,7 @@ def _commit(tmp: Path, out: Path) -> None:
 @contextmanager
 def staging(out: Path, need: int) -> Iterator[Path]:
     """A fresh hidden sibling of `out` to write into; on success it becomes `out`. On any error,
-    SIGINT or SIGTERM it is removed (with any parent folders made for it) and `out` is untouched."""
+    SIGINT, SIGTERM or SIGHUP it is removed (with any parent folders made for it) and `out` is untouched."""
     with _SignalGuard(out) as guard:
         created: list[Path] = []
         tmp: Path | None = None
