@@ -207,9 +207,13 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 def cmd_info(a: argparse.Namespace) -> None:
     from .checkpoint import open_checkpoint
-    from .info import describe
+    from .info import describe, hardware_lines
 
     ckpt = open_checkpoint(a.model if a.model is not None else _default())
+    if a.hardware:
+        for line in hardware_lines(ckpt, quantize=a.quantize, refresh=a.refresh):
+            print(line)
+        return
     for line in describe(ckpt, size=a.size, placement=a.placement, device=a.device, dtype=a.dtype):
         print(line)
 
@@ -327,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameter split, layer map and placement of a checkpoint")
     _add_model_args(i)
     i.add_argument("--placement", action="store_true", help="load the model and report what lives where")
+    i.add_argument(
+        "--hardware",
+        action="store_true",
+        help="CPU features, measured bandwidth and GEMM rates, the compute choices, and the model's decode bound",
+    )
+    i.add_argument("--refresh", action="store_true", help="with --hardware: measure again instead of the cache")
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (every elastic size is a model id)")

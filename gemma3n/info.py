@@ -97,6 +97,18 @@ def describe(ckpt: Checkpoint, *, size=None, placement: bool = False, device: st
         )
 
 
+def hardware_lines(ckpt: Checkpoint, quantize=None, refresh: bool = False) -> list[str]:
+    """`info --hardware`: the machine, the compute policy, and the bytes one decoded token of
+    this model reads (its core weights as loaded: the per-layer table is gathered, not read)."""
+    from . import hardware
+    from .placement import load_text_decoder, placement_report, resolve_device
+
+    if refresh:
+        hardware.probe(refresh=True)
+    decoder = load_text_decoder(ckpt, resolve_device("cpu"), None, quantize=quantize)
+    return [f"model: {ckpt.path}", *hardware.report(decode_bytes=placement_report(decoder).device_bytes)]
+
+
 def unstored_shared_kv(cfg) -> int:
     """k_proj, v_proj and k_norm of the KV-shared layers: Google's checkpoints store them (never
     used); transformers 5 and our tools do not."""

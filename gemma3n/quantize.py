@@ -476,9 +476,10 @@ def _drop_pages(t: torch.Tensor) -> None:
         libc = ctypes.CDLL(None)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         page = 4096
-        start = t.data_ptr() // page * page
-        end = t.data_ptr() + t.numel() * t.element_size()
-        libc.madvise(start, (end - start) // page * page, 4)  # MADV_DONTNEED
+        start = -(-t.data_ptr() // page) * page  # only pages wholly inside the tensor
+        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+        if end > start:
+            libc.madvise(start, end - start, 4)  # MADV_DONTNEED
     except (OSError, AttributeError):
         pass
 
