@@ -130,15 +130,18 @@ def make_sampler(p: SamplingParams) -> Sampler:
     gen = torch.Generator()
     gen.manual_seed(p.seed if p.seed is not None else int(time.time_ns() % 2**63))
 
+    @torch.inference_mode()
     def sample(logits: torch.Tensor, history: list[int]) -> int:
-        logits = logits.float().cpu()
+        logits = logits.float().cpu().clone()  # edited in place below: never the caller's tensor
         if p.repetition_penalty != 1.0 and history:
             seen = torch.tensor(sorted(set(history)), dtype=torch.long)
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # shifted so that the best logit is 0 before dividing: a tiny temperature gives -inf for
+        # the others (exp = 0), never inf - inf = NaN
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k > 0 and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits[logits < kth] = float("-inf")
@@ -151,7 +154,10 @@ def make_sampler(p: SamplingParams) -> Sampler:
             drop = cum - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
             sorted_probs[drop] = 0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+        total = probs.sum()
+        if not bool(torch.isfinite(total)) or total <= 0:  # every candidate underflowed: the best one
+            return int(torch.argmax(logits))
+        return int(torch.multinomial(probs / total, 1, generator=gen))
 
     return sample
 
@@ -295,14 +301,16 @@ def generate_step(
             prompt_cache.keep(cache, history)
 
 
-def check_logits(logits: torch.Tensor, step: int) -> None:
+def check_logits(logits: torch.Tensor, step: int | None = None) -> None:
     """Non-finite logits (NaN / infinity) cannot be sampled from: greedy would pick an arbitrary
-    token (NaN is the argmax) and sampling fail inside torch. Say so instead."""
+    token (NaN is the argmax) and sampling fail inside torch. Say so instead. `step`: the
+    generated token they were for (None: a forward pass over given ids, Model.logits)."""
     if not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).sum())
+        where = f"at generated token {step + 1}" if step is not None else "for the given input ids"
         raise CheckpointError(
             f"the model produced non-finite logits ({bad} of {logits.numel()} are NaN or infinite) "
-            f"at generated token {step + 1}: the checkpoint's weights hold NaN/inf values, or the compute "
+            f"{where}: the checkpoint's weights hold NaN/inf values, or the compute "
             "dtype overflows (try --dtype float32)"
         )
 

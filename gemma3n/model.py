@@ -16,6 +16,7 @@ from .generate import (
     GenerationResult,
     StepStats,
     TextPiece,
+    check_logits,
     check_max_tokens,
     check_stops,
     generate_step,
@@ -125,7 +126,9 @@ class Model:
         plan = self.plan(size)
         positions = torch.arange(ids.shape[1], device=ids.device)
         hidden = self.decoder(ids, positions, plan=plan)
-        return self.decoder.lm_head(hidden).float()
+        logits = self.decoder.lm_head(hidden).float()
+        check_logits(logits)
+        return logits
 
     def prepare(self, prompt=None, messages=None, image_size: int | None = None) -> tuple[PromptInputs, Any]:
         """Prompt -> ids and the merged input embeddings (None for plain text)."""

@@ -347,3 +347,10 @@ def test_non_finite_weights_are_a_clear_error(ckpt, capsys, value, temperature):
 def test_nan_in_a_norm_is_caught_too(nan_ckpt, capsys):
     out = _refused(capsys, ["generate", "--model", str(nan_ckpt), "--prompt", "hi", "--temp", "0"], "non-finite")
     assert "generated token 1" in out
+
+
+def test_logits_of_non_finite_weights_are_a_clear_error(nan_ckpt):
+    """Model.logits (what an evaluation harness scores with) says so too, instead of NaNs."""
+    m = gemma3n.load(nan_ckpt)
+    with pytest.raises(CheckpointError, match="non-finite logits .* for the given input ids"):
+        m.logits(torch.tensor([[1, 2, 3]]))
