@@ -18,13 +18,16 @@ follow the umask. OS errors (disk full, permissions, a file in the way) become o
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -314,7 +317,7 @@ def _commit(tmp: Path, out: Path) -> None:
     if not os.path.lexists(out):
         os.rename(tmp, out)
     else:
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        trash = Path(tempfile.mkdtemp(prefix=_hidden_prefix(out, "old"), dir=out.parent))
         os.rename(out, trash / "old")
         try:
             os.rename(tmp, out)
@@ -324,6 +327,38 @@ def _commit(tmp: Path, out: Path) -> None:
             raise
         shutil.rmtree(trash, ignore_errors=True)
     _fsync_dir(out.parent)
+
+
+def _hidden_prefix(out: Path, kind: str) -> str:
+    """`.NAME.partial-HOST-PID-` (or `.old-`): a later write can tell a folder whose writer died
+    (SIGKILL, power loss: no handler ran) from one a live process is still writing."""
+    return f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale(out: Path) -> list[Path]:
+    """Remove the hidden partial / old folders of `out` left by dead writers on this host."""
+    removed = []
+    host = socket.gethostname()
+    for kind in ("partial", "old"):
+        for d in out.parent.glob(f".{glob.escape(out.name)}.{kind}-{glob.escape(host)}-*-*"):
+            pid = d.name[len(f".{out.name}.{kind}-{host}-") :].split("-", 1)[0]
+            if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    if removed:
+        warnings.warn(f"removed {len(removed)} unfinished output folder(s) of an earlier, killed write: "
+                      + ", ".join(d.name for d in removed), stacklevel=3)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 @contextmanager
@@ -337,7 +372,8 @@ def staging(out: Path, need: int) -> Iterator[Path]:
             with guard.deferred(then_raise=True):  # no signal between making a folder and knowing it
                 created = _make_parents(out.parent)
                 _check_space(out, need)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+                _remove_stale(out)
+                tmp = Path(tempfile.mkdtemp(prefix=_hidden_prefix(out, "partial"), dir=out.parent))
                 os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
             yield tmp
             with guard.deferred(then_raise=False):  # the swap is never half done

@@ -139,6 +139,9 @@ class Processor:
             if not prompt:
                 raise InputError("the prompt is empty")
             return PromptInputs(ids=self.tokenizer.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, (bytes, bytearray)) or not _is_id_list(prompt):
+            # bytes iterate as small ints: they would silently become token ids
+            raise InputError(f"a prompt must be text (str) or a list of token ids (int), got {type(prompt).__name__}")
         ids = [int(t) for t in prompt]
         if not ids:
             raise InputError("the prompt has no tokens")
@@ -269,3 +272,16 @@ def _read_processor_config(model_dir: Path) -> dict:
     except json.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _is_id_list(prompt: object) -> bool:
+    """A sequence of integers (Python or NumPy/torch integer scalars, not floats or bools)."""
+    import numbers
+
+    try:
+        items = list(prompt)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items) or all(
+        getattr(t, "dtype", None) is not None and not getattr(t.dtype, "is_floating_point", True) for t in items
+    )

@@ -354,3 +354,11 @@ def test_logits_of_non_finite_weights_are_a_clear_error(nan_ckpt):
     m = gemma3n.load(nan_ckpt)
     with pytest.raises(CheckpointError, match="non-finite logits .* for the given input ids"):
         m.logits(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("prompt", [b"hello", bytearray(b"hi"), [1.5, 2.0], [True, False], 3])
+def test_prompt_that_is_neither_text_nor_ids_is_refused(prompt):
+    """bytes iterate as small ints: they must not silently become token ids."""
+    m = gemma3n.load()
+    with pytest.raises(InputError, match="a prompt must be text"):
+        m.generate(prompt=prompt, max_tokens=1, temperature=0)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -421,3 +422,28 @@ def test_slice_interrupted_leaves_no_hidden_folder(big_src, tmp_path, name):
     res = _run_and_signal(argv, out, sig, 1)
     _expect_interrupted(res, sig, out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_write_is_cleaned_up_by_the_next_one(big_src, tmp_path):
+    """SIGKILL (or a power loss) runs no handler and leaves the hidden partial folder; the next
+    write to the same --out removes it (its writer is dead) and finishes normally."""
+    out = tmp_path / "q8"
+    argv = ["quantize", "--model", str(big_src), "--bits", "8", "--out", str(out)]
+    res = _run_and_signal(argv, out, signal.SIGKILL, 1)
+    assert res.returncode == -signal.SIGKILL
+    left = list(tmp_path.glob(".q8.partial-*"))
+    assert left, "SIGKILL should leave the partial folder behind"
+    done = subprocess.run([sys.executable, "-m", "gemma3n.cli", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 unfinished output folder" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]
+
+
+def test_a_live_writers_partial_folder_is_left_alone(tmp_path):
+    """Another process still writing the same --out: its folder is not touched."""
+    from gemma3n import export
+
+    live = tmp_path / f".out.partial-{socket.gethostname()}-{os.getppid()}-abc"
+    live.mkdir()
+    assert export._remove_stale(tmp_path / "out") == []
+    assert live.exists()
