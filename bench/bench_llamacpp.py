@@ -399,6 +399,7 @@ def make_ggufs(cache: Path, ckpt: Path, layers: int, bins: dict[str, Path], thre
             "bf16",
             "--outfile",
             str(part),
+            "--use-temp-file",  # tensor data buffered in a temp file: peak RSS 7.8 instead of 9.6 GB at 10 layers
         ]
         r = run_measured(cmd, env=converter_env(cache, src))
         if r["rc"] != 0:
