@@ -33,7 +33,21 @@ def native():
 def _isas(native) -> list[int]:
     """Every body this CPU can run: generic always, then each SIMD level up to the best."""
     best = kernels.ISA[native.isa_name(0)]
-    return [kernels.ISA["generic"]] + [i for i in (kernels.ISA["avx2"], kernels.ISA["avx512"]) if i <= best]
+    levels = ("avx2", "avx512", "avx512bf16")
+    return [kernels.ISA["generic"]] + [kernels.ISA[n] for n in levels if kernels.ISA[n] <= best]
+
+
+def _as_seen(x: torch.Tensor, native, kind: str, isa: int) -> torch.Tensor:
+    """x as the body at `isa` multiplies it (decode.cpp's header): as given, rounded to bf16,
+    or quantized to int16 with one scale per row. Products of that x are then exact in fp32,
+    so a body must match the reference to summation order."""
+    form = native.activation_form(kind, isa)
+    if form == "bf16":
+        return x.bfloat16().float()
+    if form == "int16":
+        scale = x.abs().amax(1, keepdim=True) / 32767
+        return torch.round(x * (1 / scale)).clamp(-32767, 32767) * scale  # decode.cpp's exact steps
+    return x
 
 
 def _offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
@@ -61,8 +75,9 @@ def test_bf16_and_int8_any_shape(native, n, k, m):
     wb = _offset_copy(w.bfloat16(), 2)
     q, s = qz.quantize_int8(w)
     q = _offset_copy(q, 8)
-    ref_b, ref_8 = x @ wb.float().t(), x @ qz.dequantize_int8(q, s).t()
     for isa in _isas(native):
+        ref_b = _as_seen(x, native, "bf16", isa) @ wb.float().t()
+        ref_8 = _as_seen(x, native, "int8", isa) @ qz.dequantize_int8(q, s).t()
         _close(native.linear_bf16(x, wb, None, isa), ref_b, k)
         _close(native.linear_int8(x, q, s, None, isa), ref_8, k)
 
@@ -74,9 +89,9 @@ def test_int4_groups(native, group, m):
     w = torch.randn(40, k, generator=GEN) + 0.1
     q, sz = qz.quantize_int4(w, group)
     x = torch.randn(m, k, generator=GEN)
-    ref = x @ qz.dequantize_int4(q, sz).t()
+    deq = qz.dequantize_int4(q, sz)
     for isa in _isas(native):
-        _close(native.linear_int4(x, q, sz, group, None, isa), ref, k)
+        _close(native.linear_int4(x, q, sz, group, None, isa), _as_seen(x, native, "int4", isa) @ deq.t(), k)
 
 
 def test_views_and_row_lists(native):
@@ -91,11 +106,11 @@ def test_views_and_row_lists(native):
     deq4 = qz.dequantize_int4(q4, s4)
     for isa in _isas(native):
         y = native.linear_bf16(x, wb[:, :128], rows, isa)
-        _close(y, x @ wb.float()[rows, :128].t(), 128)
+        _close(y, _as_seen(x, native, "bf16", isa) @ wb.float()[rows, :128].t(), 128)
         y = native.linear_int8(x, q8[:, :128], s8, rows, isa)
-        _close(y, x @ qz.dequantize_int8(q8, s8)[rows, :128].t(), 128)
+        _close(y, _as_seen(x, native, "int8", isa) @ qz.dequantize_int8(q8, s8)[rows, :128].t(), 128)
         y = native.linear_int4(x, q4[:, :64], s4[:, :4], 32, rows, isa)
-        _close(y, x @ deq4[rows, :128].t(), 128)
+        _close(y, _as_seen(x, native, "int4", isa) @ deq4[rows, :128].t(), 128)
 
 
 def test_batch_rows_do_not_change_a_rows_result(native):

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-ISA = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+ISA = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 
 _state: dict[str, object] = {}  # "module": ModuleType | None, "why": str
 

@@ -1,28 +1,38 @@
 // Weight-streaming matrix kernels for decode: y[M, N] = x[M, K] · W[N, K]ᵀ with M ≤ a few rows.
 //
 // Decoding one token reads every weight once and does two FLOPs per weight, so its speed is the
-// rate at which weights stream from memory. These kernels read each weight row exactly once
-// for all M activation rows (x stays in L1/L2), widen the stored bf16 / int8 / int4 codes to
-// fp32 in registers and accumulate with FMA in fp32. Activations are never rounded, and each
-// output's accumulation order is fixed by K alone (not by M, N, the row range a thread gets or
-// the thread count), so a sequence's result does not depend on what it is batched with.
+// rate at which weights stream from memory. These kernels read each weight row exactly once for
+// all M activation rows (x stays in L1/L2) and keep the arithmetic per weight byte small enough
+// that a core's share of the memory bandwidth, not its ALUs, sets the pace:
+// - bf16 weights: with AVX512-BF16, x is rounded to bf16 once per call and each 64-byte line is
+//   one `vdpbf16ps` per activation row (as PyTorch's and llama.cpp's bf16 paths round it);
+//   elsewhere the weights are widened to fp32 in registers and x stays fp32.
+// - int8 / int4 weights: x is quantized per row to int16 (x ≈ s·xq, s = max|x| / 32767: 15-bit
+//   resolution, far finer than the weights), and codes multiply in the integer domain
+//   (`vpmaddwd`): 32 products per instruction, summed in int32 (flushed
+//   to fp32 well before they could overflow), scaled once per row (int8) or group (int4).
+// Every output's arithmetic depends on its own activation row and on K alone (not on M, N, the
+// row range a thread gets or the thread count), so a sequence's result does not depend on what it
+// is batched with. The portable body computes in plain fp32 and serves as the tests' reference.
 //
-// Weights may be strided views: a row stride (`ld`) lets a MatFormer width run on a column
-// prefix of the full matrix and a row range or an index list (`rows`) on some of its rows, with
-// no copy. Weights come memory-mapped from safetensors files, so no alignment is assumed.
+// Weights may be strided views: a row stride (`ld`) lets a MatFormer width run on a column prefix
+// of the full matrix and an index list (`rows`) on some of its rows, with no copy. Weights come
+// memory-mapped from safetensors files, so no alignment is assumed.
 //
-// ISA: AVX-512F and AVX2+FMA bodies are compiled with target attributes and chosen at run time
-// (`isa` 0 = best the CPU has); a portable C++ body serves every other CPU and the tests.
-// Layouts (gemma3n/quantize.py): int8 [N, K] codes with one scale per row; int4 [N, K/2] bytes,
-// low nibble = even column, with a bf16 (scale, zero) pair per group of g columns:
-// W = (q - 8) * scale + zero. For int4 the zero-point term is factored out of the dot product:
-// Σ_k W x = Σ_groups scale·Σ_k q x + (zero - 8·scale)·Σ_k x.
+// ISA levels (chosen at run time; `isa` 0 = the best this CPU has): 1 portable C++, 2 AVX2+FMA,
+// 3 AVX-512 (F/BW/VL/DQ), 4 AVX-512 with BF16 (bf16 weights by dot products; the rest as 3).
+// Layouts (gemma3n/quantize.py): int8 [N, K] codes with one bf16 scale per row; int4 [N, K/2]
+// bytes, low nibble = even column, with a bf16 (scale, zero) pair per group of g columns:
+// W = (q - 8) * scale + zero, so Σ_k W x = Σ_groups scale·Σ_k q x + (zero - 8·scale)·Σ_k x.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -32,8 +42,12 @@
 namespace {
 
 constexpr int MAX_M = 8;  // activation rows per pass (more rows: several passes)
+// int16 x int8 products summed in an int32 lane: 2 per instruction, each below 2^7 * 2^15, so
+// 128 steps stay below 2^30 (int4 codes are smaller still).
+constexpr int64_t FLUSH_STEPS = 128;
 
-enum Isa : int64_t { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3 };
+enum Isa : int64_t { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3, AVX512_BF16 = 4 };
+enum Kind { BF16 = 0, INT8 = 1, INT4 = 2 };
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -42,30 +56,50 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// What one output row needs: where its weights start and, for the quantized kinds, its scales.
+// round to nearest even (as torch.round), clamped to ±32767: adding and subtracting 1.5·2^23
+// rounds any |v| < 2^22 in plain float arithmetic (no libm call, vectorizable)
+inline int16_t quantize_int16(float v) {
+  v = v < -32767.f ? -32767.f : v > 32767.f ? 32767.f : v;
+  return static_cast<int16_t>((v + 12582912.f) - 12582912.f);
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// What the row bodies need. `x` is prepared per call in the form the body multiplies (see
+// prepare_x): fp32 [M, K], bf16 [M, xld] or int16 [M, xld] with per-row scales.
 struct Job {
-  const void* w;       // element [0, 0] of the weight view
-  int64_t ld;          // row stride of the weight, in elements (int4: bytes)
-  const void* scale;   // int8: bf16 [N] per row (stride 1); int4: bf16 (scale, zero) pairs
-  int64_t sld;         // int4: row stride of the (scale, zero) pairs, in pairs
-  const int64_t* rows; // output i reads weight row rows[i] (nullptr: row i)
-  const float* x;      // [M, K] (int4: even/odd-permuted within each 32 columns)
-  const float* xsum;   // int4: [M, K / group] sums of x per group
+  const void* w;        // element [0, 0] of the weight view
+  int64_t ld;           // row stride of the weight, in elements (int4: bytes)
+  const void* scale;    // int8: bf16 [N] per row; int4: bf16 (scale, zero) pairs
+  int64_t sld;          // int4: row stride of the (scale, zero) pairs, in pairs
+  const int64_t* rows;  // output i reads weight row rows[i] (nullptr: row i)
+  const void* x;
+  int64_t xld;          // row stride of x, in elements (>= K, zero-padded to a multiple of 32)
+  const float* xscale;  // int16 x: [M] scales
+  const float* xsum;    // int4: [M, 2·K/group] zero-point coefficients (see prepare_x)
   int64_t M, K, group;
-  float* y;            // [M, N]
+  float* y;  // [M, N]
   int64_t N;
+  int64_t kwide;  // int4: columns handled in whole chunks (int4_wide_columns), the rest 32 at a time
 };
 
 inline int64_t row_of(const Job& j, int64_t i) { return j.rows ? j.rows[i] : i; }
 
 // ---------------------------------------------------------------------------------------------
-// Portable bodies (any CPU; also the reference the SIMD bodies are tested against).
+// Portable bodies (any CPU; plain fp32: the reference the SIMD bodies are tested against).
 // ---------------------------------------------------------------------------------------------
 void bf16_generic(const Job& j, int64_t i0, int64_t i1) {
+  const float* xs = static_cast<const float*>(j.x);
   for (int64_t i = i0; i < i1; ++i) {
     const uint16_t* w = static_cast<const uint16_t*>(j.w) + row_of(j, i) * j.ld;
     for (int64_t m = 0; m < j.M; ++m) {
-      const float* x = j.x + m * j.K;
+      const float* x = xs + m * j.xld;
       float acc = 0.f;
       for (int64_t k = 0; k < j.K; ++k) acc += bf16_to_float(w[k]) * x[k];
       j.y[m * j.N + i] = acc;
@@ -74,13 +108,14 @@ void bf16_generic(const Job& j, int64_t i0, int64_t i1) {
 }
 
 void int8_generic(const Job& j, int64_t i0, int64_t i1) {
+  const float* xs = static_cast<const float*>(j.x);
   const uint16_t* scale = static_cast<const uint16_t*>(j.scale);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t r = row_of(j, i);
     const int8_t* w = static_cast<const int8_t*>(j.w) + r * j.ld;
     const float s = bf16_to_float(scale[r]);
     for (int64_t m = 0; m < j.M; ++m) {
-      const float* x = j.x + m * j.K;
+      const float* x = xs + m * j.xld;
       float acc = 0.f;
       for (int64_t k = 0; k < j.K; ++k) acc += static_cast<float>(w[k]) * x[k];
       j.y[m * j.N + i] = acc * s;
@@ -89,251 +124,398 @@ void int8_generic(const Job& j, int64_t i0, int64_t i1) {
 }
 
 void int4_generic(const Job& j, int64_t i0, int64_t i1) {
+  const float* xs = static_cast<const float*>(j.x);
   const int64_t groups = j.K / j.group;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t r = row_of(j, i);
     const uint8_t* w = static_cast<const uint8_t*>(j.w) + r * j.ld;
     const uint16_t* sz = static_cast<const uint16_t*>(j.scale) + 2 * r * j.sld;
     for (int64_t m = 0; m < j.M; ++m) {
-      const float* x = j.x + m * j.K;  // permuted: [32c + t] = col 32c + 2t, [32c + 16 + t] = col 32c + 2t + 1
-      float acc = 0.f, zterm = 0.f;
+      const float* x = xs + m * j.xld;
+      float acc = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
-        float gacc = 0.f;
-        for (int64_t c = g * j.group; c < (g + 1) * j.group; c += 32) {
-          const uint8_t* b = w + c / 2;
-          for (int t = 0; t < 16; ++t) {
-            gacc += static_cast<float>(b[t] & 15) * x[c + t];
-            gacc += static_cast<float>(b[t] >> 4) * x[c + 16 + t];
-          }
-        }
         const float s = bf16_to_float(sz[2 * g]), z = bf16_to_float(sz[2 * g + 1]);
-        acc += s * gacc;
-        zterm += (z - 8.f * s) * j.xsum[m * groups + g];
+        float gacc = 0.f;
+        for (int64_t k = g * j.group; k < (g + 1) * j.group; k += 2) {
+          gacc += (static_cast<float>(w[k / 2] & 15) - 8.f) * x[k];
+          gacc += (static_cast<float>(w[k / 2] >> 4) - 8.f) * x[k + 1];
+        }
+        float xg = 0.f;
+        for (int64_t k = g * j.group; k < (g + 1) * j.group; ++k) xg += x[k];
+        acc += s * gacc + z * xg;
       }
-      j.y[m * j.N + i] = acc + zterm;
+      j.y[m * j.N + i] = acc;
     }
   }
 }
 
 #ifdef GEMMA3N_X86
-// ---------------------------------------------------------------------------------------------
-// AVX-512F: 16 lanes; two independent accumulators per activation row (32 weights a step).
-// ---------------------------------------------------------------------------------------------
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+// A body handles a block of R weight rows at once (`block(job, i)`: outputs i .. i+R-1), so that
+// a core has R streams of weights in flight and reuses each activation load R times: one row at
+// a time reaches ~75 % of a core's share of the bandwidth, four rows ~95 % (measured). R shrinks
+// as M grows so that the R·M accumulators stay in registers (32 zmm / 16 ymm).
 
 TARGET_AVX512 inline __m512 widen_bf16_512(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
-TARGET_AVX512 inline __m512 widen_i8_512(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
-
-template <int M>
-TARGET_AVX512 void bf16_rows_avx512(const Job& j, int64_t i0, int64_t i1) {
-  const int64_t K = j.K, K32 = K & ~int64_t(31);
-  for (int64_t i = i0; i < i1; ++i) {
-    const uint16_t* w = static_cast<const uint16_t*>(j.w) + row_of(j, i) * j.ld;
-    __m512 a[M], b[M];
-    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k < K32; k += 32) {
-      const __m512 w0 = widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
-      const __m512 w1 = widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16)));
-      for (int m = 0; m < M; ++m) {
-        a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(j.x + m * K + k), a[m]);
-        b[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(j.x + m * K + k + 16), b[m]);
-      }
-    }
-    for (; k < K; k += 16) {  // tail: masked loads read nothing past the row
-      const __mmask16 mask = static_cast<__mmask16>((K - k) >= 16 ? 0xFFFF : (1u << (K - k)) - 1);
-      const __m512 w0 = widen_bf16_512(_mm256_maskz_loadu_epi16(mask, w + k));
-      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, j.x + m * K + k), a[m]);
-    }
-    for (int m = 0; m < M; ++m) j.y[m * j.N + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
-  }
+TARGET_AVX2 inline __m256 widen_bf16_256(__m128i v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
-
-template <int M>
-TARGET_AVX512 void int8_rows_avx512(const Job& j, int64_t i0, int64_t i1) {
-  const int64_t K = j.K, K32 = K & ~int64_t(31);
-  const uint16_t* scale = static_cast<const uint16_t*>(j.scale);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t r = row_of(j, i);
-    const int8_t* w = static_cast<const int8_t*>(j.w) + r * j.ld;
-    __m512 a[M], b[M];
-    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k < K32; k += 32) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-      const __m512 w0 = widen_i8_512(_mm256_castsi256_si128(raw));
-      const __m512 w1 = widen_i8_512(_mm256_extracti128_si256(raw, 1));
-      for (int m = 0; m < M; ++m) {
-        a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(j.x + m * K + k), a[m]);
-        b[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(j.x + m * K + k + 16), b[m]);
-      }
-    }
-    for (; k < K; k += 16) {
-      const __mmask16 mask = static_cast<__mmask16>((K - k) >= 16 ? 0xFFFF : (1u << (K - k)) - 1);
-      const __m512 w0 = widen_i8_512(_mm_maskz_loadu_epi8(mask, w + k));
-      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, j.x + m * K + k), a[m]);
-    }
-    const float s = bf16_to_float(scale[r]);
-    for (int m = 0; m < M; ++m) j.y[m * j.N + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m])) * s;
-  }
-}
-
-template <int M>
-TARGET_AVX512 void int4_rows_avx512(const Job& j, int64_t i0, int64_t i1) {
-  const int64_t K = j.K, groups = K / j.group;
-  const __m128i low = _mm_set1_epi8(15);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t r = row_of(j, i);
-    const uint8_t* w = static_cast<const uint8_t*>(j.w) + r * j.ld;
-    const uint16_t* sz = static_cast<const uint16_t*>(j.scale) + 2 * r * j.sld;
-    __m512 acc[M];
-    float zterm[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), zterm[m] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 a[M], b[M];
-      for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
-      for (int64_t c = g * j.group; c < (g + 1) * j.group; c += 32) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low)));
-        for (int m = 0; m < M; ++m) {
-          a[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(j.x + m * K + c), a[m]);
-          b[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(j.x + m * K + c + 16), b[m]);
-        }
-      }
-      const float s = bf16_to_float(sz[2 * g]), z = bf16_to_float(sz[2 * g + 1]);
-      const __m512 vs = _mm512_set1_ps(s);
-      for (int m = 0; m < M; ++m) {
-        acc[m] = _mm512_fmadd_ps(vs, _mm512_add_ps(a[m], b[m]), acc[m]);
-        zterm[m] += (z - 8.f * s) * j.xsum[m * groups + g];
-      }
-    }
-    for (int m = 0; m < M; ++m) j.y[m * j.N + i] = _mm512_reduce_add_ps(acc[m]) + zterm[m];
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// AVX2 + FMA: 8 lanes, the same structure.
-// ---------------------------------------------------------------------------------------------
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-
 TARGET_AVX2 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-TARGET_AVX2 inline __m256 widen_bf16_256(__m128i v) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-TARGET_AVX2 inline __m256 widen_i8_256(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
-template <int M>
-TARGET_AVX2 void bf16_rows_avx2(const Job& j, int64_t i0, int64_t i1) {
-  const int64_t K = j.K, K16 = K & ~int64_t(15);
-  for (int64_t i = i0; i < i1; ++i) {
-    const uint16_t* w = static_cast<const uint16_t*>(j.w) + row_of(j, i) * j.ld;
-    __m256 a[M], b[M];
-    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k < K16; k += 16) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-      const __m256 w0 = widen_bf16_256(_mm256_castsi256_si128(raw));
-      const __m256 w1 = widen_bf16_256(_mm256_extracti128_si256(raw, 1));
-      for (int m = 0; m < M; ++m) {
-        a[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(j.x + m * K + k), a[m]);
-        b[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(j.x + m * K + k + 8), b[m]);
+// Weights are requested this far ahead of use: the integer bodies do enough work per byte that
+// the core's own out-of-order window no longer keeps enough loads in flight (measured).
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 1024
+#endif
+
+template <int R>
+inline void row_pointers(const Job& j, int64_t i, int64_t elem_bytes, const uint8_t* (&w)[R]) {
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const uint8_t*>(j.w) + row_of(j, i + r) * j.ld * elem_bytes;
+}
+
+// --- bf16 weights ----------------------------------------------------------------------------
+// AVX512-BF16: x rounded to bf16 (zero-padded to xld); one vdpbf16ps per 32 weights and row.
+template <int R, int M>
+struct Bf16Dp {
+  TARGET_AVX512_BF16 static void block(const Job& j, int64_t i) {
+    const uint16_t* xb = static_cast<const uint16_t*>(j.x);
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 2, w);
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    const int64_t K = j.K;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (K - k)) - 1);
+      __m512bh xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xb + m * j.xld + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(w[r]) + k);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
       }
     }
-    float tail[M] = {};
-    for (; k < K; ++k)
-      for (int m = 0; m < M; ++m) tail[m] += bf16_to_float(w[k]) * j.x[m * K + k];
-    for (int m = 0; m < M; ++m) j.y[m * j.N + i] = hsum256(_mm256_add_ps(a[m], b[m])) + tail[m];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) j.y[m * j.N + i + r] = _mm512_reduce_add_ps(acc[r][m]);
   }
-}
+};
 
-template <int M>
-TARGET_AVX2 void int8_rows_avx2(const Job& j, int64_t i0, int64_t i1) {
-  const int64_t K = j.K, K16 = K & ~int64_t(15);
-  const uint16_t* scale = static_cast<const uint16_t*>(j.scale);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t r = row_of(j, i);
-    const int8_t* w = static_cast<const int8_t*>(j.w) + r * j.ld;
-    __m256 a[M], b[M];
-    for (int m = 0; m < M; ++m) a[m] = b[m] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k < K16; k += 16) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-      const __m256 w0 = widen_i8_256(raw);
-      const __m256 w1 = widen_i8_256(_mm_srli_si128(raw, 8));
-      for (int m = 0; m < M; ++m) {
-        a[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(j.x + m * K + k), a[m]);
-        b[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(j.x + m * K + k + 8), b[m]);
+// AVX-512 without BF16 units: weights widened to fp32, x stays fp32.
+template <int R, int M>
+struct Bf16Avx512 {
+  TARGET_AVX512 static void block(const Job& j, int64_t i) {
+    const float* xs = static_cast<const float*>(j.x);
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 2, w);
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    const int64_t K = j.K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, xs + m * j.xld + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = widen_bf16_512(_mm256_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(w[r]) + k));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
       }
     }
-    float tail[M] = {};
-    for (; k < K; ++k)
-      for (int m = 0; m < M; ++m) tail[m] += static_cast<float>(w[k]) * j.x[m * K + k];
-    const float s = bf16_to_float(scale[r]);
-    for (int m = 0; m < M; ++m) j.y[m * j.N + i] = (hsum256(_mm256_add_ps(a[m], b[m])) + tail[m]) * s;
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) j.y[m * j.N + i + r] = _mm512_reduce_add_ps(acc[r][m]);
   }
+};
+
+template <int R, int M>
+struct Bf16Avx2 {
+  TARGET_AVX2 static void block(const Job& j, int64_t i) {
+    const float* xs = static_cast<const float*>(j.x);
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 2, w);
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    const int64_t K = j.K, K8 = K & ~int64_t(7);
+    int64_t k = 0;
+    for (; k < K8; k += 8) {
+      __m256 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(xs + m * j.xld + k);
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + 2 * k)));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* wr = reinterpret_cast<const uint16_t*>(w[r]);
+      for (int m = 0; m < M; ++m) {
+        float tail = 0.f;
+        for (int64_t t = k; t < K; ++t) tail += bf16_to_float(wr[t]) * xs[m * j.xld + t];
+        j.y[m * j.N + i + r] = hsum256(acc[r][m]) + tail;
+      }
+    }
+  }
+};
+
+// --- int8 weights x int16 activations --------------------------------------------------------
+template <int R, int M>
+struct Int8Avx512 {
+  TARGET_AVX512 static void block(const Job& j, int64_t i) {
+    const int16_t* xq = static_cast<const int16_t*>(j.x);
+    const uint16_t* scale = static_cast<const uint16_t*>(j.scale);
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 1, w);
+    __m512i acc[R][M];
+    float part[R][M] = {};
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_si512();
+    const int64_t K = j.K;
+    int64_t steps = 0;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (K - k)) - 1);
+      __m512i xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(xq + m * j.xld + k);
+      for (int r = 0; r < R; ++r) {
+        if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w[r] + k));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_add_epi32(acc[r][m], _mm512_madd_epi16(wv, xv[m]));
+      }
+      if (++steps == FLUSH_STEPS) {  // int32 lanes before they could overflow
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < M; ++m) {
+            part[r][m] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[r][m]));
+            acc[r][m] = _mm512_setzero_si512();
+          }
+        steps = 0;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = bf16_to_float(scale[row_of(j, i + r)]);
+      for (int m = 0; m < M; ++m) {
+        const float total = part[r][m] + _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[r][m]));
+        j.y[m * j.N + i + r] = total * j.xscale[m] * s;
+      }
+    }
+  }
+};
+
+template <int R, int M>
+struct Int8Avx2 {
+  TARGET_AVX2 static void block(const Job& j, int64_t i) {
+    const int16_t* xq = static_cast<const int16_t*>(j.x);
+    const uint16_t* scale = static_cast<const uint16_t*>(j.scale);
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 1, w);
+    __m256i acc[R][M];
+    float part[R][M] = {};
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_si256();
+    const int64_t K = j.K, K16 = K & ~int64_t(15);
+    int64_t k = 0, steps = 0;
+    for (; k < K16; k += 16) {
+      __m256i xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * j.xld + k));
+      for (int r = 0; r < R; ++r) {
+        if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k)));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv[m]));
+      }
+      if (++steps == FLUSH_STEPS) {
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < M; ++m) {
+            part[r][m] += hsum256(_mm256_cvtepi32_ps(acc[r][m]));
+            acc[r][m] = _mm256_setzero_si256();
+          }
+        steps = 0;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wr = reinterpret_cast<const int8_t*>(w[r]);
+      const float s = bf16_to_float(scale[row_of(j, i + r)]);
+      for (int m = 0; m < M; ++m) {
+        int32_t tail = 0;
+        for (int64_t t = k; t < K; ++t) tail += static_cast<int32_t>(wr[t]) * xq[m * j.xld + t];
+        const float total = part[r][m] + hsum256(_mm256_cvtepi32_ps(acc[r][m])) + static_cast<float>(tail);
+        j.y[m * j.N + i + r] = total * j.xscale[m] * s;
+      }
+    }
+  }
+};
+
+// --- int4 weights x int16 activations --------------------------------------------------------
+// A chunk of C columns (C/2 bytes: 128 with AVX-512, 64 with AVX2) is read as 16-bit lanes: lane
+// t holds the 4 codes of columns 4t..4t+3, split by shift-and-mask into 4 vectors, each
+// multiplied by its part of x (prepare_x lays x out in that order). After `vpmaddwd` and the 4
+// adds, int32 lane u holds columns 8u..8u+7 of the chunk, so a lane belongs to one group and is
+// scaled by that group's scale (a vector built from the row's fp32 scales). Columns past the
+// last whole chunk go 32 at a time: low nibbles (even columns), then high ones (odd columns).
+// The row's (scale, zero) pairs are widened to fp32 first (`pf`), and its zero-point term is
+// the dot product of those pairs with the per-call coefficients [-8·Σx_g, Σx_g].
+
+TARGET_AVX512 inline float dot_512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 16 <= n; p += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + p), _mm512_loadu_ps(b + p), acc);
+  float out = _mm512_reduce_add_ps(acc);
+  for (; p < n; ++p) out += a[p] * b[p];
+  return out;
 }
 
-template <int M>
-TARGET_AVX2 void int4_rows_avx2(const Job& j, int64_t i0, int64_t i1) {
-  const int64_t K = j.K, groups = K / j.group;
-  const __m128i low = _mm_set1_epi8(15);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t r = row_of(j, i);
-    const uint8_t* w = static_cast<const uint8_t*>(j.w) + r * j.ld;
-    const uint16_t* sz = static_cast<const uint16_t*>(j.scale) + 2 * r * j.sld;
-    __m256 acc[M];
-    float zterm[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), zterm[m] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256 a[M], b[M];
-      for (int m = 0; m < M; ++m) a[m] = b[m] = _mm256_setzero_ps();
-      for (int64_t c = g * j.group; c < (g + 1) * j.group; c += 32) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2));
-        const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        const __m256 lo0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        const __m256 lo1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        const __m256 hi0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        const __m256 hi1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+TARGET_AVX2 inline float dot_256(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + p), _mm256_loadu_ps(b + p), acc);
+  float out = hsum256(acc);
+  for (; p < n; ++p) out += a[p] * b[p];
+  return out;
+}
+
+// The fp32 (scale, zero) pairs of R rows, P = 2·groups each, padded by 16 floats (a chunk's scale
+// vector loads 16 from its first group on).
+template <int R>
+inline float* int4_pairs(const Job& j, int64_t i, int64_t P) {
+  thread_local std::vector<float> buf;
+  const int64_t stride = P + 16;
+  if (static_cast<int64_t>(buf.size()) < R * stride) buf.assign(R * stride, 0.f);
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* sz = static_cast<const uint16_t*>(j.scale) + 2 * row_of(j, i + r) * j.sld;
+    for (int64_t p = 0; p < P; ++p) buf[r * stride + p] = bf16_to_float(sz[p]);
+  }
+  return buf.data();
+}
+
+template <int R, int M>
+struct Int4Avx512 {
+  TARGET_AVX512 static void block(const Job& j, int64_t i) {
+    constexpr int64_t C = 128;
+    const int16_t* xq = static_cast<const int16_t*>(j.x);
+    const int64_t K = j.K, G = j.group, P = 2 * (K / G), stride = P + 16;
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 1, w);
+    const float* pf = int4_pairs<R>(j, i, P);
+    // lane u of a chunk's int32 sums covers columns 8u..8u+7: its group, relative to the chunk's first
+    alignas(64) int32_t lane_pair[16];
+    for (int u = 0; u < 16; ++u) lane_pair[u] = C % G == 0 ? static_cast<int32_t>(2 * ((8 * u) / G)) : 0;
+    const __m512i idx = _mm512_load_si512(lane_pair);
+    const __m512i nib = _mm512_set1_epi16(15);
+    __m512 f[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) f[r][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < j.kwide; k += C) {
+      const int64_t first = 2 * (k / G);
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k / 2 + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m512i raw = _mm512_loadu_si512(w[r] + k / 2);
+        const __m512i q0 = _mm512_and_si512(raw, nib), q1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+        const __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), nib), q3 = _mm512_srli_epi16(raw, 12);
+        const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(pf + r * stride + first));
         for (int m = 0; m < M; ++m) {
-          const float* x = j.x + m * K + c;
-          a[m] = _mm256_fmadd_ps(lo0, _mm256_loadu_ps(x), a[m]);
-          b[m] = _mm256_fmadd_ps(lo1, _mm256_loadu_ps(x + 8), b[m]);
-          a[m] = _mm256_fmadd_ps(hi0, _mm256_loadu_ps(x + 16), a[m]);
-          b[m] = _mm256_fmadd_ps(hi1, _mm256_loadu_ps(x + 24), b[m]);
+          const int16_t* x = xq + m * j.xld + k;
+          __m512i s = _mm512_madd_epi16(q0, _mm512_loadu_si512(x));
+          s = _mm512_add_epi32(s, _mm512_madd_epi16(q1, _mm512_loadu_si512(x + 32)));
+          s = _mm512_add_epi32(s, _mm512_madd_epi16(q2, _mm512_loadu_si512(x + 64)));
+          s = _mm512_add_epi32(s, _mm512_madd_epi16(q3, _mm512_loadu_si512(x + 96)));
+          f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, f[r][m]);
         }
       }
-      const float s = bf16_to_float(sz[2 * g]), z = bf16_to_float(sz[2 * g + 1]);
-      const __m256 vs = _mm256_set1_ps(s);
-      for (int m = 0; m < M; ++m) {
-        acc[m] = _mm256_fmadd_ps(vs, _mm256_add_ps(a[m], b[m]), acc[m]);
-        zterm[m] += (z - 8.f * s) * j.xsum[m * groups + g];
+    }
+    const __m128i low = _mm_set1_epi8(15);
+    for (; k < K; k += 32) {  // the rest, 32 columns (one group) at a time
+      for (int r = 0; r < R; ++r) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k / 2));
+        const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        const __m512i q = _mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo));
+        const __m512 sv = _mm512_set1_ps(pf[r * stride + 2 * (k / G)]);
+        for (int m = 0; m < M; ++m) {
+          const __m512i s = _mm512_madd_epi16(q, _mm512_loadu_si512(xq + m * j.xld + k));
+          f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, f[r][m]);
+        }
       }
     }
-    for (int m = 0; m < M; ++m) j.y[m * j.N + i] = hsum256(acc[m]) + zterm[m];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        j.y[m * j.N + i + r] =
+            _mm512_reduce_add_ps(f[r][m]) * j.xscale[m] + dot_512(pf + r * stride, j.xsum + m * P, P);
   }
-}
+};
+
+template <int R, int M>
+struct Int4Avx2 {
+  TARGET_AVX2 static void block(const Job& j, int64_t i) {
+    constexpr int64_t C = 64;
+    const int16_t* xq = static_cast<const int16_t*>(j.x);
+    const int64_t K = j.K, G = j.group, P = 2 * (K / G), stride = P + 16;
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 1, w);
+    const float* pf = int4_pairs<R>(j, i, P);
+    alignas(32) int32_t lane_pair[8];
+    for (int u = 0; u < 8; ++u) lane_pair[u] = C % G == 0 ? static_cast<int32_t>(2 * ((8 * u) / G)) : 0;
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_pair));
+    const __m256i nib = _mm256_set1_epi16(15);
+    __m256 f[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) f[r][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < j.kwide; k += C) {
+      const int64_t first = 2 * (k / G);
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k / 2 + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k / 2));
+        const __m256i q0 = _mm256_and_si256(raw, nib), q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(raw, 8), nib), q3 = _mm256_srli_epi16(raw, 12);
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pf + r * stride + first), idx);
+        for (int m = 0; m < M; ++m) {
+          const int16_t* x = xq + m * j.xld + k;
+          __m256i s = _mm256_madd_epi16(q0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(q1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(q2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(q3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 48))));
+          f[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sv, f[r][m]);
+        }
+      }
+    }
+    const __m128i low = _mm_set1_epi8(15);
+    for (; k < K; k += 32) {
+      for (int r = 0; r < R; ++r) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k / 2));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+        const __m256 sv = _mm256_set1_ps(pf[r * stride + 2 * (k / G)]);
+        for (int m = 0; m < M; ++m) {
+          const int16_t* x = xq + m * j.xld + k;
+          __m256i s = _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+          f[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sv, f[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        j.y[m * j.N + i + r] = hsum256(f[r][m]) * j.xscale[m] + dot_256(pf + r * stride, j.xsum + m * P, P);
+  }
+};
 #endif  // GEMMA3N_X86
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch
 // ---------------------------------------------------------------------------------------------
 using RowFn = void (*)(const Job&, int64_t, int64_t);
-enum Kind { BF16 = 0, INT8 = 1, INT4 = 2 };
 
 int64_t best_isa() {
 #ifdef GEMMA3N_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return AVX512;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return AVX512_BF16;
+  if (avx512) return AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
 #endif
   return GENERIC;
@@ -342,66 +524,161 @@ int64_t best_isa() {
 int64_t resolve_isa(int64_t isa) {
   const int64_t best = best_isa();
   if (isa == AUTO) return best;
-  TORCH_CHECK(isa == GENERIC || isa <= best, "gemma3n kernels: ISA ", isa, " is not supported by this CPU");
+  TORCH_CHECK(isa >= GENERIC && isa <= best, "gemma3n kernels: ISA level ", isa, " is not supported by this CPU");
   return isa;
 }
 
+// Columns an int4 body handles in whole chunks (the rest 32 at a time): a chunk's lanes must
+// each fall in one group, so the group size must divide the chunk or be a multiple of it.
+int64_t int4_wide_columns(int64_t K, int64_t group, int64_t isa) {
+  const int64_t chunk = isa >= AVX512 ? 128 : isa == AVX2 ? 64 : 0;
+  if (chunk == 0 || (chunk % group != 0 && group % chunk != 0)) return 0;
+  return K / chunk * chunk;
+}
+
 #ifdef GEMMA3N_X86
-template <template <int> class Body>
-RowFn pick_m(int64_t M) {
+template <template <int, int> class B, int R, int M>
+void rows(const Job& j, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + R <= i1; i += R) B<R, M>::block(j, i);
+  for (; i < i1; ++i) B<1, M>::block(j, i);
+}
+
+// Rows per block by activation rows: 32 zmm hold R·M accumulators plus M activations.
+template <template <int, int> class B>
+RowFn pick_512(int64_t M) {
   switch (M) {
-    case 1: return Body<1>::run;
-    case 2: return Body<2>::run;
-    case 3: return Body<3>::run;
-    case 4: return Body<4>::run;
-    case 5: return Body<5>::run;
-    case 6: return Body<6>::run;
-    case 7: return Body<7>::run;
-    default: return Body<8>::run;
+    case 1: return rows<B, 4, 1>;
+    case 2: return rows<B, 4, 2>;
+    case 3: return rows<B, 4, 3>;
+    case 4: return rows<B, 2, 4>;
+    case 5: return rows<B, 2, 5>;
+    case 6: return rows<B, 2, 6>;
+    case 7: return rows<B, 2, 7>;
+    default: return rows<B, 2, 8>;
   }
 }
-#define BODY(name)                                                                   \
-  template <int M>                                                                   \
-  struct name##_t {                                                                  \
-    static void run(const Job& j, int64_t a, int64_t b) { name<M>(j, a, b); }        \
-  };
-BODY(bf16_rows_avx512)
-BODY(int8_rows_avx512)
-BODY(int4_rows_avx512)
-BODY(bf16_rows_avx2)
-BODY(int8_rows_avx2)
-BODY(int4_rows_avx2)
+
+// 16 ymm: fewer rows per block.
+template <template <int, int> class B>
+RowFn pick_256(int64_t M) {
+  switch (M) {
+    case 1: return rows<B, 4, 1>;
+    case 2: return rows<B, 2, 2>;
+    case 3: return rows<B, 2, 3>;
+    case 4: return rows<B, 2, 4>;
+    case 5: return rows<B, 1, 5>;
+    case 6: return rows<B, 1, 6>;
+    case 7: return rows<B, 1, 7>;
+    default: return rows<B, 1, 8>;
+  }
+}
 #endif
 
 RowFn pick(Kind kind, int64_t isa, int64_t M) {
 #ifdef GEMMA3N_X86
-  if (isa == AVX512) {
-    if (kind == BF16) return pick_m<bf16_rows_avx512_t>(M);
-    if (kind == INT8) return pick_m<int8_rows_avx512_t>(M);
-    return pick_m<int4_rows_avx512_t>(M);
-  }
-  if (isa == AVX2) {
-    if (kind == BF16) return pick_m<bf16_rows_avx2_t>(M);
-    if (kind == INT8) return pick_m<int8_rows_avx2_t>(M);
-    return pick_m<int4_rows_avx2_t>(M);
+  switch (isa) {
+    case AVX512_BF16:
+      return kind == BF16 ? pick_512<Bf16Dp>(M) : kind == INT8 ? pick_512<Int8Avx512>(M) : pick_512<Int4Avx512>(M);
+    case AVX512:
+      return kind == BF16 ? pick_512<Bf16Avx512>(M) : kind == INT8 ? pick_512<Int8Avx512>(M)
+                                                                    : pick_512<Int4Avx512>(M);
+    case AVX2:
+      return kind == BF16 ? pick_256<Bf16Avx2>(M) : kind == INT8 ? pick_256<Int8Avx2>(M) : pick_256<Int4Avx2>(M);
+    default:
+      break;
   }
 #endif
   (void)M;
-  if (kind == BF16) return bf16_generic;
-  if (kind == INT8) return int8_generic;
-  return int4_generic;
+  return kind == BF16 ? bf16_generic : kind == INT8 ? int8_generic : int4_generic;
 }
 
-// Runs `job` over its N outputs in chunks of about 256 KiB of weights per task.
-void run(Job job, Kind kind, int64_t isa, int64_t row_bytes) {
+// ---------------------------------------------------------------------------------------------
+// Activations in the form a body multiplies (per call; the same for every row of the weight).
+// ---------------------------------------------------------------------------------------------
+struct Prepared {
+  torch::Tensor x, xscale, xsum;
+  int64_t xld;
+};
+
+Prepared prepare_x(const torch::Tensor& xf, Kind kind, int64_t isa, int64_t group) {
+  const int64_t M = xf.size(0), K = xf.size(1);
+  const float* src = xf.data_ptr<float>();
+  Prepared p;
+  if (isa == GENERIC || (kind == BF16 && isa != AVX512_BF16)) {  // fp32 as given
+    p.x = xf;
+    p.xld = K;
+    return p;
+  }
+  const int64_t xld = (K + 31) / 32 * 32;  // zero-padded: a tail step may read a whole vector
+  p.xld = xld;
+  if (kind == BF16) {  // AVX512-BF16: rounded to bf16
+    p.x = torch::zeros({M, xld}, torch::dtype(torch::kBFloat16));
+    uint16_t* dst = reinterpret_cast<uint16_t*>(p.x.data_ptr());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[m * xld + k] = float_to_bf16(src[m * K + k]);
+    return p;
+  }
+  // int16 per row (int4: laid out as its body reads the codes, see Int4Avx512) and, for int4, the
+  // zero-point coefficients [-8·Σx_g, Σx_g] per group from the quantized x, so that the result is
+  // exactly dequant(W)·x_q up to summation order. Plain loops the compiler vectorizes: this runs
+  // once per product, and a libm rounding call per element cost more than a small product itself.
+  p.x = torch::zeros({M, xld}, torch::dtype(torch::kInt16));
+  p.xscale = torch::empty({M}, torch::dtype(torch::kFloat32));
+  int16_t* dst = p.x.data_ptr<int16_t>();
+  float* scale = p.xscale.data_ptr<float>();
+  const int64_t chunk = isa >= AVX512 ? 128 : 64, kwide = kind == INT4 ? int4_wide_columns(K, group, isa) : 0;
+  const int64_t groups = kind == INT4 ? K / group : 0;
+  if (kind == INT4) p.xsum = torch::empty({M, 2 * groups}, torch::dtype(torch::kFloat32));
+  std::vector<int16_t> q(kind == INT4 ? K : 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = src + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = row[k] < 0.f ? -row[k] : row[k];
+      amax = a > amax ? a : amax;
+    }
+    scale[m] = amax > 0.f && std::isfinite(amax) ? amax / 32767.f : 1.f;
+    const float inv = 1.f / scale[m];
+    int16_t* out = kind == INT8 ? dst + m * xld : q.data();
+    for (int64_t k = 0; k < K; ++k) out[k] = quantize_int16(row[k] * inv);
+    if (kind == INT8) continue;
+    int16_t* laid = dst + m * xld;
+    for (int64_t c = 0; c < kwide; c += chunk)  // column c + 4t + j goes to c + j·(chunk/4) + t
+      for (int64_t t = 0; t < chunk / 4; ++t)
+        for (int64_t j = 0; j < 4; ++j) laid[c + j * (chunk / 4) + t] = q[c + 4 * t + j];
+    for (int64_t c = kwide; c < K; c += 32)  // 32 at a time: even columns, then odd ones
+      for (int64_t t = 0; t < 16; ++t) {
+        laid[c + t] = q[c + 2 * t];
+        laid[c + 16 + t] = q[c + 2 * t + 1];
+      }
+    float* coef = p.xsum.data_ptr<float>() + m * 2 * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;  // |q| < 2^15, a group < 2^16 columns
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[k];
+      coef[2 * g] = -8.f * static_cast<float>(sum) * scale[m];
+      coef[2 * g + 1] = static_cast<float>(sum) * scale[m];
+    }
+  }
+  return p;
+}
+
+// Runs `job` over its N outputs, MAX_M activation rows per pass, in chunks of about 256 KiB of
+// weights per task.
+void run(Job job, const torch::Tensor& xf, Kind kind, int64_t isa, int64_t row_bytes) {
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_bytes));
-  const int64_t M = job.M;
+  const int64_t M = xf.size(0);
   for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+    const auto part_x = xf.slice(0, m0, std::min<int64_t>(M, m0 + MAX_M));
+    const Prepared p = prepare_x(part_x, kind, isa, job.group);
     Job part = job;
-    part.M = std::min<int64_t>(MAX_M, M - m0);
-    part.x = job.x + m0 * job.K;
-    part.xsum = job.xsum ? job.xsum + m0 * (job.K / std::max<int64_t>(1, job.group)) : nullptr;
+    part.M = part_x.size(0);
+    part.x = p.x.data_ptr();
+    part.xld = p.xld;
+    part.xscale = p.xscale.defined() ? p.xscale.data_ptr<float>() : nullptr;
+    part.xsum = p.xsum.defined() ? p.xsum.data_ptr<float>() : nullptr;  // already per part
     part.y = job.y + m0 * job.N;
+    part.kwide = kind == INT4 ? int4_wide_columns(job.K, job.group, isa) : 0;
     const RowFn fn = pick(kind, isa, part.M);
     at::parallel_for(0, job.N, grain, [&](int64_t a, int64_t b) { fn(part, a, b); });
   }
@@ -429,11 +706,11 @@ std::pair<const int64_t*, int64_t> checked_rows(const c10::optional<torch::Tenso
   if (!rows.has_value()) return {nullptr, n_rows};
   keep = rows->to(torch::kInt64).contiguous();
   TORCH_CHECK(keep.dim() == 1, "gemma3n kernels: rows must be 1-D");
-  if (keep.numel() > 0) {
-    const int64_t lo = keep.min().item<int64_t>(), hi = keep.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < n_rows, "gemma3n kernels: row index out of range [0, ", n_rows, ")");
-  }
-  return {keep.data_ptr<int64_t>(), keep.numel()};
+  const int64_t* idx = keep.data_ptr<int64_t>();
+  bool inside = true;
+  for (int64_t i = 0; i < keep.numel(); ++i) inside &= idx[i] >= 0 && idx[i] < n_rows;
+  TORCH_CHECK(inside, "gemma3n kernels: row index out of range [0, ", n_rows, ")");
+  return {idx, keep.numel()};
 }
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> rows, int64_t isa) {
@@ -445,9 +722,9 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   auto y = torch::empty({xf.size(0), N}, xf.options());
   if (N == 0 || xf.size(0) == 0) return y;
   if (K == 0) return y.zero_();
-  Job j{w.data_ptr(), w.stride(0), nullptr, 0, row_ptr, xf.data_ptr<float>(), nullptr, xf.size(0), K, 0,
+  Job j{w.data_ptr(), w.stride(0), nullptr, 0, row_ptr, nullptr, 0, nullptr, nullptr, 0, K, 0,
         y.data_ptr<float>(), N};
-  run(j, BF16, resolve_isa(isa), K * 2);
+  run(j, xf, BF16, resolve_isa(isa), K * 2);
   return y;
 }
 
@@ -464,17 +741,10 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   auto y = torch::empty({xf.size(0), N}, xf.options());
   if (N == 0 || xf.size(0) == 0) return y;
   if (K == 0) return y.zero_();
-  Job j{q.data_ptr(), q.stride(0), s.data_ptr(), 0, row_ptr, xf.data_ptr<float>(), nullptr, xf.size(0), K, 0,
+  Job j{q.data_ptr(), q.stride(0), s.data_ptr(), 0, row_ptr, nullptr, 0, nullptr, nullptr, 0, K, 0,
         y.data_ptr<float>(), N};
-  run(j, INT8, resolve_isa(isa), K);
+  run(j, xf, INT8, resolve_isa(isa), K);
   return y;
-}
-
-// x permuted so that a 32-column block's even columns come first, then its odd ones: the order
-// in which the low and high nibbles of 16 packed bytes widen.
-torch::Tensor even_odd(const torch::Tensor& xf) {
-  const int64_t M = xf.size(0), K = xf.size(1);
-  return xf.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous().view({M, K});
 }
 
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group,
@@ -492,16 +762,15 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor sz, in
   auto y = torch::empty({xf.size(0), N}, xf.options());
   if (N == 0 || xf.size(0) == 0) return y;
   if (K == 0) return y.zero_();
-  auto xp = even_odd(xf);
-  auto xs = xf.view({xf.size(0), K / group, group}).sum(-1).contiguous();
-  Job j{q.data_ptr(), q.stride(0), sz.data_ptr(), sz.stride(0) / 2, row_ptr, xp.data_ptr<float>(),
-        xs.data_ptr<float>(), xf.size(0), K, group, y.data_ptr<float>(), N};
-  run(j, INT4, resolve_isa(isa), K / 2);
+  Job j{q.data_ptr(), q.stride(0), sz.data_ptr(), sz.stride(0) / 2, row_ptr, nullptr, 0, nullptr, nullptr, 0, K,
+        group, y.data_ptr<float>(), N};
+  run(j, xf, INT4, resolve_isa(isa), K / 2);
   return y;
 }
 
 std::string isa_name(int64_t isa) {
   switch (resolve_isa(isa)) {
+    case AVX512_BF16: return "avx512bf16";
     case AVX512: return "avx512";
     case AVX2: return "avx2";
     default: return "generic";
@@ -515,5 +784,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "y [M, N] fp32 = x [M, K] @ W[rows]^T, W bf16 (strided view)");
   m.def("linear_int8", &linear_int8, "y = x @ (q * scale[:, None])[rows]^T, q int8, one bf16 scale per row");
   m.def("linear_int4", &linear_int4, "y = x @ dequant_int4(q, sz)[rows]^T, groups of `group` input columns");
-  m.def("isa_name", &isa_name, "the body a given ISA code (0 = auto) runs on this CPU");
+  m.def("isa_name", &isa_name, "the body a given ISA level (0 = the best) runs on this CPU");
+  m.def(
+      "activation_form",
+      [](const std::string& kind, int64_t isa) -> std::string {
+        const int64_t level = resolve_isa(isa);
+        if (level == GENERIC) return "fp32";
+        if (kind == "bf16") return level == AVX512_BF16 ? "bf16" : "fp32";
+        return "int16";
+      },
+      "how a body at this level sees x: fp32 as given, rounded to bf16, or int16 with a per-row scale");
 }
