@@ -1,0 +1,245 @@
+"""The app: routes, authentication, Host checks, model ids and sizes, and the request flow."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import _END, _ClientGone, _Engine, _next_event
+from .schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _completion_prompt,
+    _convert_messages,
+    _from_exception,
+    _Sampling,
+    _validation_error,
+    parse_body,
+)
+from .streaming import _JobStream, _stream, _Tally
+
+log = logging.getLogger("gemma3n.server")
+
+DEFAULT_MAX_QUEUE = 32  # requests admitted at once: the one generating plus those waiting
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # room for a few base64 images / 12 min of 16 kHz 16-bit wav
+DEFAULT_PROMPT_CACHE_SLOTS = 4  # conversations whose K/V is kept between requests (memory: one K/V each)
+
+
+def _model_ids(model: Any, model_id: str | None, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Model id -> size for `model.stream(size=...)` (None: as loaded). Preset sizes get
+    'gemma3n-<size>' ids; `extra` adds ids for custom slices ({"ffn": [...], "skip": [...]})."""
+    ids: dict[str, Any] = {model_id or getattr(model, "name", None) or "gemma3n": None}
+    for size in model.sizes() if hasattr(model, "sizes") else []:
+        ids.setdefault(size if size.lower().startswith("gemma3n") else f"gemma3n-{size}", size)
+    ids.update(extra or {})
+    return ids
+
+
+def create_app(
+    model: Any,
+    *,
+    api_key: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
+    prompt_cache_bytes: int | None = None,
+    model_id: str | None = None,
+    sizes: Mapping[str, Any] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> FastAPI:
+    """An OpenAI-compatible app serving `model` (a `gemma3n.load()` result or any object with
+    `stream`, `sizes`, `name`, `has_audio`, `has_vision`). Every elastic size is its own model id;
+    `sizes` adds custom ones, e.g. {"gemma3n-half": {"ffn": [4096] * 35}}. `allowed_hosts`, if
+    given, is the set of Host header names answered (a loopback server's defence against DNS
+    rebinding, where a web page's own domain is pointed at 127.0.0.1). `prompt_cache_slots`
+    conversations keep their K/V between requests (0: none; at most `prompt_cache_bytes` in all,
+    if given), see `gemma3n.PromptCache`; clients
+    can tell from `cached_tokens` or latency that a prefix was sent recently, so use 0 where they
+    must not learn about each other."""
+    ids = _model_ids(model, model_id, sizes)
+    default_id = next(iter(ids))
+    aliases = {size: mid for mid, size in ids.items() if isinstance(size, str)}  # "E2B" -> "gemma3n-E2B"
+    created = int(time.time())
+    if prompt_cache_slots < 0:
+        raise ValueError(f"prompt_cache_slots must be >= 0, not {prompt_cache_slots}")
+    if prompt_cache_bytes is not None and prompt_cache_bytes < 0:
+        raise ValueError(f"prompt_cache_bytes must be >= 0, not {prompt_cache_bytes}")
+    engine = _Engine(model, max_queue, prompt_cache_slots, prompt_cache_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()
+
+    def check_host(request: Request) -> None:
+        if allowed_hosts is None:
+            return
+        host = request.headers.get("host", "")
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+        if name.lower() not in allowed_hosts:
+            raise APIError(400, f"Host {host!r} is not served here (allowed: {', '.join(allowed_hosts)})")
+
+    app = FastAPI(
+        title="gemma3n",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+        dependencies=[Depends(check_host)],
+    )
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(
+                401,
+                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    async def read_json(request: Request, schema: type[_Sampling]) -> Any:
+        too_big = APIError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
+        # JSON only: a web page can send a cross-site "simple" POST (text/plain) to a loopback
+        # server without a CORS preflight; requiring application/json rules that out.
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(
+                415,
+                f"Content-Type must be application/json, got {media or 'none'}",
+                code="unsupported_media_type",
+            )
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise too_big
+        data = parse_body(bytes(body))
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+
+    def resolve(name: str | None) -> tuple[str, Any]:
+        if not name:
+            return default_id, None
+        if name in ids:
+            return name, ids[name]
+        if name in aliases:  # a bare size name, e.g. "E2B"
+            return name, name
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server has: {', '.join(ids)}",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def run(
+        request: Request, req: _Sampling, gen_kwargs: dict[str, Any], kind: Literal["chat", "text"]
+    ) -> Response:
+        model_name, size = resolve(req.model)
+        gen_kwargs.update(req.generation_kwargs())
+        if size is not None:
+            gen_kwargs["size"] = size
+        job = engine.submit(gen_kwargs)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        stamp = int(time.time())
+        tally, text, streaming = _Tally(), [], False
+        try:
+            event = await _next_event(job, request)  # errors in the prompt surface here, as a 400
+            if isinstance(event, BaseException):
+                raise _from_exception(event)
+            if req.stream:
+                streaming = True  # from here the response owns the job
+                return _JobStream(_stream(job, event, rid, stamp, model_name, kind, req.include_usage), job)
+            while event is not _END:
+                if isinstance(event, BaseException):
+                    raise _from_exception(event)
+                tally.add(event)
+                text.append(str(event))
+                event = await _next_event(job, request)
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            if not streaming:  # done, failed, or this handler was cancelled: stop generating
+                job.cancel()
+        finish = tally.finish_reason or "stop"
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": "".join(text)}
+            obj = "text_completion"
+        choice.update(logprobs=None, finish_reason=finish)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": obj,
+                "created": stamp,
+                "model": model_name,
+                "choices": [choice],
+                "usage": tally.usage(),
+            }
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": default_id, "queued": engine.admitted, "max_queue": max_queue}
+
+    def model_card(mid: str) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": created, "owned_by": "gemma3n"}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(mid) for mid in ids]}
+
+    @app.get("/v1/models/{mid:path}", dependencies=[Depends(authorize)])
+    async def get_model(mid: str) -> dict[str, Any]:
+        return model_card(resolve(mid)[0])
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request) -> Response:
+        req = await read_json(request, ChatCompletionRequest)
+        return await run(request, req, {"messages": _convert_messages(req.messages, model)}, "chat")
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(request: Request) -> Response:
+        req = await read_json(request, CompletionRequest)
+        return await run(request, req, {"prompt": _completion_prompt(req)}, "text")
+
+    return app

@@ -1,0 +1,90 @@
+"""Running the app: `serve` (the `gemma3n serve` command) and `BackgroundServer` (tests, notebooks)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from .routes import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_SLOTS, create_app
+
+log = logging.getLogger("gemma3n.server")
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    model: Any = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    *,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
+    prompt_cache_bytes: int | None = None,
+    model_id: str | None = None,
+    sizes: Mapping[str, Any] | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve until interrupted. `model` is a loaded model, or a path / hub id (None: embedded)."""
+    import uvicorn
+
+    if model is None or isinstance(model, str):
+        import gemma3n
+
+        model = gemma3n.load(model)
+    loopback = host in LOOPBACK_HOSTS
+    if not loopback and not api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this host can use it", host)
+    limits = {
+        "max_queue": max_queue,
+        "max_body_bytes": max_body_bytes,
+        "prompt_cache_slots": prompt_cache_slots,
+        "prompt_cache_bytes": prompt_cache_bytes,
+    }
+    hosts = LOOPBACK_HOSTS if loopback else None
+    app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class BackgroundServer:
+    """Runs an app with uvicorn on a free loopback port in a daemon thread (tests, benches, notebooks).
+
+    with BackgroundServer(create_app(model)) as srv:
+        openai.OpenAI(base_url=srv.base_url, api_key="-")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.base_url = f"{self.url}/v1"
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="gemma3n-server"
+        )
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
