@@ -22,6 +22,8 @@ from .tokenizer import StreamingDetokenizer, Tokenizer, check_text
 
 Sampler = Callable[[torch.Tensor, list[int]], int]
 EmbedFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids -> h0, or None for plain text
+ScoreFn = Callable[[torch.Tensor, int], None]  # prompt logits [t, V], their first position
+SCORE_ROWS = 64  # prompt rows whose logits exist at once when scoring (E2B: 64 MiB of fp32)
 
 
 @dataclass
@@ -169,6 +171,7 @@ class StepStats:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
+    start: float = 0.0  # perf_counter() when the prompt's prefill began
 
     def as_dict(self) -> dict:
         return {
@@ -202,14 +205,18 @@ def prefill(
     inputs_embeds: torch.Tensor | None = None,
     chunk_size: int = 512,
     skip_shared: bool = True,
+    score: ScoreFn | None = None,
 ) -> torch.Tensor:
     """Run the prompt [1, T] through the model in chunks; return the last token's logits [V].
 
     With `skip_shared`, KV-shared layers run only on the last prompt token (§5.3): they write
     no cache, so their outputs at other positions are never observed. Exact by construction.
+    `score(logits [t, V], first position)` receives every prompt position's float32 logits (the
+    shared layers then run on every row), a block of rows at a time to bound the memory.
     """
     total = ids.shape[1]
     hidden = None
+    skip_shared = skip_shared and score is None
     for start in range(0, total, chunk_size):
         end = min(start + chunk_size, total)
         last_chunk = end == total
@@ -220,6 +227,9 @@ def prefill(
         embeds = inputs_embeds[:, start:end] if inputs_embeds is not None else None
         hidden = decoder(ids[:, start:end], positions, plan=plan, cache=cache, inputs_embeds=embeds, out_rows=rows)
         cache.offset += end - start
+        if score is not None:
+            for row in range(0, end - start, SCORE_ROWS):
+                score(decoder.lm_head(hidden[0, row : row + SCORE_ROWS]).float(), start + row)
     return decoder.lm_head(hidden[:, -1]).float()[0]
 
 
@@ -254,34 +264,85 @@ def generate_step(
     `prompt_cache`, a text prompt continues from the cache of the previous call where their
     tokens agree, and leaves its own cache there for the next one."""
     stats = stats if stats is not None else StepStats()
-    context = plan.config.max_position_embeddings
-    if len(prompt_ids) >= context:
-        raise InputError(
-            f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} tokens; "
-            "shorten the prompt (it is never truncated silently)"
-        )
-    max_tokens = min(max_tokens, context - len(prompt_ids))
+    prompt = Prompt(prompt_ids, inputs_embeds, prefill_chunk, skip_shared, prompt_cache)
+    cache, logits = prefill_prompt(decoder, prompt, plan, stats)
+    yield from decode_tokens(
+        decoder, cache, logits, plan, sampler, prompt, max_tokens=max_tokens, stats=stats, embed=embed
+    )
+
+
+@dataclass
+class Prompt:
+    """A prompt and how to prefill it (see `prefill`); `score` gets its tokens' logits."""
+
+    ids: list[int]
+    inputs_embeds: torch.Tensor | None = None
+    chunk: int = 512
+    skip_shared: bool = True
+    prompt_cache: PromptCache | None = None
+    score: ScoreFn | None = None
+
+    def room(self, config: Any) -> int:
+        """Tokens that fit after the prompt in the context; an InputError if none does."""
+        context = config.max_position_embeddings
+        if len(self.ids) >= context:
+            raise InputError(
+                f"the prompt has {len(self.ids)} tokens but the model's context is {context} tokens; "
+                "shorten the prompt (it is never truncated silently)"
+            )
+        return context - len(self.ids)
+
+    @property
+    def reuses_cache(self) -> bool:
+        # soft tokens depend on the media, not on the ids, and scoring needs every position's logits
+        return self.prompt_cache is not None and self.inputs_embeds is None and self.score is None
+
+
+def prefill_prompt(
+    decoder: TextDecoder, prompt: Prompt, plan: LayerPlan, stats: StepStats
+) -> tuple[Cache, torch.Tensor]:
+    """The prompt through the model: its cache and the logits [V] for the first new token."""
+    prompt.room(plan.config)
     done = 0
-    if prompt_cache is None:
+    if prompt.reuses_cache:
+        cache, done = prompt.prompt_cache.take(plan.config, plan.key, prompt.ids)
+    else:
+        if prompt.prompt_cache is not None:  # nothing to reuse or keep for this prompt
+            prompt.prompt_cache.release(prompt.ids)
         cache = Cache(plan.config, plan.key)
-    elif inputs_embeds is None:
-        cache, done = prompt_cache.take(plan.config, plan.key, prompt_ids)
-    else:  # soft tokens depend on the media, not on the ids: nothing to reuse or keep
-        prompt_cache.release(prompt_ids)
-        cache = Cache(plan.config, plan.key)
-    ids = torch.tensor([prompt_ids[done:]], device=decoder.device)
-    t0 = time.perf_counter()
+    ids = torch.tensor([prompt.ids[done:]], device=decoder.device)
+    stats.start = time.perf_counter()
     logits = prefill(
         decoder,
         ids,
         cache,
         plan,
-        inputs_embeds=inputs_embeds,
-        chunk_size=prefill_chunk,
-        skip_shared=skip_shared,
+        inputs_embeds=prompt.inputs_embeds,
+        chunk_size=prompt.chunk,
+        skip_shared=prompt.skip_shared,
+        score=prompt.score,
     )
-    history = list(prompt_ids)
-    stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt_ids), done
+    stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt.ids), done
+    return cache, logits
+
+
+def decode_tokens(
+    decoder: TextDecoder,
+    cache: Cache,
+    logits: torch.Tensor,
+    plan: LayerPlan,
+    sampler: Sampler,
+    prompt: Prompt,
+    *,
+    max_tokens: int,
+    stats: StepStats,
+    embed: EmbedFn | None = None,
+) -> Iterator[int]:
+    """Sample from `logits` (after the prompt in `cache`) and decode, one token at a time; the
+    cache goes back to the prompt's PromptCache at the end, however the consumer stops."""
+    max_tokens = min(max_tokens, prompt.room(plan.config))
+    history = list(prompt.ids)
+    t0 = stats.start or time.perf_counter()
     try:
         for i in range(max_tokens):
             check_logits(logits, i)
@@ -297,8 +358,8 @@ def generate_step(
             if i + 1 < max_tokens:
                 logits = decode_one(decoder, token, cache, plan, embed)
     finally:  # also when the consumer stops early (a stop string, a closed stream)
-        if prompt_cache is not None and inputs_embeds is None:
-            prompt_cache.keep(cache, history)
+        if prompt.reuses_cache:
+            prompt.prompt_cache.keep(cache, history)
 
 
 def check_logits(logits: torch.Tensor, step: int | None = None) -> None:
@@ -320,6 +381,9 @@ class TextPiece(str):
 
     finish_reason: str | None = None
     token_ids: list[int]
+    logprobs: list | None = None  # TokenLogprob of each of token_ids, when asked for
+    index: int = 0  # which of n continuations it belongs to
+    prompt_logprobs: list | None = None  # on a continuation's first piece, when asked for
     prompt_tokens: int = 0
     generated_tokens: int = 0
     stats: dict | None = None
@@ -340,6 +404,10 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     stats: dict = field(default_factory=dict)
+    logprobs: list | None = None  # TokenLogprob per generated token (logprobs=True)
+    prompt_logprobs: list | None = None  # per prompt token, None for the first (prompt_logprobs=True)
+    tool_calls: list[dict] | None = None  # OpenAI-shaped calls parsed from the reply (tools=...)
+    index: int = 0
 
 
 def stream_generate(

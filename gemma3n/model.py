@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +16,27 @@ from .checkpoint import open_checkpoint
 from .errors import InputError
 from .generate import (
     GenerationResult,
+    Prompt,
     StepStats,
     TextPiece,
     check_logits,
     check_max_tokens,
     check_stops,
-    generate_step,
+    decode_tokens,
     make_sampler,
+    prefill_prompt,
     sampling_params,
     stream_generate,
 )
+from .logprobs import LogprobRecorder, PromptScorer, TokenTable, check_top_logprobs
 from .matformer import read_declared_sizes
 from .multimodal import Towers, merge_embeddings
 from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
 from .processing import Processor, PromptInputs
+from .structured import GrammarConstraint, SchemaError, byte_tokenizer, compile_schema, constrained, json_schema_of
 from .text import LayerPlan
 from .tokenizer import Tokenizer
+from .tools import call_schema, check_tools, parse_calls, render_messages
 
 DEFAULT_MODEL = Path(__file__).parent / "data" / "tiny"
 
@@ -188,12 +195,29 @@ class Model:
         prefill_skip: bool = True,
         prefill_chunk: int = 512,
         prompt_cache: PromptCache | None = None,
+        response_format: Any = None,
+        tools: list[dict] | None = None,
+        tool_choice: Any = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
+        n: int = 1,
     ) -> Iterator[TextPiece]:
         """Yield text pieces as they are decoded; the last carries finish_reason and stats.
         Unset sampling options fall back to the checkpoint's generation_config.json.
         `prompt_cache` (a `gemma3n.PromptCache`, one per conversation) lets the next call reuse
-        the K/V of the tokens its prompt shares with this one (multi-turn chat)."""
-        max_tokens = check_max_tokens(max_tokens)
+        the K/V of the tokens its prompt shares with this one (multi-turn chat).
+
+        `response_format`: OpenAI's {"type": "json_object"} / {"type": "json_schema", ...} or a
+        pydantic model class: the reply is constrained to it while decoding (gemma3n.structured).
+        `tools` / `tool_choice`: OpenAI's, rendered into the prompt (gemma3n.tools); a required
+        or named call constrains the reply. `logprobs` / `top_logprobs`: each piece's tokens'
+        log-probabilities (`piece.logprobs`); `prompt_logprobs`: the prompt tokens' (on each
+        choice's first piece; `max_tokens` may then be 0). `n`: continuations of one prefill,
+        seeded seed, seed + 1, ...; each piece says its `index`, in order 0, 1, ..."""
+        max_tokens = _check_max_tokens(max_tokens, prompt_logprobs)
+        n = _check_n(n)
+        top_logprobs = check_top_logprobs(top_logprobs)
         params = sampling_params(
             self.generation_config,
             temperature=temperature,
@@ -204,44 +228,126 @@ class Model:
             seed=seed,
         )
         stops = check_stops(stop)
-        sampler = make_sampler(params)
+        messages, grammar = self._reply_form(messages, response_format, tools, tool_choice)
         plan = self.plan(size)
         inputs, embeds = self.prepare(prompt, messages, image_size)
+        scorer = PromptScorer(self.token_table, inputs.ids, top_logprobs) if prompt_logprobs else None
+        request = Prompt(inputs.ids, embeds, prefill_chunk, prefill_skip, prompt_cache, scorer)
         stats = StepStats()
-        tokens = generate_step(
-            self.decoder,
-            inputs.ids,
-            plan,
-            sampler,
-            max_tokens=max_tokens,
-            inputs_embeds=embeds,
-            prefill_chunk=prefill_chunk,
-            skip_shared=prefill_skip,
-            stats=stats,
-            embed=self.embed_ids,
-            prompt_cache=prompt_cache,
-        )
-        yield from stream_generate(
-            tokens, self.tokenizer, stop_ids=self.stop_ids(), stop=stops, max_tokens=max_tokens, stats=stats
-        )
+        cache, logits = prefill_prompt(self.decoder, request, plan, stats)
+        for i in range(n):
+            last = i == n - 1  # the others decode from copies; the last one's cache is kept
+            branch = cache if last else cache.fork(cache.offset)
+            step_stats = replace(stats) if not last else stats
+            sampler = make_sampler(replace(params, seed=None if seed is None else _wrap_seed(seed + i)))
+            if grammar is not None:
+                sampler = constrained(sampler, GrammarConstraint(self.byte_tokenizer, grammar))
+            recorder = LogprobRecorder(self.token_table, top_logprobs) if logprobs else None
+            tokens = decode_tokens(
+                self.decoder,
+                branch,
+                logits,
+                plan,
+                recorder.wrap(sampler) if recorder else sampler,
+                request if last else replace(request, prompt_cache=None),
+                max_tokens=max_tokens,
+                stats=step_stats,
+                embed=self.embed_ids,
+            )
+            pieces = stream_generate(
+                tokens, self.tokenizer, stop_ids=self.stop_ids(), stop=stops, max_tokens=max_tokens, stats=step_stats
+            )
+            yield from _annotate(pieces, i, recorder, scorer)
 
-    def generate(self, prompt: str | list[int] | None = None, **kwargs) -> GenerationResult:
-        """Same arguments as `stream`; returns the whole text, ids and finish_reason."""
-        text, ids, last = [], [], None
+    def _reply_form(
+        self, messages: list[dict] | None, response_format: Any, tools: Any, tool_choice: Any
+    ) -> tuple[list[dict] | None, str | None]:
+        """Messages with tools and tool turns rendered, and the grammar the reply must follow."""
+        functions = check_tools(tools)
+        if tool_choice is not None and not functions:
+            raise SchemaError("tool_choice needs tools", param="tool_choice")
+        if functions and messages is None:
+            raise SchemaError("tools need a chat (messages), not a raw prompt", param="tools")
+        call = call_schema(functions, tool_choice) if functions else None
+        schema = json_schema_of(response_format)
+        if call is not None and schema is not None:
+            raise SchemaError("a required tool call and response_format both decide the reply: send one of them")
+        if messages is not None:
+            messages = render_messages(messages, functions, tool_choice)
+        target = call if call is not None else schema
+        return messages, None if target is None else compile_schema(target)
+
+    @functools.cached_property
+    def byte_tokenizer(self) -> Any:
+        """llguidance's tokenizer for this model (grammar masks, token bytes); built on first use."""
+        return byte_tokenizer(self.tokenizer.to_json(), self.config.text.vocab_size, tuple(sorted(self.stop_ids())))
+
+    @functools.cached_property
+    def token_table(self) -> TokenTable:
+        return TokenTable(self.byte_tokenizer)
+
+    def generate(self, prompt: str | list[int] | None = None, **kwargs) -> GenerationResult | list[GenerationResult]:
+        """Same arguments as `stream`; returns the whole text, ids and finish_reason (a list of
+        them, one per continuation, for n > 1). With tools, `tool_calls` holds a call the reply
+        makes (finish_reason "tool_calls")."""
+        results: dict[int, GenerationResult] = {}
         for piece in self.stream(prompt, **kwargs):
-            text.append(str(piece))
-            ids.extend(piece.token_ids)
-            last = piece
-        return GenerationResult(
-            text="".join(text),
-            token_ids=ids,
-            finish_reason=last.finish_reason,
-            prompt_tokens=last.prompt_tokens,
-            stats=last.stats or {},
-        )
+            result = results.setdefault(piece.index, GenerationResult("", [], "", 0, index=piece.index))
+            result.text += str(piece)
+            result.token_ids.extend(piece.token_ids)
+            if piece.logprobs is not None:
+                result.logprobs = (result.logprobs or []) + piece.logprobs
+            result.prompt_logprobs = getattr(piece, "prompt_logprobs", None) or result.prompt_logprobs
+            if piece.finish_reason is not None:
+                result.finish_reason, result.prompt_tokens = piece.finish_reason, piece.prompt_tokens
+                result.stats = piece.stats or {}
+        functions = check_tools(kwargs.get("tools"))
+        for result in results.values():
+            calls = parse_calls(result.text, functions) if functions and kwargs.get("tool_choice") != "none" else None
+            if calls:
+                result.tool_calls, result.finish_reason = calls, "tool_calls"
+        ordered = [results[i] for i in sorted(results)]
+        return ordered if kwargs.get("n", 1) > 1 else ordered[0]
 
     def placement(self):
         return placement_report(self.decoder)
+
+
+def _check_max_tokens(max_tokens: Any, prompt_logprobs: bool) -> int:
+    """max_tokens >= 1, or 0 when only the prompt is scored (an evaluation harness's request)."""
+    if prompt_logprobs and max_tokens == 0 and not isinstance(max_tokens, bool):
+        return 0
+    return check_max_tokens(max_tokens)
+
+
+MAX_N = 16  # continuations of one prompt: each costs a decode and, while it runs, a copy of the K/V
+
+
+def _check_n(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise InputError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
+    return n
+
+
+def _wrap_seed(seed: int) -> int:
+    """seed + i stays in what torch.Generator takes, [-2**63, 2**64)."""
+    return seed if seed < 2**64 else seed - 2**64
+
+
+def _annotate(
+    pieces: Iterator[TextPiece], index: int, recorder: LogprobRecorder | None, scorer: PromptScorer | None
+) -> Iterator[TextPiece]:
+    """Pieces of one continuation with its index, their tokens' log-probabilities and, on the
+    first, the prompt's."""
+    done = 0
+    for k, piece in enumerate(pieces):
+        piece.index = index
+        if recorder is not None:
+            piece.logprobs = recorder.entries[done : done + len(piece.token_ids)]
+            done += len(piece.token_ids)
+        if scorer is not None and k == 0:
+            piece.prompt_logprobs = scorer.entries
+        yield piece
 
 
 def _read_generation_config(path: Path) -> dict:

@@ -39,6 +39,10 @@ class Tokenizer:
         self.ids = {key: self._tok.token_to_id(text) for key, text in SPECIAL.items()}
         self.vocab_size = self._tok.get_vocab_size()
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance builds its byte view from)."""
+        return self._tok.to_str()
+
     def token_id(self, key: str) -> int | None:
         return self.ids.get(key)
 
