@@ -23,11 +23,13 @@ ROLLBACK = 64
 
 
 class LayerKV:
-    """K/V [B, Hkv, S, d] and their absolute positions [S] for one layer.
+    """K/V [B, Hkv, capacity, d] and their absolute positions [capacity] for one layer; entries
+    `start` .. `length` are live.
 
-    Full layers keep everything in a buffer that grows by doubling (no per-token realloc);
-    sliding layers keep the last W-1 entries, enough for the next query's window, plus
-    `ROLLBACK` more so that `truncate` can step back.
+    Full layers keep everything, in buffers that grow by doubling (no per-token realloc); sliding
+    layers keep the last W-1 entries, enough for the next query's window, plus `ROLLBACK` more so
+    that `truncate` can step back, and move them to the front when their buffer fills. The
+    fused decode step (kernels/step.cpp) writes into the buffers between `reserve` and `advance`.
     """
 
     def __init__(self, window: int | None):
@@ -35,69 +37,88 @@ class LayerKV:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
+        self.start = 0
         self.length = 0
+
+    @property
+    def keep(self) -> int | None:
+        """Entries a sliding layer keeps after a step (None: all)."""
+        return None if self.window is None else self.window - 1 + ROLLBACK
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append this step's K/V; return everything the step's queries may attend to."""
-        if self.window is not None:
-            return self._update_sliding(k, v, pos)
-        need = self.length + k.shape[2]
-        if self.k is None or need > self.k.shape[2]:
-            self._grow(k, v, pos, max(need, 2 * (self.k.shape[2] if self.k is not None else 0), 256))
-        self.k[:, :, self.length : need] = k
-        self.v[:, :, self.length : need] = v
-        self.pos[self.length : need] = pos
-        self.length = need
-        return self.k[:, :, :need], self.v[:, :, :need], self.pos[:need]
+        t = k.shape[2]
+        self.reserve(t, like=(k, v, pos))
+        end = self.length + t
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.pos[self.length : end] = pos
+        out = self.k[:, :, self.start : end], self.v[:, :, self.start : end], self.pos[self.start : end]
+        self.advance(t)
+        return out
 
-    def _grow(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, capacity: int) -> None:
+    def reserve(self, t: int, like: tuple[torch.Tensor, ...] | None = None) -> bool:
+        """Room for `t` more entries after `length` (False: no buffers yet and nothing to shape
+        them from). Views returned earlier stay valid: a move copies into new buffers."""
+        if self.length + t <= self.capacity:
+            return True
+        if self.k is None and like is None:
+            return False
+        k, v, pos = (self.k, self.v, self.pos) if self.k is not None else like
+        live = self.length - self.start
+        if self.window is not None:  # drop what the window no longer needs, room for as much again
+            capacity = max(2 * self.keep, live + t)
+        else:
+            capacity = max(live + t, 2 * self.capacity, 256)
         b, h, _, d = k.shape
-        new_k = k.new_empty(b, h, capacity, d)
-        new_v = v.new_empty(b, h, capacity, d)
-        new_pos = pos.new_empty(capacity)
-        if self.k is not None:
-            new_k[:, :, : self.length] = self.k[:, :, : self.length]
-            new_v[:, :, : self.length] = self.v[:, :, : self.length]
-            new_pos[: self.length] = self.pos[: self.length]
+        new_k, new_v, new_pos = k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, d), pos.new_empty(capacity)
+        if self.k is not None and live:
+            new_k[:, :, :live] = self.k[:, :, self.start : self.length]
+            new_v[:, :, :live] = self.v[:, :, self.start : self.length]
+            new_pos[:live] = self.pos[self.start : self.length]
         self.k, self.v, self.pos = new_k, new_v, new_pos
+        self.start, self.length = 0, live
+        return True
 
-    def _update_sliding(self, k, v, pos):
-        if self.k is not None:
-            k = torch.cat((self.k, k), dim=2)
-            v = torch.cat((self.v, v), dim=2)
-            pos = torch.cat((self.pos, pos))
-        keep = self.window - 1 + ROLLBACK
-        self.k, self.v, self.pos = k[:, :, -keep:], v[:, :, -keep:], pos[-keep:]
-        self.length = self.k.shape[2]
-        return k, v, pos
+    def advance(self, t: int) -> None:
+        """`t` entries were written after `length`: make them live (a sliding layer then keeps
+        only its last `keep`)."""
+        self.length += t
+        if self.window is not None:
+            self.start = max(self.start, self.length - self.keep)
 
     def truncate(self, n: int) -> bool:
         """Forget every entry at position >= n. False if what is left cannot serve a query at
         position n (a sliding cache that already dropped keys of that query's window)."""
-        if self.pos is None or self.length == 0:
+        if self.pos is None or self.length == self.start:
             return n == 0
-        kept = int((self.pos[: self.length] < n).sum())
+        kept = int((self.pos[self.start : self.length] < n).sum())
         if self.window is not None:
-            oldest = int(self.pos[0]) if kept else n
+            oldest = int(self.pos[self.start]) if kept else n
             if oldest > max(0, n - self.window + 1):
                 return False
-            self.k, self.v, self.pos = self.k[:, :, :kept], self.v[:, :, :kept], self.pos[:kept]
-        self.length = kept
+        self.length = self.start + kept
         return True
 
     def nbytes(self) -> int:
         if self.k is None:
             return 0
-        return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
+        return 2 * self.k[:, :, self.start : self.length].numel() * self.k.element_size()
 
     def copy(self, before: int) -> LayerKV:
         """An independent copy of the entries at positions < `before` (not of the spare capacity)."""
         out = LayerKV(self.window)
         if self.k is not None:
-            n = int((self.pos[: self.length] < before).sum())  # positions ascend: a prefix
-            out.k, out.v, out.pos = self.k[:, :, :n].clone(), self.v[:, :, :n].clone(), self.pos[:n].clone()
+            n = int((self.pos[self.start : self.length] < before).sum())  # positions ascend: a prefix
+            end = self.start + n
+            out.k, out.v = self.k[:, :, self.start : end].clone(), self.v[:, :, self.start : end].clone()
+            out.pos = self.pos[self.start : end].clone()
             out.length = n
         return out
 

@@ -346,8 +346,11 @@ def _remove_stale(out: Path) -> list[Path]:
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
     if removed:
-        warnings.warn(f"removed {len(removed)} unfinished output folder(s) of an earlier, killed write: "
-                      + ", ".join(d.name for d in removed), stacklevel=3)
+        warnings.warn(
+            f"removed {len(removed)} unfinished output folder(s) of an earlier, killed write: "
+            + ", ".join(d.name for d in removed),
+            stacklevel=3,
+        )
     return removed
 
 

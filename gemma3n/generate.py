@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .cache import Cache, PromptCache
+from .decode_step import decode_token, fused_step
 from .errors import CheckpointError, ConfigError, InputError
 from .text import LayerPlan, TextDecoder
 from .tokenizer import StreamingDetokenizer, Tokenizer, check_text
@@ -235,13 +236,25 @@ def prefill(
 
 @torch.inference_mode()
 def decode_one(
-    decoder: TextDecoder, token: int, cache: Cache, plan: LayerPlan, embed: EmbedFn | None = None
+    decoder: TextDecoder,
+    token: int,
+    cache: Cache,
+    plan: LayerPlan,
+    embed: EmbedFn | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """One generated token through the model; `embed` gives ids of the media vocabularies their
-    hard embeddings (the model's multimodal embedders), as the prompt's ids got them."""
+    hard embeddings (the model's multimodal embedders), as the prompt's ids got them. `fused`:
+    through the native one-call step (decode_step.py) where it applies, else the Python forward."""
     ids = torch.tensor([[token]], device=decoder.device)
+    embeds = embed(ids) if embed else None
+    step = fused_step(decoder, plan) if fused else None
+    if step is not None:
+        logits = decode_token(step, decoder, plan, token, cache, embeds)
+        if logits is not None:
+            return logits
     positions = torch.tensor([cache.offset], device=decoder.device)
-    hidden = decoder(ids, positions, plan=plan, cache=cache, inputs_embeds=embed(ids) if embed else None)
+    hidden = decoder(ids, positions, plan=plan, cache=cache, inputs_embeds=embeds)
     cache.offset += 1
     return decoder.lm_head(hidden[:, -1]).float()[0]
 
@@ -405,7 +418,7 @@ class GenerationResult:
     prompt_tokens: int
     stats: dict = field(default_factory=dict)
     logprobs: list | None = None  # TokenLogprob per generated token (logprobs=True)
-    prompt_logprobs: list | None = None  # per prompt token, None for the first (prompt_logprobs=True)
+    prompt_logprobs: list | None = None  # per prompt token, the first's logprob None (prompt_logprobs=True)
     tool_calls: list[dict] | None = None  # OpenAI-shaped calls parsed from the reply (tools=...)
     index: int = 0
 

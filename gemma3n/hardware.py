@@ -40,8 +40,21 @@ DTYPES = {
     "fp16": torch.float16,
 }
 # ISA extensions worth naming in a report, in the spelling of /proc/cpuinfo
-NOTABLE = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-           "amx_int8", "avx512_fp16", "asimd", "sve")
+NOTABLE = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "avx512_fp16",
+    "asimd",
+    "sve",
+)
 BF16_UNITS = ("avx512_bf16", "amx_bf16")
 
 

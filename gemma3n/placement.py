@@ -87,19 +87,12 @@ def load_text_decoder(
     decoder.requires_grad_(False)
     decoder.embed_tokens_per_layer = ple if ple is not None else ckpt.tensor(prefix + PLE_TABLE)  # host, mapped
     decoder.compute_dtype = choose_compute_dtype(device, decoder.dtype, compute_dtype)
-    if device.type == "cpu" and (qc is not None or _streams_half_weights(decoder)):
+    if device.type == "cpu":  # decode products and the fused decode step (built once per machine)
         kernels.get(build=True, notify=_notice)
     if qc is not None:
         for problem in q.self_check(decoder):
             warnings.warn(problem, stacklevel=2)
     return decoder
-
-
-def _streams_half_weights(decoder: TextDecoder) -> bool:
-    """Whether decode multiplies bf16 weights by fp32 activations (what the native kernels do)."""
-    return decoder.activation_dtype == torch.float32 and any(
-        p.dtype == torch.bfloat16 for p in decoder.parameters() if p.dim() == 2
-    )
 
 
 def _notice(message: str) -> None:

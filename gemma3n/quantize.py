@@ -411,8 +411,10 @@ def self_check(decoder: nn.Module) -> list[str]:
             x = torch.randn(m, w.shape[1], generator=gen)
             got, ref = qmatmul(x, part), x @ ref_w.t()
             if not bool(torch.isfinite(got).all()) or (got - ref).abs().max() > 1e-3 * (ref.abs().max() + 1e-6):
-                problems.append(f"{name}: the {'native' if kernels.loaded() else 'PyTorch'} int{w.bits} kernel "
-                                f"is off by {(got - ref).abs().max():.3g} on [{m}, {w.shape[1]}]")
+                problems.append(
+                    f"{name}: the {'native' if kernels.loaded() else 'PyTorch'} int{w.bits} kernel "
+                    f"is off by {(got - ref).abs().max():.3g} on [{m}, {w.shape[1]}]"
+                )
                 if kernels.loaded() is not None:
                     kernels.disable("it failed the load-time check on this CPU")
                 break

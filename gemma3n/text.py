@@ -331,6 +331,13 @@ class TextDecoder(nn.Module):
             out = out[:, :, list(plan.layers)]
         return out
 
+    def ple_row(self, token: int) -> torch.Tensor:
+        """One token's PLE row as stored (unscaled, [L*P]); ids outside the table use row 0 (§2.2)."""
+        table = self.embed_tokens_per_layer
+        assert table is not None, "the per-layer embedding table was not attached"
+        row = token if 0 <= token < table.shape[0] else 0
+        return table[torch.tensor([row])][0]
+
     def ple_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Gather the PLE rows of `ids` from the host table (ids outside it use row 0, §2.2)."""
         table = self.embed_tokens_per_layer

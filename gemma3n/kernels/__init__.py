@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).with_name("decode.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "decode.cpp", HERE / "step.cpp")  # the weight products; the fused decode step
+HEADERS = (HERE / "kernels.h",)
 ISA = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 
 _state: dict[str, object] = {}  # "module": ModuleType | None, "why": str
@@ -41,7 +43,9 @@ def cache_dir() -> Path:
 def _build_key() -> str:
     import torch
 
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for f in (*SOURCES, *HEADERS):
+        h.update(f.read_bytes())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sysconfig.get_platform()}".encode())
     return h.hexdigest()[:16]
 
@@ -50,8 +54,9 @@ def why_unavailable() -> str | None:
     """Why the kernels cannot be built here (None if they can be)."""
     if os.environ.get("GEMMA3N_NATIVE", "1") == "0":
         return "disabled by GEMMA3N_NATIVE=0"
-    if not SOURCE.exists():
-        return f"{SOURCE} is missing"
+    missing = [f.name for f in (*SOURCES, *HEADERS) if not f.exists()]
+    if missing:
+        return f"kernel sources missing: {', '.join(missing)}"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")):
         return "no C++ compiler on PATH"
     try:
@@ -121,7 +126,8 @@ def _compile(name: str, where: Path) -> ModuleType:
 
     return ext.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(f) for f in SOURCES],
+        extra_include_paths=[str(HERE)],
         extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(where),
@@ -138,4 +144,3 @@ def main() -> int:
         return 0
     print(f"gemma3n: native decode kernels ready ({module.isa_name(0)}, {time.perf_counter() - t:.1f} s)")
     return 0
-

@@ -25,7 +25,8 @@
 // bytes, low nibble = even column, with a bf16 (scale, zero) pair per group of g columns:
 // W = (q - 8) * scale + zero, so Σ_k W x = Σ_groups scale·Σ_k q x + (zero - 8·scale)·Σ_k x.
 
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -39,6 +40,7 @@
 #define GEMMA3N_X86 1
 #endif
 
+namespace gemma3n {
 namespace {
 
 constexpr int MAX_M = 8;  // activation rows per pass (more rows: several passes)
@@ -47,7 +49,6 @@ constexpr int MAX_M = 8;  // activation rows per pass (more rows: several passes
 constexpr int64_t FLUSH_STEPS = 128;
 
 enum Isa : int64_t { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3, AVX512_BF16 = 4 };
-enum Kind { BF16 = 0, INT8 = 1, INT4 = 2 };
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -102,6 +103,19 @@ void bf16_generic(const Job& j, int64_t i0, int64_t i1) {
       const float* x = xs + m * j.xld;
       float acc = 0.f;
       for (int64_t k = 0; k < j.K; ++k) acc += bf16_to_float(w[k]) * x[k];
+      j.y[m * j.N + i] = acc;
+    }
+  }
+}
+
+void f32_generic(const Job& j, int64_t i0, int64_t i1) {
+  const float* xs = static_cast<const float*>(j.x);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* w = static_cast<const float*>(j.w) + row_of(j, i) * j.ld;
+    for (int64_t m = 0; m < j.M; ++m) {
+      const float* x = xs + m * j.xld;
+      float acc = 0.f;
+      for (int64_t k = 0; k < j.K; ++k) acc += w[k] * x[k];
       j.y[m * j.N + i] = acc;
     }
   }
@@ -258,6 +272,61 @@ struct Bf16Avx2 {
       for (int m = 0; m < M; ++m) {
         float tail = 0.f;
         for (int64_t t = k; t < K; ++t) tail += bf16_to_float(wr[t]) * xs[m * j.xld + t];
+        j.y[m * j.N + i + r] = hsum256(acc[r][m]) + tail;
+      }
+    }
+  }
+};
+
+// --- fp32 weights (small models stored in fp32, such as the embedded one) ---------------------
+template <int R, int M>
+struct F32Avx512 {
+  TARGET_AVX512 static void block(const Job& j, int64_t i) {
+    const float* xs = static_cast<const float*>(j.x);
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 4, w);
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    const int64_t K = j.K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, xs + m * j.xld + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = _mm512_maskz_loadu_ps(mask, reinterpret_cast<const float*>(w[r]) + k);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) j.y[m * j.N + i + r] = _mm512_reduce_add_ps(acc[r][m]);
+  }
+};
+
+template <int R, int M>
+struct F32Avx2 {
+  TARGET_AVX2 static void block(const Job& j, int64_t i) {
+    const float* xs = static_cast<const float*>(j.x);
+    const uint8_t* w[R];
+    row_pointers<R>(j, i, 4, w);
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    const int64_t K = j.K, K8 = K & ~int64_t(7);
+    int64_t k = 0;
+    for (; k < K8; k += 8) {
+      __m256 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(xs + m * j.xld + k);
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = _mm256_loadu_ps(reinterpret_cast<const float*>(w[r]) + k);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* wr = reinterpret_cast<const float*>(w[r]);
+      for (int m = 0; m < M; ++m) {
+        float tail = 0.f;
+        for (int64_t t = k; t < K; ++t) tail += wr[t] * xs[m * j.xld + t];
         j.y[m * j.N + i + r] = hsum256(acc[r][m]) + tail;
       }
     }
@@ -521,13 +590,6 @@ int64_t best_isa() {
   return GENERIC;
 }
 
-int64_t resolve_isa(int64_t isa) {
-  const int64_t best = best_isa();
-  if (isa == AUTO) return best;
-  TORCH_CHECK(isa >= GENERIC && isa <= best, "gemma3n kernels: ISA level ", isa, " is not supported by this CPU");
-  return isa;
-}
-
 // Columns an int4 body handles in whole chunks (the rest 32 at a time): a chunk's lanes must
 // each fall in one group, so the group size must divide the chunk or be a multiple of it.
 int64_t int4_wide_columns(int64_t K, int64_t group, int64_t isa) {
@@ -577,6 +639,8 @@ RowFn pick_256(int64_t M) {
 
 RowFn pick(Kind kind, int64_t isa, int64_t M) {
 #ifdef GEMMA3N_X86
+  if (kind == F32 && isa >= AVX512) return pick_512<F32Avx512>(M);
+  if (kind == F32 && isa == AVX2) return pick_256<F32Avx2>(M);
   switch (isa) {
     case AVX512_BF16:
       return kind == BF16 ? pick_512<Bf16Dp>(M) : kind == INT8 ? pick_512<Int8Avx512>(M) : pick_512<Int4Avx512>(M);
@@ -590,47 +654,43 @@ RowFn pick(Kind kind, int64_t isa, int64_t M) {
   }
 #endif
   (void)M;
+  if (kind == F32) return f32_generic;
   return kind == BF16 ? bf16_generic : kind == INT8 ? int8_generic : int4_generic;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activations in the form a body multiplies (per call; the same for every row of the weight).
+// Activations in the form a body multiplies (per product; the same for every row of the weight),
+// in per-thread scratch that grows once and is reused.
 // ---------------------------------------------------------------------------------------------
 struct Prepared {
-  torch::Tensor x, xscale, xsum;
+  const void* x;
   int64_t xld;
+  const float* xscale;
+  const float* xsum;
 };
 
-Prepared prepare_x(const torch::Tensor& xf, Kind kind, int64_t isa, int64_t group) {
-  const int64_t M = xf.size(0), K = xf.size(1);
-  const float* src = xf.data_ptr<float>();
-  Prepared p;
-  if (isa == GENERIC || (kind == BF16 && isa != AVX512_BF16)) {  // fp32 as given
-    p.x = xf;
-    p.xld = K;
-    return p;
-  }
+Prepared prepare_x(const float* src, int64_t M, int64_t K, Kind kind, int64_t isa, int64_t group) {
+  if (isa == GENERIC || kind == F32 || (kind == BF16 && isa != AVX512_BF16)) return {src, K, nullptr, nullptr};
   const int64_t xld = (K + 31) / 32 * 32;  // zero-padded: a tail step may read a whole vector
-  p.xld = xld;
   if (kind == BF16) {  // AVX512-BF16: rounded to bf16
-    p.x = torch::zeros({M, xld}, torch::dtype(torch::kBFloat16));
-    uint16_t* dst = reinterpret_cast<uint16_t*>(p.x.data_ptr());
+    thread_local std::vector<uint16_t> xb;
+    xb.assign(M * xld, 0);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) dst[m * xld + k] = float_to_bf16(src[m * K + k]);
-    return p;
+      for (int64_t k = 0; k < K; ++k) xb[m * xld + k] = float_to_bf16(src[m * K + k]);
+    return {xb.data(), xld, nullptr, nullptr};
   }
   // int16 per row (int4: laid out as its body reads the codes, see Int4Avx512) and, for int4, the
   // zero-point coefficients [-8·Σx_g, Σx_g] per group from the quantized x, so that the result is
   // exactly dequant(W)·x_q up to summation order. Plain loops the compiler vectorizes: this runs
   // once per product, and a libm rounding call per element cost more than a small product itself.
-  p.x = torch::zeros({M, xld}, torch::dtype(torch::kInt16));
-  p.xscale = torch::empty({M}, torch::dtype(torch::kFloat32));
-  int16_t* dst = p.x.data_ptr<int16_t>();
-  float* scale = p.xscale.data_ptr<float>();
+  thread_local std::vector<int16_t> xi, q;
+  thread_local std::vector<float> scale, coef;
+  xi.assign(M * xld, 0);
+  scale.resize(M);
   const int64_t chunk = isa >= AVX512 ? 128 : 64, kwide = kind == INT4 ? int4_wide_columns(K, group, isa) : 0;
   const int64_t groups = kind == INT4 ? K / group : 0;
-  if (kind == INT4) p.xsum = torch::empty({M, 2 * groups}, torch::dtype(torch::kFloat32));
-  std::vector<int16_t> q(kind == INT4 ? K : 0);
+  coef.resize(M * 2 * groups);
+  q.resize(kind == INT4 ? K : 0);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = src + m * K;
     float amax = 0.f;
@@ -640,10 +700,10 @@ Prepared prepare_x(const torch::Tensor& xf, Kind kind, int64_t isa, int64_t grou
     }
     scale[m] = amax > 0.f && std::isfinite(amax) ? amax / 32767.f : 1.f;
     const float inv = 1.f / scale[m];
-    int16_t* out = kind == INT8 ? dst + m * xld : q.data();
+    int16_t* out = kind == INT8 ? xi.data() + m * xld : q.data();
     for (int64_t k = 0; k < K; ++k) out[k] = quantize_int16(row[k] * inv);
     if (kind == INT8) continue;
-    int16_t* laid = dst + m * xld;
+    int16_t* laid = xi.data() + m * xld;
     for (int64_t c = 0; c < kwide; c += chunk)  // column c + 4t + j goes to c + j·(chunk/4) + t
       for (int64_t t = 0; t < chunk / 4; ++t)
         for (int64_t j = 0; j < 4; ++j) laid[c + j * (chunk / 4) + t] = q[c + 4 * t + j];
@@ -652,40 +712,28 @@ Prepared prepare_x(const torch::Tensor& xf, Kind kind, int64_t isa, int64_t grou
         laid[c + t] = q[c + 2 * t];
         laid[c + 16 + t] = q[c + 2 * t + 1];
       }
-    float* coef = p.xsum.data_ptr<float>() + m * 2 * groups;
     for (int64_t g = 0; g < groups; ++g) {
       int32_t sum = 0;  // |q| < 2^15, a group < 2^16 columns
       for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[k];
-      coef[2 * g] = -8.f * static_cast<float>(sum) * scale[m];
-      coef[2 * g + 1] = static_cast<float>(sum) * scale[m];
+      coef[m * 2 * groups + 2 * g] = -8.f * static_cast<float>(sum) * scale[m];
+      coef[m * 2 * groups + 2 * g + 1] = static_cast<float>(sum) * scale[m];
     }
   }
-  return p;
+  return {xi.data(), xld, scale.data(), kind == INT4 ? coef.data() : nullptr};
 }
 
-// Runs `job` over its N outputs, MAX_M activation rows per pass, in chunks of about 256 KiB of
-// weights per task.
-void run(Job job, const torch::Tensor& xf, Kind kind, int64_t isa, int64_t row_bytes) {
-  const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_bytes));
-  const int64_t M = xf.size(0);
-  for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-    const auto part_x = xf.slice(0, m0, std::min<int64_t>(M, m0 + MAX_M));
-    const Prepared p = prepare_x(part_x, kind, isa, job.group);
-    Job part = job;
-    part.M = part_x.size(0);
-    part.x = p.x.data_ptr();
-    part.xld = p.xld;
-    part.xscale = p.xscale.defined() ? p.xscale.data_ptr<float>() : nullptr;
-    part.xsum = p.xsum.defined() ? p.xsum.data_ptr<float>() : nullptr;  // already per part
-    part.y = job.y + m0 * job.N;
-    part.kwide = kind == INT4 ? int4_wide_columns(job.K, job.group, isa) : 0;
-    const RowFn fn = pick(kind, isa, part.M);
-    at::parallel_for(0, job.N, grain, [&](int64_t a, int64_t b) { fn(part, a, b); });
+int64_t row_bytes(Kind kind, int64_t K) {
+  switch (kind) {
+    case F32: return 4 * K;
+    case BF16: return 2 * K;
+    case INT8: return K;
+    default: return K / 2;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks: a kernel reads raw memory, so every shape, stride and index is checked here.
+// Argument checks for the Python entry points: a kernel reads raw memory, so every shape, stride
+// and index is checked here (the fused step checks its weights once, when it is built).
 // ---------------------------------------------------------------------------------------------
 torch::Tensor checked_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "gemma3n kernels: x must be [M, ", K, "], got ", x.sizes());
@@ -713,38 +761,33 @@ std::pair<const int64_t*, int64_t> checked_rows(const c10::optional<torch::Tenso
   return {idx, keep.numel()};
 }
 
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> rows, int64_t isa) {
-  check_weight(w, torch::kBFloat16, "bf16 weight");
-  const int64_t K = w.size(1);
+torch::Tensor call(const Weight& w, int64_t n_rows, int64_t K, const torch::Tensor& x,
+                   const c10::optional<torch::Tensor>& rows, int64_t isa) {
   auto xf = checked_x(x, K);
   torch::Tensor keep;
-  auto [row_ptr, N] = checked_rows(rows, w.size(0), keep);
+  auto [row_ptr, N] = checked_rows(rows, n_rows, keep);
   auto y = torch::empty({xf.size(0), N}, xf.options());
-  if (N == 0 || xf.size(0) == 0) return y;
-  if (K == 0) return y.zero_();
-  Job j{w.data_ptr(), w.stride(0), nullptr, 0, row_ptr, nullptr, 0, nullptr, nullptr, 0, K, 0,
-        y.data_ptr<float>(), N};
-  run(j, xf, BF16, resolve_isa(isa), K * 2);
+  product(w, xf.data_ptr<float>(), xf.size(0), K, y.data_ptr<float>(), row_ptr, N, resolve_isa(isa));
   return y;
+}
+
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> rows, int64_t isa) {
+  check_weight(w, torch::kFloat32, "fp32 weight");
+  return call({F32, w.data_ptr(), w.stride(0)}, w.size(0), w.size(1), x, rows, isa);
+}
+
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> rows, int64_t isa) {
+  check_weight(w, torch::kBFloat16, "bf16 weight");
+  return call({BF16, w.data_ptr(), w.stride(0)}, w.size(0), w.size(1), x, rows, isa);
 }
 
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> rows,
                           int64_t isa) {
   check_weight(q, torch::kInt8, "int8 weight");
-  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.dim() == 1 && scale.size(0) == q.size(0),
+  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.dim() == 1 && scale.size(0) == q.size(0) &&
+                  scale.stride(0) == 1,
               "gemma3n kernels: int8 scales must be bf16 [", q.size(0), "]");
-  auto s = scale.contiguous();
-  const int64_t K = q.size(1);
-  auto xf = checked_x(x, K);
-  torch::Tensor keep;
-  auto [row_ptr, N] = checked_rows(rows, q.size(0), keep);
-  auto y = torch::empty({xf.size(0), N}, xf.options());
-  if (N == 0 || xf.size(0) == 0) return y;
-  if (K == 0) return y.zero_();
-  Job j{q.data_ptr(), q.stride(0), s.data_ptr(), 0, row_ptr, nullptr, 0, nullptr, nullptr, 0, K, 0,
-        y.data_ptr<float>(), N};
-  run(j, xf, INT8, resolve_isa(isa), K);
-  return y;
+  return call({INT8, q.data_ptr(), q.stride(0), scale.data_ptr()}, q.size(0), q.size(1), x, rows, isa);
 }
 
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group,
@@ -756,16 +799,8 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor sz, in
   TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.dim() == 3 && sz.size(0) == q.size(0) &&
                   sz.size(1) == K / group && sz.size(2) == 2 && sz.stride(2) == 1 && sz.stride(1) == 2,
               "gemma3n kernels: int4 scales must be bf16 [", q.size(0), ", ", K / group, ", 2], got ", sz.sizes());
-  auto xf = checked_x(x, K);
-  torch::Tensor keep;
-  auto [row_ptr, N] = checked_rows(rows, q.size(0), keep);
-  auto y = torch::empty({xf.size(0), N}, xf.options());
-  if (N == 0 || xf.size(0) == 0) return y;
-  if (K == 0) return y.zero_();
-  Job j{q.data_ptr(), q.stride(0), sz.data_ptr(), sz.stride(0) / 2, row_ptr, nullptr, 0, nullptr, nullptr, 0, K,
-        group, y.data_ptr<float>(), N};
-  run(j, xf, INT4, resolve_isa(isa), K / 2);
-  return y;
+  return call({INT4, q.data_ptr(), q.stride(0), sz.data_ptr(), sz.stride(0) / 2, group}, q.size(0), K, x, rows,
+              isa);
 }
 
 std::string isa_name(int64_t isa) {
@@ -779,8 +814,39 @@ std::string isa_name(int64_t isa) {
 
 }  // namespace
 
+int64_t resolve_isa(int64_t isa) {
+  const int64_t best = best_isa();
+  if (isa == AUTO) return best;
+  TORCH_CHECK(isa >= GENERIC && isa <= best, "gemma3n kernels: ISA level ", isa, " is not supported by this CPU");
+  return isa;
+}
+
+// MAX_M activation rows per pass, the N outputs split into tasks of about 256 KiB of weights.
+void product(const Weight& w, const float* x, int64_t M, int64_t K, float* y, const int64_t* rows, int64_t N,
+             int64_t isa) {
+  if (N == 0 || M == 0) return;
+  if (K == 0) {
+    std::fill(y, y + M * N, 0.f);
+    return;
+  }
+  isa = resolve_isa(isa);
+  const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_bytes(w.kind, K)));
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+    const int64_t part_m = std::min<int64_t>(MAX_M, M - m0);
+    const Prepared p = prepare_x(x + m0 * K, part_m, K, w.kind, isa, w.group);
+    Job part{w.data, w.ld, w.scale, w.sld, rows, p.x, p.xld, p.xscale, p.xsum, part_m, K, w.group, y + m0 * N, N,
+             w.kind == INT4 ? int4_wide_columns(K, w.group, isa) : 0};
+    const RowFn fn = pick(w.kind, isa, part_m);
+    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { fn(part, a, b); });
+  }
+}
+
+}  // namespace gemma3n
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace gemma3n;
   m.doc() = "gemma3n decode kernels: weight-streaming y = x W^T for bf16, int8 and int4 weights";
+  m.def("linear_f32", &linear_f32, "y [M, N] = x [M, K] @ W[rows]^T, W fp32 (strided view)");
   m.def("linear_bf16", &linear_bf16, "y [M, N] fp32 = x [M, K] @ W[rows]^T, W bf16 (strided view)");
   m.def("linear_int8", &linear_int8, "y = x @ (q * scale[:, None])[rows]^T, q int8, one bf16 scale per row");
   m.def("linear_int4", &linear_int4, "y = x @ dequant_int4(q, sz)[rows]^T, groups of `group` input columns");
@@ -789,9 +855,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "activation_form",
       [](const std::string& kind, int64_t isa) -> std::string {
         const int64_t level = resolve_isa(isa);
-        if (level == GENERIC) return "fp32";
+        if (level == GENERIC || kind == "f32") return "fp32";
         if (kind == "bf16") return level == AVX512_BF16 ? "bf16" : "fp32";
         return "int16";
       },
       "how a body at this level sees x: fp32 as given, rounded to bf16, or int16 with a per-row scale");
+  register_step(m);
 }

@@ -1,0 +1,125 @@
+"""The fused decode step (gemma3n/decode_step.py, kernels/step.cpp) against the Python forward:
+the same logits and the same cache for every decoded token, on every kind of weight, plan,
+sliding window and shared K/V it handles; a clean fallback where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma3n
+from gemma3n import kernels
+from gemma3n.cache import Cache
+from gemma3n.decode_step import fused_step
+from gemma3n.generate import decode_one, prefill
+from tests.conftest import make_hf_text_model, save_text_checkpoint
+
+pytestmark = pytest.mark.skipif(kernels.why_unavailable() is not None, reason="native kernels unavailable")
+
+
+def _decode_both(model, prompt: list[int], steps: int, size=None, feed: list[int] | None = None):
+    """Logits of `steps` tokens decoded after `prompt`, fused and Python, fed the same tokens
+    (the Python path's greedy choices, or `feed`), and the two caches at the end."""
+    plan = model.plan(size)
+    assert fused_step(model.decoder, plan) is not None, "the fused step should apply here"
+    runs = {}
+    for fused in (False, True):
+        cache = Cache(plan.config, plan.key)
+        logits = prefill(model.decoder, torch.tensor([prompt]), cache, plan)
+        out, tokens = [], []
+        for i in range(steps):
+            token = feed[i] if feed is not None else int(logits.argmax()) if not fused else runs[False][2][i]
+            tokens.append(token)
+            logits = decode_one(model.decoder, token, cache, plan, fused=fused)
+            out.append(logits)
+        runs[fused] = (torch.stack(out), cache, tokens)
+    return runs[False], runs[True]
+
+
+# The two paths run the same products and ATen operations but normalize with their own loops,
+# so they differ in the last bits; a random model amplifies that ~10-100x over its layers.
+FP32 = 1e-4
+
+
+def _bf16_tol() -> float:
+    """Where the native bf16 body rounds x to bf16 (BF16 dot products), a last-bit difference can
+    flip a rounding: bf16-close, as test_core_parity allows for decode."""
+    return FP32 if kernels.get().activation_form("bf16", 0) == "fp32" else 2e-2
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _same_cache(a: Cache, b: Cache, tol: float) -> None:
+    assert a.offset == b.offset and a.layers.keys() == b.layers.keys()
+    for j in a.layers:
+        x, y = a.layers[j], b.layers[j]
+        assert (x.start, x.length) == (y.start, y.length), j
+        assert torch.equal(x.pos[x.start : x.length], y.pos[y.start : y.length])
+        for t, u in ((x.k, y.k), (x.v, y.v)):
+            assert _rel(t[:, :, x.start : x.length], u[:, :, y.start : y.length]) <= tol, j
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The parity config (every feature: AltUp, LAuReL, PLE, sparsity, KV sharing with sliding
+    and global sources, window 8), fp32."""
+    return gemma3n.load(save_text_checkpoint(make_hf_text_model(), tmp_path_factory.mktemp("fp32")))
+
+
+def test_fp32_matches_python_forward_past_the_window(small):
+    """40 decoded tokens after 12: far past the sliding window (8) and its rollback margin, so
+    the sliding caches move their entries; every token's logits and the final caches agree."""
+    (ref, ref_cache, _), (got, got_cache, _) = _decode_both(small, list(range(3, 15)), 40 + 64)
+    assert _rel(got, ref) <= FP32
+    _same_cache(got_cache, ref_cache, FP32)
+
+
+def test_bf16_weights(tmp_path):
+    """bf16-stored weights with fp32 activations: the same native products on both paths."""
+    model = gemma3n.load(save_text_checkpoint(make_hf_text_model(seed=1).to(torch.bfloat16), tmp_path / "bf16"))
+    (ref, _, _), (got, _, _) = _decode_both(model, list(range(5, 25)), 12)
+    assert _rel(got, ref) <= _bf16_tol()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4:32"])
+def test_quantized_weights(tiny_model_dir, scheme):
+    model = gemma3n.load(tiny_model_dir, quantize=scheme)
+    prompt = model.tokenizer.encode("And God said, Let there be light")
+    (ref, _, _), (got, _, _) = _decode_both(model, prompt, 10)
+    assert _rel(got, ref) <= FP32
+
+
+@pytest.mark.parametrize("size", ["E2B-like", "skip-5-9-half-ffn-10-14"])
+def test_matformer_views_of_the_embedded_model(tiny_model_dir, size):
+    """Declared sizes that skip layers and narrow FFNs: each plan gets its own step."""
+    model = gemma3n.load(tiny_model_dir)
+    assert size in model.sizes()
+    prompt = model.tokenizer.encode("In the beginning God created")
+    (ref, _, tokens), (got, _, _) = _decode_both(model, prompt, 16, size=size)
+    assert _rel(got, ref) <= FP32
+    assert [int(t) for t in got.argmax(-1)] == [int(t) for t in ref.argmax(-1)]
+
+
+def test_generate_text_is_unchanged(tiny_model_dir, monkeypatch):
+    """Greedy generation through the public API gives the same tokens with and without it."""
+    model = gemma3n.load(tiny_model_dir)
+    fused = model.generate(prompt="Who made the heaven and the earth?", max_tokens=24, temperature=0)
+    import gemma3n.generate as gen
+
+    original = gen.decode_one
+    monkeypatch.setattr(gen, "decode_one", lambda *a, **k: original(*a, **{**k, "fused": False}))
+    python = model.generate(prompt="Who made the heaven and the earth?", max_tokens=24, temperature=0)
+    assert fused.token_ids == python.token_ids
+
+
+def test_not_applicable_falls_back(tiny_model_dir, monkeypatch):
+    """bf16 activations (a compute dtype the step does not run) and no native kernels: None,
+    and decoding still works through the Python forward."""
+    model = gemma3n.load(tiny_model_dir, compute_dtype="bfloat16")
+    assert fused_step(model.decoder, model.plan()) is None
+    assert model.generate(prompt="And", max_tokens=3, temperature=0).token_ids
+    plain = gemma3n.load(tiny_model_dir)
+    monkeypatch.setattr(kernels, "loaded", lambda: None)
+    assert fused_step(plain.decoder, plain.plan("E2B-like")) is None
