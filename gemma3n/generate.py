@@ -395,7 +395,7 @@ class TextPiece(str):
     finish_reason: str | None = None
     token_ids: list[int]
     logprobs: list | None = None  # TokenLogprob of each of token_ids, when asked for
-    index: int = 0  # which of n continuations it belongs to
+    choice: int = 0  # which of n continuations it belongs to (str.index is a method)
     prompt_logprobs: list | None = None  # on a continuation's first piece, when asked for
     prompt_tokens: int = 0
     generated_tokens: int = 0

@@ -19,7 +19,7 @@ class TokenLogprob:
     token_id: int
     token: str  # its text; a piece of a multi-byte character shows U+FFFD, `bytes` has it whole
     bytes: bytes
-    logprob: float
+    logprob: float | None  # None: the prompt's first token, which nothing predicts
     top: list[TokenLogprob] = field(default_factory=list)  # the most likely tokens at this step
 
 
@@ -30,7 +30,7 @@ class TokenTable:
     def __init__(self, byte_tokenizer: Any) -> None:
         self._tok = byte_tokenizer
 
-    def entry(self, token_id: int, logprob: float) -> TokenLogprob:
+    def entry(self, token_id: int, logprob: float | None) -> TokenLogprob:
         raw = self._tok.decode_bytes([token_id])
         return TokenLogprob(token_id, raw.decode("utf-8", "replace"), raw, logprob)
 
@@ -77,12 +77,12 @@ class LogprobRecorder:
 
 class PromptScorer:
     """Collects each prompt token's entry from prefill's logits: row p predicts token p + 1, so
-    the first token has none (OpenAI's `null`) and the last row (the first generated token) is
-    not the prompt's."""
+    the first token's logprob is None (OpenAI's `null`) and the last row (the first generated
+    token) is not the prompt's."""
 
     def __init__(self, table: TokenTable, prompt_ids: list[int], top: int) -> None:
         self.table, self.ids, self.top = table, torch.tensor(prompt_ids), top
-        self.entries: list[TokenLogprob | None] = [None]
+        self.entries: list[TokenLogprob] = [table.entry(prompt_ids[0], None)]
 
     def __call__(self, logits: torch.Tensor, start: int) -> None:
         """Logits [t, V] of prompt positions start .. start + t - 1."""

@@ -33,10 +33,10 @@ from .matformer import read_declared_sizes
 from .multimodal import Towers, merge_embeddings
 from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
 from .processing import Processor, PromptInputs
-from .structured import GrammarConstraint, SchemaError, byte_tokenizer, compile_schema, constrained, json_schema_of
+from .structured import GrammarConstraint, byte_tokenizer, constrained
 from .text import LayerPlan
 from .tokenizer import Tokenizer
-from .tools import call_schema, check_tools, parse_calls, render_messages
+from .tools import check_tools, parse_calls, reply_form
 
 DEFAULT_MODEL = Path(__file__).parent / "data" / "tiny"
 
@@ -214,7 +214,7 @@ class Model:
         or named call constrains the reply. `logprobs` / `top_logprobs`: each piece's tokens'
         log-probabilities (`piece.logprobs`); `prompt_logprobs`: the prompt tokens' (on each
         choice's first piece; `max_tokens` may then be 0). `n`: continuations of one prefill,
-        seeded seed, seed + 1, ...; each piece says its `index`, in order 0, 1, ..."""
+        seeded seed, seed + 1, ...; each piece says its `choice`, in order 0, 1, ..."""
         max_tokens = _check_max_tokens(max_tokens, prompt_logprobs)
         n = _check_n(n)
         top_logprobs = check_top_logprobs(top_logprobs)
@@ -228,7 +228,7 @@ class Model:
             seed=seed,
         )
         stops = check_stops(stop)
-        messages, grammar = self._reply_form(messages, response_format, tools, tool_choice)
+        messages, grammar = reply_form(messages, response_format, tools, tool_choice)
         plan = self.plan(size)
         inputs, embeds = self.prepare(prompt, messages, image_size)
         scorer = PromptScorer(self.token_table, inputs.ids, top_logprobs) if prompt_logprobs else None
@@ -259,24 +259,6 @@ class Model:
             )
             yield from _annotate(pieces, i, recorder, scorer)
 
-    def _reply_form(
-        self, messages: list[dict] | None, response_format: Any, tools: Any, tool_choice: Any
-    ) -> tuple[list[dict] | None, str | None]:
-        """Messages with tools and tool turns rendered, and the grammar the reply must follow."""
-        functions = check_tools(tools)
-        if tool_choice is not None and not functions:
-            raise SchemaError("tool_choice needs tools", param="tool_choice")
-        if functions and messages is None:
-            raise SchemaError("tools need a chat (messages), not a raw prompt", param="tools")
-        call = call_schema(functions, tool_choice) if functions else None
-        schema = json_schema_of(response_format)
-        if call is not None and schema is not None:
-            raise SchemaError("a required tool call and response_format both decide the reply: send one of them")
-        if messages is not None:
-            messages = render_messages(messages, functions, tool_choice)
-        target = call if call is not None else schema
-        return messages, None if target is None else compile_schema(target)
-
     @functools.cached_property
     def byte_tokenizer(self) -> Any:
         """llguidance's tokenizer for this model (grammar masks, token bytes); built on first use."""
@@ -292,7 +274,7 @@ class Model:
         makes (finish_reason "tool_calls")."""
         results: dict[int, GenerationResult] = {}
         for piece in self.stream(prompt, **kwargs):
-            result = results.setdefault(piece.index, GenerationResult("", [], "", 0, index=piece.index))
+            result = results.setdefault(piece.choice, GenerationResult("", [], "", 0, index=piece.choice))
             result.text += str(piece)
             result.token_ids.extend(piece.token_ids)
             if piece.logprobs is not None:
@@ -341,7 +323,7 @@ def _annotate(
     first, the prompt's."""
     done = 0
     for k, piece in enumerate(pieces):
-        piece.index = index
+        piece.choice = index
         if recorder is not None:
             piece.logprobs = recorder.entries[done : done + len(piece.token_ids)]
             done += len(piece.token_ids)

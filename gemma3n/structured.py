@@ -31,9 +31,9 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 class SchemaError(InputError):
     """A response_format or schema that cannot be enforced; `param` names the request field."""
 
-    def __init__(self, message: str, param: str = "response_format") -> None:
+    def __init__(self, message: str, param: str = "response_format", code: str = "invalid_schema") -> None:
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 def json_schema_of(response_format: Any) -> dict[str, Any] | None:
@@ -89,7 +89,8 @@ def _grammar(schema_json: str) -> str:
             "(constrained decoding covers types, enum/const, anyOf/oneOf/allOf, $ref/$defs, properties, "
             "required, additionalProperties, patternProperties, items/prefixItems, min/max items, lengths "
             "and values, multipleOf, pattern and format; not uniqueItems, contains, not, if/then/else, "
-            "propertyNames or dependentRequired)"
+            "propertyNames or dependentRequired)",
+            code="unsupported_schema_feature",
         )
     return grammar
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .structured import SchemaError, closed_objects
+from .structured import SchemaError, closed_objects, compile_schema, json_schema_of
 
 INSTRUCTION = (
     "You have access to functions. If you decide to invoke any of the function(s), you MUST put it in the format of\n"
@@ -94,6 +94,30 @@ def call_schema(functions: list[dict[str, Any]], tool_choice: Any) -> dict[str, 
         for f in chosen
     ]
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def reply_form(
+    messages: list[dict[str, Any]] | None, response_format: Any, tools: Any, tool_choice: Any
+) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """Messages with tools and tool turns rendered, and the grammar the reply must follow (None:
+    free text). SchemaError names the request field that cannot be served."""
+    functions = check_tools(tools)
+    if tool_choice is not None and not functions:
+        raise SchemaError("tool_choice needs tools", param="tool_choice")
+    if functions and messages is None:
+        raise SchemaError("tools need a chat (messages), not a raw prompt", param="tools")
+    call = call_schema(functions, tool_choice) if functions else None
+    schema = json_schema_of(response_format)
+    if call is not None and schema is not None:
+        raise SchemaError("a required tool call and response_format both decide the reply: send one of them")
+    if messages is not None:
+        messages = render_messages(messages, functions, tool_choice)
+    if call is None:
+        return messages, None if schema is None else compile_schema(schema)
+    try:
+        return messages, compile_schema(call)
+    except SchemaError as exc:  # a function's parameters: the tools field is at fault
+        raise SchemaError(str(exc).replace("response_format:", "tools:", 1), param="tools", code=exc.code) from None
 
 
 def render_messages(

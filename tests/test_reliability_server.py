@@ -1,6 +1,6 @@
 """The server never answers 500 for what a client sent: every malformed body is a 4xx in
 OpenAI's error shape, refused before it reaches the model (deep nesting, oversized bodies,
-text that is not Unicode, non-finite numbers, wrong types, structured output it cannot do)."""
+text that is not Unicode, non-finite numbers, wrong types, schemas and tools it cannot enforce)."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def test_non_finite_sampling_parameters_are_400(client, fake, field, literal):
     [
         ({"messages": "hi"}, "messages"),
         ({"messages": [1]}, "messages[0]"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]},
@@ -258,27 +258,68 @@ def test_wrong_completion_prompts_are_400(client, fake, body):
     _untouched(fake, before)
 
 
-# --- structured output: refused until it is implemented --------------------------------------------
+# --- structured output: what cannot be enforced is refused, never ignored --------------------------
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize(
-    "fmt",
-    [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}],
-    ids=["json_object", "json_schema"],
+    "fmt,match",
+    [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+            "uniqueItems",
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}, '"not"'),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}, "Invalid type"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}},
+            "does not exist",
+        ),
+    ],
+    ids=["uniqueItems", "not", "bad-type", "dangling-ref"],
 )
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-def test_json_response_formats_are_refused_not_ignored(client, fake, fmt, stream, path):
+def test_unenforceable_schemas_are_400_naming_the_feature(client, fake, fmt, match, stream, path):
     body = {**(CHAT if "chat" in path else {"prompt": "hi", "max_tokens": 2}), "response_format": fmt, "stream": stream}
     before = len(fake.calls)
-    err = _assert_error(
-        _post(client, json.dumps(body).encode(), path),
-        400,
-        "unsupported_response_format",
-        param="response_format",
-        match=f"{fmt['type']}' is not implemented yet",
-    )
-    assert "text" in err["message"]  # says what does work
+    err = _assert_error(_post(client, json.dumps(body).encode(), path), 400, param="response_format", match=match)
+    assert err["code"] in ("unsupported_schema_feature", "invalid_schema")
+    _untouched(fake, before)
+
+
+@pytest.mark.parametrize(
+    "fields,param,match",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0]", "letters, digits"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties":
+          {"x": {"type": "array", "contains": {"type": "integer"}}}}}}], "tool_choice": "required"},
+         "tools", "contains"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+          "function": {"name": "g"}}}, "tool_choice", "not among the tools"),
+        ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", ""),
+        ({"n": 0}, "n", ""),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "call_1"}]}, "messages[0].role", "tool call"),
+    ],
+    ids=["tool-name", "tool-schema", "choice-without-tools", "choice-unknown", "top-without-logprobs", "top-21", "n-0",
+         "orphan-tool-result"],
+)  # fmt: skip
+def test_bad_tools_logprobs_and_n_are_400(client, fake, fields, param, match):
+    before = len(fake.calls)
+    _assert_error(_post(client, _with(**fields)), 400, param=param, match=match)
+    _untouched(fake, before)
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [({"prompt": "hi", "max_tokens": 0}, "max_tokens"), ({"prompt": "hi", "suffix": "x"}, "suffix"),
+     ({"prompt": ["a"] * 65}, "prompt"), ({"prompt": "hi", "logprobs": 21}, "logprobs")],
+    ids=["zero-without-echo", "suffix", "too-many-prompts", "logprobs-21"],
+)  # fmt: skip
+def test_bad_completion_options_are_400(client, fake, body, param):
+    before = len(fake.calls)
+    _assert_error(_post(client, json.dumps(body).encode(), "/v1/completions"), 400, param=param)
     _untouched(fake, before)
 
 

@@ -251,11 +251,11 @@ def test_remote_image_url_refused(client):
         (b"[1, 2]", None),
         (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
         (b'{"messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
-        (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "n": 17}', "n"),
         (b'{"messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', "seed"),
         (b'{"messages": [{"role": "user", "content": [{"type": "video"}]}]}', "messages[0].content[0].type"),
         (b'{"messages": [{"role": "user", "content": "raise-input-error"}]}', None),
-        (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', "tools"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', "tools[0]"),
     ],
 )
 def test_bad_requests_get_openai_400(server, body, param):
@@ -391,3 +391,32 @@ def test_cli_serve_binds_loopback_by_default(monkeypatch):
     assert (a.host, a.port, a.api_key, a.model) == ("127.0.0.1", 8000, None, None)
     a = build_parser().parse_args(["serve", "-m", "ckpt", "--api-key", "k", "--port", "9000"])
     assert (a.model, a.api_key, a.port) == ("ckpt", "k", 9000)
+
+
+CALL = '{"name": "lookup", "parameters": {"word": "x"}}'
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_auto_tool_choice_reads_a_reply_in_call_form(client, stream):
+    """With tool_choice auto the model decides; a reply spelled as a call becomes tool_calls,
+    anything else stays content (the fake echoes the user's text)."""
+    for text, is_call in ((CALL, True), ("no call here", False)):
+        kw = dict(model="gemma3n-fake", messages=[{"role": "user", "content": text}], tools=[LOOKUP])
+        kw["max_tokens"] = len(text.split())
+        if stream:
+            chunks = list(client.chat.completions.create(**kw, stream=True))
+            deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = chunks[-1].choices[0].finish_reason
+            args = "".join(d.function.arguments or "" for d in deltas)
+        else:
+            message = client.chat.completions.create(**kw).choices[0]
+            finish, content = message.finish_reason, message.message.content
+            deltas = message.message.tool_calls or []
+            args = deltas[0].function.arguments if deltas else ""
+        if is_call:
+            assert finish == "tool_calls" and not content and deltas[0].function.name == "lookup"
+            assert json.loads(args) == {"word": "x"}
+        else:
+            assert content == text and not deltas and finish == "length"

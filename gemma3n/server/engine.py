@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,6 +16,7 @@ from gemma3n.cache import PromptCache
 from .schemas import APIError
 
 _POLL_S = 0.25  # how often a waiting request checks whether its client went away
+Work = Callable[[Any, "PromptCache | None"], Iterator[Any]]  # (model, prompt cache) -> events
 
 _END = object()
 
@@ -53,7 +55,8 @@ class _Engine:
     def admitted(self) -> int:
         return len(self._jobs)
 
-    def submit(self, kwargs: dict[str, Any]) -> _Job:
+    def submit(self, work: Work) -> _Job:
+        """Queue `work(model, prompt_cache)`, an iterator of events run on the worker thread."""
         job = _Job(asyncio.get_running_loop())
         with self._lock:
             if len(self._jobs) >= self.max_queue:
@@ -64,21 +67,23 @@ class _Engine:
                     code="server_busy",
                 )
             self._jobs.add(job)
-        self._executor.submit(self._run, job, kwargs)
+        self._executor.submit(self._run, job, work)
         return job
 
-    def _run(self, job: _Job, kwargs: dict[str, Any]) -> None:
+    def _run(self, job: _Job, work: Work) -> None:
         try:
             if job.cancelled.is_set():  # its client left while it waited
                 return
-            pieces = self.model.stream(**kwargs, prompt_cache=self._prompt_cache)
+            pieces = work(self.model, self._prompt_cache)
             try:
                 for piece in pieces:
                     job.emit(piece)
                     if job.cancelled.is_set():
                         break
             finally:
-                pieces.close()  # stops generation early when the client went away
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()  # stops generation early when the client went away
         except Exception as exc:
             job.emit(exc)
         finally:

@@ -6,8 +6,8 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, closing
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -16,19 +16,23 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import _END, _ClientGone, _Engine, _next_event
+from gemma3n.cache import PromptCache
+from gemma3n.tools import call_schema, check_tools
+
+from .engine import _END, Work, _ClientGone, _Engine, _next_event
 from .schemas import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    _completion_prompt,
+    _completion_prompts,
     _convert_messages,
     _from_exception,
     _Sampling,
     _validation_error,
+    check_reply_form,
     parse_body,
 )
-from .streaming import _JobStream, _stream, _Tally
+from .streaming import ChoiceSet, _JobStream, sse_stream
 
 log = logging.getLogger("gemma3n.server")
 
@@ -170,51 +174,46 @@ def create_app(
         )
 
     async def run(
-        request: Request, req: _Sampling, gen_kwargs: dict[str, Any], kind: Literal["chat", "text"]
+        request: Request, req: _Sampling, inputs: list[dict[str, Any]], kind: Literal["chat", "text"]
     ) -> Response:
+        """Generate for each input (a chat, or each prompt of a batch) and answer in OpenAI's form."""
         model_name, size = resolve(req.model)
-        gen_kwargs.update(req.generation_kwargs())
+        gen_kwargs = req.generation_kwargs()
+        check_reply_form(gen_kwargs)  # what cannot be served is a 400 before the request queues
         if size is not None:
             gen_kwargs["size"] = size
-        job = engine.submit(gen_kwargs)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        choices = _choices(kind, gen_kwargs)
+        job = engine.submit(_generation(inputs, gen_kwargs))
         stamp = int(time.time())
-        tally, text, streaming = _Tally(), [], False
+        head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": stamp}
+        head.update(model=model_name)
+        streaming = False
         try:
             event = await _next_event(job, request)  # errors in the prompt surface here, as a 400
             if isinstance(event, BaseException):
                 raise _from_exception(event)
             if req.stream:
                 streaming = True  # from here the response owns the job
-                return _JobStream(_stream(job, event, rid, stamp, model_name, kind, req.include_usage), job)
+                chunk_head = {
+                    "id": head["id"],
+                    "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                }
+                chunk_head.update(created=stamp, model=model_name)
+                return _JobStream(sse_stream(job, event, choices, chunk_head, req.include_usage), job)
             while event is not _END:
                 if isinstance(event, BaseException):
                     raise _from_exception(event)
-                tally.add(event)
-                text.append(str(event))
+                choices.add(event)
                 event = await _next_event(job, request)
         except _ClientGone:
             return Response(status_code=499)
         finally:
             if not streaming:  # done, failed, or this handler was cancelled: stop generating
                 job.cancel()
-        finish = tally.finish_reason or "stop"
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": "".join(text)}
-            obj = "text_completion"
-        choice.update(logprobs=None, finish_reason=finish)
+        obj = "chat.completion" if kind == "chat" else "text_completion"
         return JSONResponse(
-            {
-                "id": rid,
-                "object": obj,
-                "created": stamp,
-                "model": model_name,
-                "choices": [choice],
-                "usage": tally.usage(),
-            }
+            {"id": head["id"], "object": obj, "created": stamp, "model": model_name}
+            | {"choices": choices.response(), "usage": choices.usage()}
         )
 
     @app.get("/health")
@@ -235,11 +234,34 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
         req = await read_json(request, ChatCompletionRequest)
-        return await run(request, req, {"messages": _convert_messages(req.messages, model)}, "chat")
+        return await run(request, req, [{"messages": _convert_messages(req.messages, model)}], "chat")
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request) -> Response:
         req = await read_json(request, CompletionRequest)
-        return await run(request, req, {"prompt": _completion_prompt(req)}, "text")
+        return await run(request, req, [{"prompt": p} for p in _completion_prompts(req)], "text")
 
     return app
+
+
+def _choices(kind: str, gen_kwargs: dict[str, Any]) -> ChoiceSet:
+    """How the request's choices are told: tool calls read from chat replies unless tools are off."""
+    functions = check_tools(gen_kwargs.get("tools")) if kind == "chat" else []
+    if gen_kwargs.get("tool_choice") == "none":
+        functions = []
+    forced = bool(functions) and call_schema(functions, gen_kwargs.get("tool_choice")) is not None
+    return ChoiceSet(kind, functions or None, forced, bool(gen_kwargs.get("logprobs")))
+
+
+def _generation(inputs: list[dict[str, Any]], gen_kwargs: dict[str, Any]) -> Work:
+    """The worker's part: every input's continuations, as (choice index, input number, piece)."""
+    n = gen_kwargs.get("n", 1)
+
+    def work(model: Any, prompt_cache: PromptCache | None) -> Iterator[tuple[int, int, Any]]:
+        for number, given in enumerate(inputs):
+            # closed here however the consumer stops: generation ends, the cache goes back
+            with closing(model.stream(**given, **gen_kwargs, prompt_cache=prompt_cache)) as pieces:
+                for piece in pieces:
+                    yield number * n + getattr(piece, "choice", 0), number, piece
+
+    return work

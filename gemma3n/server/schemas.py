@@ -16,6 +16,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gemma3n.errors import Gemma3nError
+from gemma3n.logprobs import MAX_TOP_LOGPROBS
+from gemma3n.model import MAX_N
+from gemma3n.structured import SchemaError
+from gemma3n.tools import reply_form
 
 log = logging.getLogger("gemma3n.server")
 
@@ -189,26 +193,11 @@ class _Sampling(_Base):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
-    logprobs: bool | int | None = None
-    tools: list[Any] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
     response_format: ResponseFormat | None = None
 
     def generation_kwargs(self) -> dict[str, Any]:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise APIError(
-                400,
-                f"response_format {self.response_format.type!r} is not implemented yet: this server cannot "
-                "constrain a reply to JSON, and will not pretend to; send response_format {'type': 'text'} or none",
-                param="response_format",
-                code="unsupported_response_format",
-            )
-        if self.n not in (None, 1):
-            raise APIError(400, f"n={self.n} is not supported; this server returns one choice (n=1)", param="n")
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-        if self.tools:
-            raise APIError(400, "tools (function calling) are not supported by this server", param="tools")
+        """What the model's `stream` gets; options left at their defaults are not passed."""
         kw: dict[str, Any] = {}
         max_tokens = self.max_completion_tokens or self.max_tokens
         if max_tokens is not None:
@@ -219,6 +208,10 @@ class _Sampling(_Base):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(s for s in stop):
             kw["stop"] = [s for s in stop if s]
+        if self.response_format is not None and self.response_format.type != "text":
+            kw["response_format"] = self.response_format.model_dump(exclude_none=True)
+        if self.n > 1:
+            kw["n"] = self.n
         return kw
 
     @property
@@ -226,20 +219,75 @@ class _Sampling(_Base):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class ToolCallFunction(_Base):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Base):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Base):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # Parts are checked by hand (_convert_part) so that errors name the part and the fix.
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # one call or a list of them is read either way
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        kw = super().generation_kwargs()
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.logprobs:
+            kw.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        if self.tools:
+            kw["tools"] = self.tools
+        if self.tool_choice is not None:
+            kw["tool_choice"] = self.tool_choice
+        return kw
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # how many alternatives per token
     suffix: str | None = None
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 generates nothing: it takes echo: true", param="max_tokens")
+        kw = super().generation_kwargs()
+        if self.max_tokens == 0:
+            kw["max_tokens"] = 0
+        if self.logprobs is not None:
+            kw.update(logprobs=True, top_logprobs=self.logprobs)
+        if self.echo:  # the echoed prompt's text and log-probabilities both come from its scored tokens
+            kw.update(prompt_logprobs=True, top_logprobs=self.logprobs or 0)
+        return kw
+
+
+def check_reply_form(kwargs: dict[str, Any]) -> None:
+    """Schemas and tools are compiled before the request queues (cheap, cached): what cannot be
+    served is a 400 naming the field, never a reply that ignores it."""
+    try:
+        reply_form(None, kwargs.get("response_format"), None, None)
+        if kwargs.get("tools") or kwargs.get("tool_choice") is not None:
+            reply_form([], None, kwargs.get("tools"), kwargs.get("tool_choice"))
+    except SchemaError as exc:
+        raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
 
 
 # ---------------------------------------------------------------------------- content parts
@@ -312,6 +360,7 @@ def _convert_part(part: dict[str, Any], param: str, model: Any) -> dict[str, Any
 
 def _convert_messages(messages: list[ChatMessage], model: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    calls: set[str] = set()  # ids of the calls earlier assistant turns made
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
         if msg.content is None or isinstance(msg.content, str):
@@ -322,7 +371,20 @@ def _convert_messages(messages: list[ChatMessage], model: Any) -> list[dict[str,
             # Gemma has one system text (prepended to the first user turn): join leading ones.
             out[0]["content"] = f"{_text_of(out[0]['content'])}\n\n{_text_of(content)}"
             continue
-        out.append({"role": role, "content": content})
+        turn: dict[str, Any] = {"role": role, "content": content}
+        if msg.tool_calls and role == "assistant":
+            turn["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
+            calls |= {c.id for c in msg.tool_calls}
+        if role == "tool":
+            if msg.tool_call_id not in calls:
+                raise APIError(
+                    400,
+                    f"messages[{i}]: a 'tool' message answers an earlier assistant tool call; tool_call_id "
+                    f"{msg.tool_call_id!r} is not the id of one",
+                    param=f"messages[{i}].role",
+                )
+            turn["tool_call_id"] = msg.tool_call_id
+        out.append(turn)
     return out
 
 
@@ -330,12 +392,15 @@ def _text_of(content: str | list[dict[str, Any]]) -> str:
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
-def _completion_prompt(req: CompletionRequest) -> str | list[int]:
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (a harness's batch)
+
+
+def _completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: one text or token list, or a batch of either."""
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, f"got {len(prompt)} prompts; this server takes one per request", param="prompt")
-        prompt = prompt[0]
-    if req.echo or req.suffix:
-        raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
-    return prompt
+    batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    if len(batch) > MAX_PROMPTS:
+        raise APIError(400, f"got {len(batch)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+    if req.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by Gemma 3n", param="suffix")
+    return batch
