@@ -219,20 +219,22 @@ def cmd_info(a: argparse.Namespace) -> None:
 
 
 def cmd_transcribe(a: argparse.Namespace) -> None:
-    from .speech import transcribe
+    from .speech import render, transcribe
 
     model = _load(a)
     result = transcribe(
         model,
         a.file,
         translate_to=a.translate_to,
+        language=a.language,
         max_tokens_per_window=a.max_tokens,
         size=a.size,
         progress=not a.quiet,
     )
-    print(result.text)
-    n = len(result.windows)
-    print(f"({n} window{'s' if n != 1 else ''} of at most 30 s)", file=sys.stderr)
+    fmt = {"txt": "text", "json": "verbose_json"}.get(a.format, a.format)
+    sys.stdout.write(render(result, fmt) + ("\n" if fmt == "verbose_json" else ""))
+    n = len(result.segments)
+    print(f"({n} segment{'s' if n != 1 else ''} of speech, at most 30 s each)", file=sys.stderr)
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -244,6 +246,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise InputError(f"--prompt-cache-slots must be 0 or more, not {a.prompt_cache_slots}")
     if a.prompt_cache_mb is not None and a.prompt_cache_mb < 0:
         raise InputError(f"--prompt-cache-mb must be 0 or more, not {a.prompt_cache_mb:g}")
+    for flag, value in (("--max-audio-mb", a.max_audio_mb), ("--max-audio-seconds", a.max_audio_seconds)):
+        if not value > 0:  # also NaN
+            raise InputError(f"{flag} must be more than 0, not {value:g}")
     model = _load(a)
     serve(
         model,
@@ -254,6 +259,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         prompt_cache_slots=a.prompt_cache_slots,
         prompt_cache_bytes=None if a.prompt_cache_mb is None else int(a.prompt_cache_mb * 2**20),
         model_id=a.model_id,
+        max_audio_bytes=int(a.max_audio_mb * 2**20),
+        max_audio_seconds=a.max_audio_seconds,
     )
 
 
@@ -324,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("file", help="audio file (WAV, FLAC, OGG, MP3)")
     t.add_argument("--translate-to", default=None, metavar="LANG", help="translate the speech into LANG")
+    t.add_argument("--language", default=None, help="the speech's language, e.g. en (a hint in the prompt)")
+    t.add_argument(
+        "--format",
+        default="txt",
+        choices=["txt", "srt", "vtt", "json"],
+        help="txt (default), srt or vtt subtitles, or json (segments with times)",
+    )
     t.add_argument("--max-tokens", type=int, default=256, help="per 30 s window")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_transcribe)
@@ -366,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on the K/V those conversations hold between requests, in MiB (default: no cap)",
     )
     s.add_argument("--model-id", default=None, help="id of the full model in /v1/models (default: its name)")
+    s.add_argument("--max-audio-mb", type=float, default=25, help="largest audio upload, MiB (default 25; more: 413)")
+    s.add_argument(
+        "--max-audio-seconds", type=float, default=7200, help="longest audio to transcribe (default 7200; more: 400)"
+    )
     s.set_defaults(func=cmd_serve)
     return parser
 

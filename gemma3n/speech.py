@@ -1,57 +1,221 @@
-"""Speech recognition and speech translation on top of `Model.generate`, for clips of any
-length: the reference silently truncates at 30 s; we cut long audio into windows at quiet
-points (audio.plan_windows), transcribe each, and stitch the texts (audio.stitch_transcripts).
-Prompt format: vLLM's fixed ASR/AST prompt (audio-vision.md §D.3).
+"""Speech recognition and speech translation of any length, segment by segment.
+
+The model hears at most 30 s at a time. Long audio is cut where a voice-activity detector
+(gemma3n.vad) finds pauses: consecutive stretches of speech are grouped into windows of up to
+30 s (silence around the windows is never sent), and only a single stretch of speech longer than that
+is cut inside, at its quietest points with an overlap (audio.plan_windows) whose repeated words
+are removed (audio.stitch_transcripts). Each window is one model call and one segment, with its
+start and end times. Prompt format: vLLM's fixed ASR/AST prompt (audio-vision.md §D.3).
+
+Formats (CLI `--format`, the server's `response_format`): text, json, verbose_json (segments),
+srt (the `srt` library), vtt (`webvtt-py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import json
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
 
-from tqdm import tqdm
+import numpy as np
 
 from .errors import InputError
 
+SR = 16_000
+FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
 
-def speech_prompt(translate_to: str | None = None) -> str:
-    return f"Transcribe this audio into {translate_to}:" if translate_to else "Transcribe this audio:"
+
+def speech_prompt(translate_to: str | None = None, language: str | None = None) -> str:
+    if translate_to:
+        return f"Transcribe this audio into {translate_to}:"
+    return f"Transcribe this audio ({language}):" if language else "Transcribe this audio:"
+
+
+@dataclass
+class Window:
+    start: int  # samples
+    end: int
+    overlaps_previous: bool = False  # cut inside speech: its first words may repeat the previous window's
+    takes_more: bool = True  # a group of whole stretches of speech (not a piece of a long one)
+
+
+def speech_windows(wave: np.ndarray, max_seconds: float = 30.0) -> list[Window]:
+    """Windows of at most `max_seconds` covering every stretch of speech in a 16 kHz clip."""
+    from .audio import plan_windows
+    from .vad import speech_spans
+
+    limit = int(max_seconds * SR)
+    windows: list[Window] = []
+    for start, end in speech_spans(wave):
+        last = windows[-1] if windows else None
+        if end - start > limit:  # one long stretch of speech: cut inside it
+            parts = plan_windows(wave[start:end], SR, max_seconds=max_seconds)
+            windows += [
+                Window(start + a, start + b, k > 0 and a < parts[k - 1][1], takes_more=False)
+                for k, (a, b) in enumerate(parts)
+            ]
+        elif last is not None and last.takes_more and end - last.start <= limit:
+            last.end = end  # the pause between them stays inside one window
+        else:
+            windows.append(Window(start, end))
+    return windows
+
+
+@dataclass
+class Segment:
+    """One window's transcript, in OpenAI's verbose_json shape. `no_speech_prob` is 0: the
+    detector sent only speech."""
+
+    id: int
+    start: float  # seconds
+    end: float
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    seek: int = 0  # the window's first sample, in the 10 ms frames Whisper counts
 
 
 @dataclass
 class Transcript:
     text: str
-    windows: list[tuple[float, float]]  # seconds
-    window_texts: list[str]
+    segments: list[Segment]
+    duration: float  # seconds of audio
+    language: str | None = None
+    task: str = "transcribe"
 
 
-def transcribe(
-    model,
-    audio,
+def transcribe_segments(
+    model: Any,
+    audio: Any,
     *,
     translate_to: str | None = None,
-    max_seconds: float = 30.0,
+    language: str | None = None,
+    prompt: str | None = None,
+    temperature: float = 0.0,
     max_tokens_per_window: int = 256,
-    progress: bool = True,
-    **sampling,
-) -> Transcript:
-    """Transcribe (or translate) `audio` (path, bytes or 16 kHz array), any length."""
+    max_seconds: float = 30.0,
+    wave: np.ndarray | None = None,
+    **sampling: Any,
+) -> Iterator[Segment]:
+    """Segments of `audio` (path, bytes or a 16 kHz array), as each window is transcribed."""
     if not model.has_audio:
         raise InputError(f"{model.path} has no audio tower: it cannot transcribe")
-    from .audio import load_audio, plan_windows, stitch_transcripts
+    if wave is None:
+        from .audio import load_audio
 
-    sr = 16_000
-    wave = load_audio(audio, sampling_rate=sr)
-    windows = plan_windows(wave, sr, max_seconds=max_seconds)
-    texts = []
-    sampling.setdefault("temperature", 0.0)
-    for start, end in tqdm(windows, desc="audio windows", unit="window", disable=not progress or len(windows) == 1):
-        content = [{"type": "text", "text": speech_prompt(translate_to)}, {"type": "audio", "audio": wave[start:end]}]
+        wave = load_audio(audio, sampling_rate=SR)
+    instruction = speech_prompt(translate_to, language)
+    texts: list[str] = []
+    for number, window in enumerate(speech_windows(wave, max_seconds)):
+        messages = [{"role": "system", "content": prompt}] if prompt else []
+        content = [{"type": "text", "text": instruction}, {"type": "audio", "audio": wave[window.start : window.end]}]
+        messages.append({"role": "user", "content": content})
         result = model.generate(
-            messages=[{"role": "user", "content": content}], max_tokens=max_tokens_per_window, **sampling
+            messages=messages, max_tokens=max_tokens_per_window, temperature=temperature, logprobs=True, **sampling
         )
+        text = result.text.strip()
+        if window.overlaps_previous:  # keep only the words the previous window did not have
+            text = _new_words(texts, text)
         texts.append(result.text.strip())
-    return Transcript(
-        text=stitch_transcripts(texts),
-        windows=[(s / sr, e / sr) for s, e in windows],
-        window_texts=texts,
+        yield _segment(number, window, text, result, temperature)
+
+
+def _new_words(previous: list[str], text: str) -> str:
+    from .audio import stitch_transcripts
+
+    before = stitch_transcripts(previous).split()
+    return " ".join(stitch_transcripts([*previous, text]).split()[len(before) :])
+
+
+def _segment(number: int, window: Window, text: str, result: Any, temperature: float) -> Segment:
+    logprobs = [e.logprob for e in result.logprobs or []]
+    raw = text.encode()
+    return Segment(
+        id=number,
+        start=round(window.start / SR, 3),
+        end=round(window.end / SR, 3),
+        text=text,
+        tokens=list(result.token_ids),
+        temperature=temperature,
+        avg_logprob=sum(logprobs) / len(logprobs) if logprobs else 0.0,
+        compression_ratio=len(raw) / len(zlib.compress(raw)) if raw else 0.0,
+        seek=window.start // (SR // 100),
     )
+
+
+def transcribe(model: Any, audio: Any, *, progress: bool = False, **options: Any) -> Transcript:
+    """The whole transcript of `audio` (see transcribe_segments for the options)."""
+    from tqdm import tqdm
+
+    from .audio import load_audio
+
+    wave = load_audio(audio, sampling_rate=SR)
+    segments = list(tqdm(transcribe_segments(model, audio, wave=wave, **options), disable=not progress, unit="segment"))
+    task = "translate" if options.get("translate_to") else "transcribe"
+    return Transcript(joined_text(segments), segments, len(wave) / SR, options.get("language"), task)
+
+
+def joined_text(segments: list[Segment]) -> str:
+    return " ".join(s.text for s in segments if s.text)
+
+
+# ---------------------------------------------------------------------------- formats
+
+
+def render(transcript: Transcript, fmt: str) -> str:
+    """The transcript as text, json, verbose_json, srt or vtt."""
+    if fmt == "text":
+        return transcript.text + "\n"
+    if fmt == "json":
+        return json.dumps({"text": transcript.text, "usage": duration_usage(transcript.duration)}, ensure_ascii=False)
+    if fmt == "verbose_json":
+        body = {
+            "task": transcript.task,
+            "language": transcript.language or "",
+            "duration": transcript.duration,
+            "text": transcript.text,
+            "segments": [asdict(s) for s in transcript.segments],
+            "usage": duration_usage(transcript.duration),
+        }
+        return json.dumps(body, ensure_ascii=False)
+    if fmt == "srt":
+        return _srt(transcript.segments)
+    if fmt == "vtt":
+        return _vtt(transcript.segments)
+    raise InputError(f"the format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def duration_usage(seconds: float) -> dict[str, Any]:
+    return {"type": "duration", "seconds": math.ceil(seconds)}
+
+
+def _srt(segments: list[Segment]) -> str:
+    import srt
+
+    subtitles = [
+        srt.Subtitle(i + 1, timedelta(seconds=s.start), timedelta(seconds=s.end), s.text)
+        for i, s in enumerate(s for s in segments if s.text)
+    ]
+    return srt.compose(subtitles)
+
+
+def _vtt(segments: list[Segment]) -> str:
+    import webvtt
+    from webvtt.models import Timestamp
+
+    vtt = webvtt.WebVTT()
+    for s in segments:
+        if s.text:
+            start, end = (str(Timestamp.from_seconds(t)) for t in (s.start, s.end))
+            vtt.captions.append(webvtt.Caption(start, end, s.text))
+    out = io.StringIO()
+    vtt.write(out)
+    return out.getvalue()

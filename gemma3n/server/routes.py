@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gemma3n.cache import PromptCache
 from gemma3n.tools import call_schema, check_tools
 
+from .audio import DEFAULT_MAX_AUDIO_BYTES, DEFAULT_MAX_AUDIO_SECONDS, add_speech_routes
 from .engine import _END, Work, _ClientGone, _Engine, _next_event
 from .schemas import (
     APIError,
@@ -31,6 +32,7 @@ from .schemas import (
     _validation_error,
     check_reply_form,
     parse_body,
+    read_body,
 )
 from .streaming import ChoiceSet, _JobStream, sse_stream
 
@@ -62,6 +64,8 @@ def create_app(
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    max_audio_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `gemma3n.load()` result or any object with
     `stream`, `sizes`, `name`, `has_audio`, `has_vision`). Every elastic size is its own model id;
@@ -135,7 +139,6 @@ def create_app(
             )
 
     async def read_json(request: Request, schema: type[_Sampling]) -> Any:
-        too_big = APIError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
         # JSON only: a web page can send a cross-site "simple" POST (text/plain) to a loopback
         # server without a CORS preflight; requiring application/json rules that out.
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -145,15 +148,7 @@ def create_app(
                 f"Content-Type must be application/json, got {media or 'none'}",
                 code="unsupported_media_type",
             )
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body_bytes:
-            raise too_big
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise too_big
-        data = parse_body(bytes(body))
+        data = parse_body(await read_body(request, max_body_bytes))
         try:
             return schema.model_validate(data)
         except ValidationError as exc:
@@ -215,6 +210,8 @@ def create_app(
             {"id": head["id"], "object": obj, "created": stamp, "model": model_name}
             | {"choices": choices.response(), "usage": choices.usage()}
         )
+
+    add_speech_routes(app, engine, resolve, authorize, max_audio_bytes, max_audio_seconds)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .audio import DEFAULT_MAX_AUDIO_BYTES, DEFAULT_MAX_AUDIO_SECONDS
 from .routes import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_SLOTS, create_app
 
 log = logging.getLogger("gemma3n.server")
@@ -28,6 +29,8 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
     prompt_cache_bytes: int | None = None,
+    max_audio_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
     log_level: str = "info",
@@ -47,6 +50,8 @@ def serve(
         "max_body_bytes": max_body_bytes,
         "prompt_cache_slots": prompt_cache_slots,
         "prompt_cache_bytes": prompt_cache_bytes,
+        "max_audio_bytes": max_audio_bytes,
+        "max_audio_seconds": max_audio_seconds,
     }
     hosts = LOOPBACK_HOSTS if loopback else None
     app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits)

@@ -100,6 +100,21 @@ def json_depth(body: bytes) -> int:
     return max(0, int(np.cumsum(_BRACKET_STEP[structure], dtype=np.int32).max()))
 
 
+async def read_body(request: Any, max_bytes: int) -> bytes:
+    """The request's body, or a 413 as soon as it is known to be larger than `max_bytes`
+    (from Content-Length, else while it streams in)."""
+    too_big = APIError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_big
+    return bytes(body)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
 
