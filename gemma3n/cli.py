@@ -6,6 +6,7 @@ Errors a user can cause print one clear line (exit 2), never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -134,18 +135,46 @@ def _check_args(a: argparse.Namespace) -> None:
         check_text(s, "--stop")
 
 
+def _response_format(a: argparse.Namespace) -> dict | None:
+    """--json / --json-schema FILE -> OpenAI's response_format, the schema checked before the
+    model loads (a feature constrained decoding cannot enforce is named)."""
+    from .structured import grammar_for
+
+    if a.json and a.json_schema:
+        raise InputError("--json and --json-schema both set the reply's form: pass one")
+    if a.json:
+        return {"type": "json_object"}
+    if not a.json_schema:
+        return None
+    try:
+        schema = json.loads(Path(a.json_schema).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"--json-schema {a.json_schema}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--json-schema {a.json_schema} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InputError(f"--json-schema {a.json_schema} must hold a JSON object (a schema)")
+    fmt = {"type": "json_schema", "json_schema": {"name": Path(a.json_schema).stem, "schema": schema}}
+    try:
+        grammar_for(fmt)
+    except InputError as e:
+        raise InputError(str(e).replace("response_format:", f"--json-schema {a.json_schema}:", 1)) from None
+    return fmt
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     _check_args(a)
     prompt = _stdin_text() if a.prompt == "-" else a.prompt
     if not prompt:
         raise InputError("the prompt is empty (pass --prompt TEXT, or --prompt - to read stdin)")
+    response_format = _response_format(a)
     model = _load(a)
     if a.raw:
         if a.system_prompt or a.image or a.audio or a.video:
             raise InputError(
                 "--raw sends the prompt as is: it cannot be combined with --system-prompt, --image or --audio"
             )
-        pieces = model.stream(prompt, **_sampling_kwargs(a))
+        pieces = model.stream(prompt, response_format=response_format, **_sampling_kwargs(a))
     else:
         content: list[dict] = [{"type": "image", "image": p} for p in a.image or []]
         if a.video:
@@ -156,7 +185,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
         messages.append({"role": "user", "content": content})
-        pieces = model.stream(messages=messages, image_size=a.image_size, **_sampling_kwargs(a))
+        pieces = model.stream(
+            messages=messages, image_size=a.image_size, response_format=response_format, **_sampling_kwargs(a)
+        )
     _print_stream(pieces, a.verbose)
 
 
@@ -302,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--video", default=None, help="video file: frames sampled at --fps, with timestamps")
     g.add_argument("--fps", type=float, default=1.0, help="video frames per second to sample (default 1)")
     g.add_argument("--max-frames", type=int, default=32, help="video frame budget (default 32)")
+    g.add_argument("--json", action="store_true", help="constrain the reply to a JSON object")
+    g.add_argument("--json-schema", metavar="FILE", default=None, help="constrain the reply to this JSON Schema")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

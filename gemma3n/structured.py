@@ -43,7 +43,7 @@ def json_schema_of(response_format: Any) -> dict[str, Any] | None:
     if response_format is None:
         return None
     if isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
-        return response_format.model_json_schema()
+        return closed_objects(response_format.model_json_schema())  # strict, as the openai client sends it
     if not isinstance(response_format, dict):
         raise SchemaError(
             f"response_format must be a dict or a pydantic model class, got {type(response_format).__name__}"
