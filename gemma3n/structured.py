@@ -136,6 +136,8 @@ class GrammarConstraint:
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of float logits [V] with every forbidden token at -inf."""
         self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
+        if self._matcher.is_error():  # a parser or lexer limit: the grammar outgrew what a step may cost
+            raise SchemaError(f"response_format: the schema is too complex to enforce: {self._matcher.get_error()}")
         allowed = np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")[: logits.shape[-1]]
         forbidden = torch.from_numpy(allowed == 0)
         if len(allowed) < logits.shape[-1]:  # logits wider than the grammar's vocabulary
@@ -143,8 +145,8 @@ class GrammarConstraint:
         return logits.masked_fill(forbidden.to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
-        if not self._matcher.consume_token(token):  # only a token the mask allowed reaches here
-            raise InputError(f"constrained decoding lost its grammar: {self._matcher.get_error()}")
+        if not self._matcher.consume_token(token):  # only a token the mask allowed reaches here: a bug
+            raise RuntimeError(f"constrained decoding lost its grammar: {self._matcher.get_error()}")
 
 
 def constrained(sampler: Sampler, constraint: GrammarConstraint) -> Sampler:

@@ -139,6 +139,12 @@ AUDIO_TOKENS = 24  # soft tokens per clip (188 in the real model): > the 15 of a
 @pytest.fixture(scope="session")
 def mm_checkpoint(tmp_path_factory):
     """(HF Gemma3nForConditionalGeneration, HF Gemma3nProcessor, checkpoint dir)."""
+    path: Path = tmp_path_factory.mktemp("g3n-mm") / "ckpt"
+    return build_mm_checkpoint(path)
+
+
+def build_mm_checkpoint(path: Path):
+    """A small random text + audio + vision checkpoint at `path` (also bench/bench_speech.py's)."""
     import copy
 
     from transformers import (
@@ -153,7 +159,6 @@ def mm_checkpoint(tmp_path_factory):
     from gemma3n.processing import GEMMA_TEMPLATE
     from tests.test_vision import tiny_vision_config
 
-    path: Path = tmp_path_factory.mktemp("g3n-mm") / "ckpt"
     path.mkdir()
     write_tokenizer(path)
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
