@@ -135,34 +135,45 @@ def make_sampler(p: SamplingParams) -> Sampler:
 
     @torch.inference_mode()
     def sample(logits: torch.Tensor, history: list[int]) -> int:
-        logits = logits.float().cpu().clone()  # edited in place below: never the caller's tensor
-        if p.repetition_penalty != 1.0 and history:
-            seen = torch.tensor(sorted(set(history)), dtype=torch.long)
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        # shifted so that the best logit is 0 before dividing: a tiny temperature gives -inf for
-        # the others (exp = 0), never inf - inf = NaN
-        logits = (logits - logits.max()) / p.temperature
-        if p.top_k > 0 and p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits[logits < kth] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0:
-            probs[probs < p.min_p * probs.max()] = 0
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_probs, dim=-1)
-            drop = cum - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
-            sorted_probs[drop] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        total = probs.sum()
-        if not bool(torch.isfinite(total)) or total <= 0:  # every candidate underflowed: the best one
-            return int(torch.argmax(logits))
-        return int(torch.multinomial(probs / total, 1, generator=gen))
+        dist = sampling_distribution(logits, history, p)
+        return dist if isinstance(dist, int) else int(torch.multinomial(dist, 1, generator=gen))
 
     return sample
+
+
+@torch.inference_mode()
+def sampling_distribution(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor | int:
+    """What the sampler draws the next token from: float32 probabilities [V] summing to 1 after
+    the repetition penalty, temperature, top-k, min-p and top-p, or a token id where the choice
+    is certain (temperature 0, or every candidate underflowed). Speculative decoding applies the
+    same function to the draft's and the target's logits, so both distributions are transformed
+    alike (speculative.py)."""
+    logits = logits.float().cpu().clone()  # edited in place below: never the caller's tensor
+    if p.repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    # shifted so that the best logit is 0 before dividing: a tiny temperature gives -inf for
+    # the others (exp = 0), never inf - inf = NaN
+    logits = (logits - logits.max()) / p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits[logits < kth] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        probs[probs < p.min_p * probs.max()] = 0
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        drop = cum - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    total = probs.sum()
+    if not bool(torch.isfinite(total)) or total <= 0:  # every candidate underflowed: the best one
+        return int(torch.argmax(logits))
+    return probs / total
 
 
 @dataclass
@@ -173,9 +184,10 @@ class StepStats:
     generated_tokens: int = 0
     generation_seconds: float = 0.0
     start: float = 0.0  # perf_counter() when the prompt's prefill began
+    speculation: Any = None  # speculative.SpeculationStats when a draft runs: its figures join as_dict()
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "prompt_tokens": self.prompt_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "generated_tokens": self.generated_tokens,
@@ -188,6 +200,7 @@ class StepStats:
             else 0.0,
             "peak_memory_gb": peak_memory_gb(),
         }
+        return out if self.speculation is None else out | self.speculation.as_dict()
 
 
 def peak_memory_gb() -> float:

@@ -33,6 +33,7 @@ from .matformer import read_declared_sizes
 from .multimodal import Towers, merge_embeddings
 from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
 from .processing import Processor, PromptInputs
+from .speculative import Observer, drafting
 from .structured import GrammarConstraint, byte_tokenizer, constrained
 from .text import LayerPlan
 from .tokenizer import Tokenizer
@@ -202,6 +203,9 @@ class Model:
         top_logprobs: int = 0,
         prompt_logprobs: bool = False,
         n: int = 1,
+        draft: Any = None,
+        draft_k: int | None = None,
+        draft_model: Model | None = None,
     ) -> Iterator[TextPiece]:
         """Yield text pieces as they are decoded; the last carries finish_reason and stats.
         Unset sampling options fall back to the checkpoint's generation_config.json.
@@ -214,7 +218,15 @@ class Model:
         or named call constrains the reply. `logprobs` / `top_logprobs`: each piece's tokens'
         log-probabilities (`piece.logprobs`); `prompt_logprobs`: the prompt tokens' (on each
         choice's first piece; `max_tokens` may then be 0). `n`: continuations of one prefill,
-        seeded seed, seed + 1, ...; each piece says its `choice`, in order 0, 1, ..."""
+        seeded seed, seed + 1, ...; each piece says its `choice`, in order 0, 1, ...
+
+        `draft`: speculative decoding (gemma3n.speculative), the same tokens at temperature 0 and
+        the same distribution when sampling: a smaller size of this model (a preset such as "E2B",
+        a declared size or {"ffn", "skip"}; a view of the loaded weights) or "ngram" (drafts looked
+        up in the prompt). `draft_model`: a separately loaded model with the same vocabulary drafts
+        instead (e.g. this checkpoint loaded with quantize="int4"), at its size `draft`.
+        `draft_k`: tokens drafted per check, 1-7 (default: adapted to the acceptance rate and the
+        measured costs). Stats then include the acceptance rate and tokens per verification."""
         max_tokens = _check_max_tokens(max_tokens, prompt_logprobs)
         n = _check_n(n)
         top_logprobs = check_top_logprobs(top_logprobs)
@@ -230,6 +242,12 @@ class Model:
         stops = check_stops(stop)
         messages, grammar = reply_form(messages, response_format, tools, tool_choice)
         plan = self.plan(size)
+        drafts = drafting(self, plan, draft, draft_k, draft_model)
+        if drafts is not None and grammar is not None:
+            raise InputError(
+                "draft does not combine with response_format or a required tool call (the grammar's state "
+                "cannot follow drafts yet); leave draft unset for constrained replies"
+            )
         inputs, embeds = self.prepare(prompt, messages, image_size)
         scorer = PromptScorer(self.token_table, inputs.ids, top_logprobs) if prompt_logprobs else None
         request = Prompt(inputs.ids, embeds, prefill_chunk, prefill_skip, prompt_cache, scorer)
@@ -239,21 +257,35 @@ class Model:
             last = i == n - 1  # the others decode from copies; the last one's cache is kept
             branch = cache if last else cache.fork(cache.offset)
             step_stats = replace(stats) if not last else stats
-            sampler = make_sampler(replace(params, seed=None if seed is None else _wrap_seed(seed + i)))
-            if grammar is not None:
-                sampler = constrained(sampler, GrammarConstraint(self.byte_tokenizer, grammar))
+            branch_params = replace(params, seed=None if seed is None else _wrap_seed(seed + i))
+            branch_request = request if last else replace(request, prompt_cache=None)
             recorder = LogprobRecorder(self.token_table, top_logprobs) if logprobs else None
-            tokens = decode_tokens(
-                self.decoder,
-                branch,
-                logits,
-                plan,
-                recorder.wrap(sampler) if recorder else sampler,
-                request if last else replace(request, prompt_cache=None),
-                max_tokens=max_tokens,
-                stats=step_stats,
-                embed=self.embed_ids,
-            )
+            if drafts is not None:
+                tokens = drafts.tokens(
+                    (self.decoder, branch, plan),
+                    logits,
+                    branch_params,
+                    branch_request,
+                    max_tokens=max_tokens,
+                    stats=step_stats,
+                    embed=self.embed_ids,
+                    observe=_observer(recorder),
+                )
+            else:
+                sampler = make_sampler(branch_params)
+                if grammar is not None:
+                    sampler = constrained(sampler, GrammarConstraint(self.byte_tokenizer, grammar))
+                tokens = decode_tokens(
+                    self.decoder,
+                    branch,
+                    logits,
+                    plan,
+                    recorder.wrap(sampler) if recorder else sampler,
+                    branch_request,
+                    max_tokens=max_tokens,
+                    stats=step_stats,
+                    embed=self.embed_ids,
+                )
             pieces = stream_generate(
                 tokens, self.tokenizer, stop_ids=self.stop_ids(), stop=stops, max_tokens=max_tokens, stats=step_stats
             )
@@ -330,6 +362,19 @@ def _annotate(
         if scorer is not None and k == 0:
             piece.prompt_logprobs = scorer.entries
         yield piece
+
+
+def _observer(recorder: LogprobRecorder | None) -> Observer | None:
+    """A speculative decode's log-probability hook: the recorder notes each emitted token from
+    the target logits it was chosen from (the wrapped "sampler" only returns that token)."""
+    if recorder is None:
+        return None
+    record = recorder.wrap(lambda logits, chosen: chosen[0])
+
+    def observe(logits: torch.Tensor, token: int) -> None:
+        record(logits, [token])
+
+    return observe
 
 
 def _read_generation_config(path: Path) -> dict:

@@ -1,0 +1,583 @@
+"""Speculative decoding: a cheap draft proposes k tokens, the target model checks them all in one
+forward pass of k + 1 tokens and keeps the longest prefix it agrees with, plus one token of its
+own. Decoding one token reads every weight once, and the decode kernels read each weight once for
+up to `DECODE_ROWS` tokens, so on a model bound by its weight reads the check costs about one token.
+
+Drafts:
+- a MatFormer size of the loaded weights (`draft="E2B"` inside E4B, a declared size, a custom
+  {"ffn", "skip"}): a view that copies nothing, with its own KV cache (caches are per size);
+- another loaded model with the same vocabulary (`draft_model=`, e.g. this checkpoint loaded
+  again with `quantize="int4"`: a quantized draft for an unquantized target);
+- `"ngram"` (prompt lookup): the continuation of the latest earlier occurrence of the last few
+  tokens in the prompt and the reply so far. Transcripts, summaries and edits repeat their input.
+
+Exactness (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
+Chen et al. 2023). Let p_i be the target's distribution for position i and q_i the draft's, both
+from `generate.sampling_distribution`: the same repetition penalty (over the same history: the
+prompt, the accepted tokens and the drafted prefix before i), temperature, top-k, min-p and top-p.
+Draft token d_i ~ q_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); the first rejected
+one is replaced by a sample of the residual r_i = max(0, p_i - q_i) / sum(max(0, p_i - q_i)). Then
+for every token x:
+
+    P(x) = q(x) min(1, p(x)/q(x)) + (1 - sum_y min(q(y), p(y))) r(x)
+         = min(q(x), p(x)) + (sum_y p(y) - min(q(y), p(y))) r(x)
+         = min(q(x), p(x)) + max(0, p(x) - q(x)) = p(x),
+
+since sum_y max(0, p(y) - q(y)) = 1 - sum_y min(q(y), p(y)) normalises r. So each emitted token
+has exactly the target's distribution given the tokens before it; when all k are accepted, one
+more is drawn from p_{k+1} (the "bonus" token, from the same forward pass). A deterministic
+draft (ngram, or any draft at temperature 0) is the point mass q = delta(d): accepted with
+probability p(d), else resampled from p with d removed. At temperature 0 p is the point mass on
+the target's argmax, so the accepted tokens are exactly the greedy tokens. The only difference
+from decoding without a draft is numerical: the target's logits come from one forward pass over
+k + 1 rows instead of k + 1 single-token steps (last-bit differences; a greedy choice between two
+logits that tie to ~1e-6 could go the other way).
+
+The cost-aware choice of k (`KChooser`): each round costs k draft steps plus one verification
+of k + 1 rows, and yields on average 1 + a + ... + a^k tokens at per-token acceptance a. Both
+costs are measured while decoding, and k = 0 (a plain decode step) competes too, so a draft that
+does not pay on this model and machine (a small model bound by per-call overhead, where checking
+8 rows costs several single-token steps) falls back to plain decoding instead of slowing it down.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cache import Cache, PromptCache
+from .errors import InputError
+from .generate import (
+    EmbedFn,
+    Prompt,
+    SamplingParams,
+    StepStats,
+    check_logits,
+    decode_one,
+    prefill,
+    sampling_distribution,
+)
+from .layers import DECODE_ROWS
+from .matformer import effective_params
+from .text import LayerPlan, TextDecoder
+
+Dist = torch.Tensor | int  # probabilities [V] summing to 1, or the one token a point mass is on
+Observer = Callable[[torch.Tensor, int], None]  # (target logits [V], the token emitted from them)
+
+MAX_K = DECODE_ROWS - 1  # k drafted tokens + the last accepted one fill one weight pass
+NGRAM = "ngram"
+
+
+# --------------------------------------------------------------------------------------------
+# Acceptance (the maths is in the module docstring)
+# --------------------------------------------------------------------------------------------
+
+
+def prob(dist: Dist, token: int) -> float:
+    if isinstance(dist, int):
+        return 1.0 if token == dist else 0.0
+    return float(dist[token])
+
+
+def draw(dist: Dist, gen: torch.Generator) -> int:
+    return dist if isinstance(dist, int) else int(torch.multinomial(dist, 1, generator=gen))
+
+
+def residual(p: Dist, q: Dist, gen: torch.Generator) -> int:
+    """A sample of max(0, p - q), normalised: what a rejected draft token is replaced with."""
+    if isinstance(p, int):
+        return p
+    if isinstance(q, int):
+        rest = p.clone()
+        rest[q] = 0
+    else:
+        rest = (p - q).clamp_(min=0)
+    total = float(rest.sum())
+    if not total > 0:  # p == q up to rounding: a rejection had probability ~0, and r's limit is p
+        return draw(p, gen)
+    return int(torch.multinomial(rest / total, 1, generator=gen))
+
+
+def accept(
+    tokens: list[int], drafts: list[Dist], target: Callable[[int], Dist], gen: torch.Generator
+) -> tuple[int, int]:
+    """(how many drafted `tokens` the target keeps, the token it adds). `drafts[i]` is the
+    distribution tokens[i] was drawn from, `target(i)` the target's for the same position
+    (target(len(tokens)) the bonus position's), computed only as far as they are needed."""
+    for i, (token, q) in enumerate(zip(tokens, drafts)):
+        p = target(i)
+        p_x, q_x = prob(p, token), prob(q, token)
+        # accept with probability min(1, p/q); p >= q accepts without drawing (greedy: no RNG at all)
+        if p_x >= q_x or (p_x > 0 and float(torch.rand((), generator=gen)) * q_x < p_x):
+            continue
+        return i, residual(p, q, gen)
+    return len(tokens), draw(target(len(tokens)), gen)
+
+
+# --------------------------------------------------------------------------------------------
+# Drafters
+# --------------------------------------------------------------------------------------------
+
+
+class NgramDrafter:
+    """Prompt lookup: the last n tokens (n = max_n down to min_n) looked up among the earlier
+    tokens of the prompt and the reply; the tokens that followed the latest match are the draft.
+    Deterministic (point masses). An index of every n-gram's latest continuation grows with the
+    history, so a lookup costs O(1) however long the prompt."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 2) -> None:
+        self.sizes = range(max_n, min_n - 1, -1)
+        self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.indexed = 1  # continuation positions indexed so far (position 0 continues nothing)
+
+    def propose(self, history: list[int], k: int) -> tuple[list[int], list[Dist]]:
+        for e in range(self.indexed, len(history)):  # n-grams ending just before position e
+            for n in self.sizes:
+                if e >= n:
+                    self.index[n][tuple(history[e - n : e])] = e
+        self.indexed = max(self.indexed, len(history))
+        for n in self.sizes:
+            at = self.index[n].get(tuple(history[-n:])) if len(history) >= n else None
+            if at is not None:
+                tokens = history[at : at + k]
+                return tokens, list(tokens)
+        return [], []
+
+    def rollback(self, kept: int) -> None:
+        """Nothing to undo: the index only ever holds accepted tokens."""
+
+    def finish(self, history: list[int]) -> None:
+        pass
+
+
+# Drafts' caches kept between calls: one PromptCache per (conversation's PromptCache, draft
+# decoder), beside the target's, so that draft and target caches never evict each other.
+_draft_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def draft_prompt_cache(prompt_cache: PromptCache, decoder: TextDecoder) -> PromptCache:
+    per_decoder = _draft_caches.setdefault(prompt_cache, weakref.WeakKeyDictionary())
+    if decoder not in per_decoder:
+        per_decoder[decoder] = PromptCache(prompt_cache.slots, prompt_cache.max_bytes)
+    return per_decoder[decoder]
+
+
+class ModelDrafter:
+    """Drafts by decoding with a model: a MatFormer plan of the target's weights or another
+    loaded decoder, with its own cache. It catches up lazily: the prompt is prefilled at the
+    first proposal (never, if k stays 0), and tokens it has not seen are fed before each one."""
+
+    def __init__(
+        self,
+        decoder: TextDecoder,
+        plan: LayerPlan,
+        prompt: Prompt,
+        params: SamplingParams,
+        gen: torch.Generator,
+        embed: EmbedFn | None,
+    ) -> None:
+        self.decoder, self.plan, self.prompt, self.params, self.gen, self.embed = (
+            decoder,
+            plan,
+            prompt,
+            params,
+            gen,
+            embed,
+        )
+        self.cache: Cache | None = None
+        self.logits: torch.Tensor | None = None  # after the last token fed to the cache
+        self.prompt_cache = draft_prompt_cache(prompt.prompt_cache, decoder) if prompt.reuses_cache else None
+
+    def _start(self) -> None:
+        """The prompt through the draft (what the prompt cache does not already hold)."""
+        ids, done = self.prompt.ids, 0
+        if self.prompt_cache is not None:
+            self.cache, done = self.prompt_cache.take(self.plan.config, self.plan.key, ids)
+        else:
+            self.cache = Cache(self.plan.config, self.plan.key)
+        embeds = self.prompt.inputs_embeds
+        self.logits = prefill(
+            self.decoder,
+            torch.tensor([ids[done:]], device=self.decoder.device),
+            self.cache,
+            self.plan,
+            inputs_embeds=None if embeds is None else embeds[:, done:],
+            chunk_size=self.prompt.chunk,
+        )
+
+    def _catch_up(self, history: list[int]) -> None:
+        if self.cache is None:
+            self._start()
+        new = history[self.cache.offset :]
+        if len(new) == 1:
+            self.logits = decode_one(self.decoder, new[0], self.cache, self.plan, self.embed)
+        elif new:  # after plain decode steps (k = 0) the draft lags by several tokens
+            ids = torch.tensor([new], device=self.decoder.device)
+            embeds = self.embed(ids) if self.embed else None
+            self.logits = prefill(self.decoder, ids, self.cache, self.plan, inputs_embeds=embeds)
+
+    def propose(self, history: list[int], k: int) -> tuple[list[int], list[Dist]]:
+        self._catch_up(history)
+        context, tokens, dists = list(history), [], []
+        for i in range(k):
+            q = sampling_distribution(self.logits, context, self.params)
+            token = draw(q, self.gen)
+            tokens.append(token)
+            dists.append(q)
+            context.append(token)
+            if i + 1 < k:  # the last drafted token is fed next round, if it is kept
+                self.logits = decode_one(self.decoder, token, self.cache, self.plan, self.embed)
+        return tokens, dists
+
+    def rollback(self, kept: int) -> None:
+        """Only the first `kept` tokens of the history are right: forget any drafted after them."""
+        if self.cache is not None and self.cache.offset > kept:
+            _truncate(self.cache, kept)
+            self.logits = None  # the next proposal feeds the target's token first
+
+    def finish(self, history: list[int]) -> None:
+        if self.prompt_cache is not None and self.cache is not None:
+            self.prompt_cache.keep(self.cache, history)
+
+
+def _truncate(cache: Cache, n: int) -> None:
+    # rollbacks are at most MAX_K tokens, well inside the ROLLBACK margin sliding layers keep
+    if not cache.truncate(n):
+        raise RuntimeError(f"cannot roll the KV cache back to {n} tokens")
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing k
+# --------------------------------------------------------------------------------------------
+
+
+class KChooser:
+    """How many tokens to draft next: fixed, or the k in 0..MAX_K with the most expected tokens
+    per second, (1 + a + ... + a^k) / (k * draft_s + verify_s(k + 1)), from the recent acceptance
+    rate a and measured costs (k = 0: one plain decode step). A plain-decoding spell is probed
+    with a draft round after PROBE_GAP plain steps, the gap doubling while plain stays the best."""
+
+    EMA = 0.2  # weight of the newest timing
+    DECAY = 0.9  # weight of older rounds in the acceptance counts
+    START_K = 4
+    PROBE_GAP = 8
+
+    def __init__(self, fixed: int | None = None) -> None:
+        self.fixed = fixed
+        self.accepted, self.rejected = 1.0, 1.0  # prior: a = 0.5
+        self.draft_s: float | None = None  # per drafted token
+        self.plain_s: float | None = None
+        self.verify_s: dict[int, float] = {}  # rows -> seconds
+        self.plain_run, self.gap = 0, self.PROBE_GAP
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def choose(self, limit: int) -> int:
+        """k for the next round, at most `limit` (the tokens still allowed, less the target's own)."""
+        if limit <= 0:
+            return 0
+        if self.fixed is not None:
+            return min(self.fixed, limit)
+        if not self.verify_s:  # measure a draft round first, then a plain step
+            return min(self.START_K, limit)
+        if self.plain_s is None:
+            return 0
+        rates = [self.expected(k) / self.cost(k) for k in range(min(MAX_K, limit) + 1)]
+        best = max(range(len(rates)), key=rates.__getitem__)
+        if best > 0:
+            self.plain_run, self.gap = 0, self.PROBE_GAP
+            return best
+        self.plain_run += 1
+        if self.plain_run < self.gap or len(rates) < 2:
+            return 0
+        self.plain_run, self.gap = 0, 2 * self.gap  # probe: acceptance and costs may have changed
+        return max(range(1, len(rates)), key=rates.__getitem__)
+
+    def expected(self, k: int) -> float:
+        a = min(self.acceptance, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def cost(self, k: int) -> float:
+        if k == 0:
+            return self.plain_s or 0.0
+        return k * (self.draft_s or 0.0) + self._verify(k + 1)
+
+    def _verify(self, rows: int) -> float:
+        """Measured seconds for `rows`, else interpolated between measured neighbours (flat beyond)."""
+        known = self.verify_s
+        if rows in known:
+            return known[rows]
+        below = max((r for r in known if r < rows), default=None)
+        above = min((r for r in known if r > rows), default=None)
+        if below is None or above is None:
+            return known[above if below is None else below]
+        w = (rows - below) / (above - below)
+        return (1 - w) * known[below] + w * known[above]
+
+    def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.accepted = self.DECAY * self.accepted + accepted
+        self.rejected = self.DECAY * self.rejected + (accepted < k)
+        self.draft_s = _ema(self.draft_s, draft_s / k, self.EMA)
+        self.verify_s[k + 1] = _ema(self.verify_s.get(k + 1), verify_s, self.EMA)
+
+    def observe_plain(self, seconds: float) -> None:
+        self.plain_s = _ema(self.plain_s, seconds, self.EMA)
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+# --------------------------------------------------------------------------------------------
+# The decoding loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpeculationStats:
+    draft: str
+    drafted: int = 0
+    accepted: int = 0
+    verifications: int = 0
+    plain_steps: int = 0  # rounds decoded without a draft (k = 0, or nothing to propose)
+    ks: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        v = self.verifications
+        return {
+            "draft": self.draft,
+            "draft_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "verifications": v,
+            "tokens_per_verification": (self.accepted + v) / v if v else 0.0,
+            "plain_decode_steps": self.plain_steps,
+            "mean_draft_k": self.drafted / v if v else 0.0,
+        }
+
+
+@torch.inference_mode()
+def verify_logits(decoder: TextDecoder, cache: Cache, plan: LayerPlan, tokens: list[int], embed: EmbedFn | None):
+    """Float32 logits [len(tokens), V] of `tokens` fed after the cache, appended to it. Every row
+    runs through every layer: unlike prefill, the KV-shared layers cannot skip rows here, because
+    each row's logits are needed to check the draft token after it."""
+    ids = torch.tensor([tokens], device=decoder.device)
+    positions = torch.arange(cache.offset, cache.offset + len(tokens), device=decoder.device)
+    hidden = decoder(ids, positions, plan=plan, cache=cache, inputs_embeds=embed(ids) if embed else None)
+    cache.offset += len(tokens)
+    return decoder.lm_head(hidden[0]).float()
+
+
+class SpeculativeDecoder:
+    """One continuation: the target's cache after the prompt, a drafter, the sampling flags.
+    `round` emits the next tokens: one plain decode step, or a drafted and verified batch."""
+
+    def __init__(
+        self,
+        target: tuple[TextDecoder, Cache, LayerPlan],
+        params: SamplingParams,
+        drafter: Any,
+        chooser: KChooser,
+        gen: torch.Generator,
+        stats: SpeculationStats,
+        embed: EmbedFn | None = None,
+    ) -> None:
+        self.decoder, self.cache, self.plan = target
+        self.params, self.drafter, self.chooser, self.gen, self.stats, self.embed = (
+            params,
+            drafter,
+            chooser,
+            gen,
+            stats,
+            embed,
+        )
+        self.emitted = 0  # tokens emitted so far (error messages name the generated token)
+
+    def first(self, logits: torch.Tensor, history: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """The first generated token, from the prompt's logits."""
+        return [(self._choose(logits, history), logits)]
+
+    @torch.inference_mode()
+    def round(self, history: list[int], limit: int) -> list[tuple[int, torch.Tensor]]:
+        """(token, the target logits it was chosen from) for the tokens after `history`, at most
+        `limit` of them. The target's cache then holds all but the last one."""
+        k = self.chooser.choose(limit - 1)
+        start = time.perf_counter()
+        tokens, drafts = self.drafter.propose(history, k) if k else ([], [])
+        drafted = time.perf_counter()
+        if not tokens:
+            logits = decode_one(self.decoder, history[-1], self.cache, self.plan, self.embed)
+            self.chooser.observe_plain(time.perf_counter() - drafted)
+            self.stats.plain_steps += 1
+            return [(self._choose(logits, history), logits)]
+        rows = verify_logits(self.decoder, self.cache, self.plan, [history[-1], *tokens], self.embed)
+
+        def target(i: int) -> Dist:
+            check_logits(rows[i], self.emitted + i)
+            return sampling_distribution(rows[i], history + tokens[:i], self.params)
+
+        kept, extra = accept(tokens, drafts, target, self.gen)
+        _truncate(self.cache, self.cache.offset - len(tokens) + kept)
+        self.drafter.rollback(len(history) + kept)
+        self.chooser.observe_round(len(tokens), kept, drafted - start, time.perf_counter() - drafted)
+        self.stats.drafted += len(tokens)
+        self.stats.accepted += kept
+        self.stats.verifications += 1
+        self.emitted += kept + 1
+        return [(t, rows[i]) for i, t in enumerate(tokens[:kept])] + [(extra, rows[kept])]
+
+    def _choose(self, logits: torch.Tensor, history: list[int]) -> int:
+        check_logits(logits, self.emitted)
+        self.emitted += 1
+        return draw(sampling_distribution(logits, history, self.params), self.gen)
+
+
+def speculative_tokens(
+    spec: SpeculativeDecoder,
+    logits: torch.Tensor,
+    prompt: Prompt,
+    *,
+    max_tokens: int,
+    stats: StepStats,
+    observe: Observer | None = None,
+) -> Iterator[int]:
+    """Like generate.decode_tokens, with drafts: token ids from `logits` (after the prompt in
+    the target's cache) on; the caches go back to the prompt's PromptCache however the consumer
+    stops. `observe(logits, token)` sees each token before it is yielded (log-probabilities)."""
+    max_tokens = min(max_tokens, prompt.room(spec.plan.config))
+    history = list(prompt.ids)
+    stats.speculation = spec.stats
+    t0, t1, count = stats.start or time.perf_counter(), 0.0, 0
+    try:
+        batch = spec.first(logits, history) if max_tokens > 0 else []
+        while batch:
+            history += [token for token, _ in batch]  # all first: the cache already holds some of them
+            for token, row in batch:
+                if observe is not None:
+                    observe(row, token)
+                now = time.perf_counter()
+                if count == 0:
+                    stats.prompt_seconds, t1 = now - t0, now
+                else:
+                    stats.generation_seconds = now - t1
+                count += 1
+                stats.generated_tokens = count
+                yield token
+            batch = spec.round(history, max_tokens - count) if count < max_tokens else []
+    finally:  # also when the consumer stops early (a stop string, a closed stream)
+        spec.drafter.finish(history)
+        if prompt.reuses_cache:
+            prompt.prompt_cache.keep(spec.cache, history)
+
+
+# --------------------------------------------------------------------------------------------
+# The request: what drafts, validated before any work
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Drafting:
+    """A validated draft: `decoder`/`plan` None for prompt lookup; `k` None adapts it."""
+
+    name: str
+    k: int | None = None
+    decoder: TextDecoder | None = None
+    plan: LayerPlan | None = None
+    embed: EmbedFn | None = None
+
+    def tokens(
+        self,
+        target: tuple[TextDecoder, Cache, LayerPlan],
+        logits: torch.Tensor,
+        params: SamplingParams,
+        prompt: Prompt,
+        *,
+        max_tokens: int,
+        stats: StepStats,
+        embed: EmbedFn | None = None,
+        observe: Observer | None = None,
+    ) -> Iterator[int]:
+        """The continuation's token ids (see `speculative_tokens`)."""
+        gen = torch.Generator()
+        gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
+        spec = SpeculativeDecoder(
+            target, params, self.drafter(prompt, params, gen), KChooser(self.k), gen, SpeculationStats(self.name), embed
+        )
+        return speculative_tokens(spec, logits, prompt, max_tokens=max_tokens, stats=stats, observe=observe)
+
+    def drafter(self, prompt: Prompt, params: SamplingParams, gen: torch.Generator) -> Any:
+        if self.decoder is None:
+            return NgramDrafter()
+        if prompt.inputs_embeds is not None and prompt.inputs_embeds.shape[-1] != self.decoder.config.hidden_size:
+            raise InputError(
+                f"the draft model's hidden size ({self.decoder.config.hidden_size}) differs from the target's "
+                f"({prompt.inputs_embeds.shape[-1]}): it cannot take this multimodal prompt's embeddings"
+            )
+        return ModelDrafter(self.decoder, self.plan, prompt, params, gen, self.embed)
+
+
+def check_draft_k(k: Any) -> int | None:
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InputError(f"draft_k must be None (adaptive) or an integer in [1, {MAX_K}], got {k!r}")
+    return k
+
+
+def drafting(model: Any, plan: LayerPlan, draft: Any, draft_k: Any = None, draft_model: Any = None) -> Drafting | None:
+    """The draft a request asks for, checked against the model and the size it runs (`plan`);
+    None without one. `draft`: "ngram", or a size of `draft_model` (default: the model itself,
+    where it must be smaller than `plan`); `draft_model`: another loaded model with the same
+    vocabulary (its full size unless `draft` names one)."""
+    k = check_draft_k(draft_k)
+    if draft is None and draft_model is None:
+        if k is not None:
+            raise InputError("draft_k sets how many tokens a draft proposes: it needs draft (a size or 'ngram')")
+        return None
+    if isinstance(draft, str) and draft.strip().lower() == NGRAM:
+        if draft_model is not None:
+            raise InputError("draft='ngram' drafts from the prompt's own tokens: it takes no draft_model")
+        return Drafting(NGRAM, k)
+    source = model if draft_model is None else draft_model
+    if source is not model:
+        _check_compatible(model, source)
+    draft_plan = source.plan(draft)
+    if source is model:
+        _check_smaller(draft, draft_plan, plan)
+    name = draft if isinstance(draft, str) else draft_plan.key
+    if source is not model:
+        name = f"{source.name}" + (f":{name}" if draft is not None else "")
+    return Drafting(name, k, source.decoder, draft_plan, source.embed_ids)
+
+
+def _check_smaller(draft: Any, draft_plan: LayerPlan, plan: LayerPlan) -> None:
+    """A MatFormer draft must cost less than the size it drafts for, or it only adds work."""
+    from .matformer import format_params
+
+    ours, theirs = effective_params(draft_plan.config), effective_params(plan.config)
+    if draft_plan.key == plan.key or ours >= theirs:
+        raise InputError(
+            f"draft size {draft!r} ({format_params(ours)} effective parameters) is not smaller than the size "
+            f"it drafts for ({format_params(theirs)}); pick a smaller size (model.sizes() lists them) or 'ngram'"
+        )
+
+
+def _check_compatible(model: Any, draft_model: Any) -> None:
+    """A separate draft model must speak the same token ids."""
+    ours, theirs = model.config.text.vocab_size, draft_model.config.text.vocab_size
+    if ours != theirs or model.tokenizer.vocab_size != draft_model.tokenizer.vocab_size:
+        raise InputError(
+            f"draft_model has another vocabulary ({theirs} ids vs {ours}): a draft must use the target's tokenizer"
+        )
+    if draft_model.decoder.device != model.decoder.device:
+        raise InputError(
+            f"draft_model is on {draft_model.decoder.device} but the model on {model.decoder.device}: load both "
+            "on the same device"
+        )
