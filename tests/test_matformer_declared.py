@@ -21,7 +21,7 @@ from gemma3n.cli import main
 from gemma3n.config import load_config
 from gemma3n.errors import CheckpointError, InputError
 from gemma3n.info import describe
-from gemma3n.server import _model_ids
+from gemma3n.server.routes import _model_ids
 
 IDS = torch.tensor([[2, 5, 6, 7, 8, 9]])
 
