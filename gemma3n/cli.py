@@ -45,7 +45,27 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _add_draft_args(p)
     p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory at the end")
+
+
+def _add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft",
+        default=None,
+        metavar="SIZE|ngram",
+        help="speculative decoding, same output: a smaller MatFormer size of the model drafts (e.g. E2B "
+        "inside E4B; no copy), or 'ngram' (drafts looked up in the prompt and reply)",
+    )
+    p.add_argument(
+        "--draft-k", type=int, default=None, help="tokens drafted per check, 1-7 (default: adapted as it runs)"
+    )
+    p.add_argument(
+        "--draft-quantize",
+        default=None,
+        metavar="int8|int4[:GROUP]",
+        help="draft with a copy of the model quantized at load (at --draft's size; default the full size)",
+    )
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict:
@@ -59,6 +79,9 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
         seed=a.seed,
         stop=a.stop,
         size=a.size,
+        draft=a.draft,
+        draft_k=a.draft_k,
+        draft_model=getattr(a, "draft_model", None),
     )
 
 
@@ -74,6 +97,8 @@ def _load(a: argparse.Namespace):
             threads = 1
     if threads:
         torch.set_num_threads(threads)
+    if getattr(a, "draft_quantize", None):  # the draft reads the same files, quantized on the way in
+        a.draft_model = load(a.model, device=a.device, dtype=a.dtype, quantize=a.draft_quantize)
     return model
 
 
@@ -90,6 +115,17 @@ def _print_stream(pieces, verbose: bool) -> None:
             f"prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tok/s | "
             f"generation: {s['generated_tokens']} tokens, {s['generation_tps']:.1f} tok/s | "
             f"peak memory {s['peak_memory_gb']:.2f} GB | finish: {last.finish_reason}",
+            file=sys.stderr,
+        )
+        _print_draft_stats(s)
+
+
+def _print_draft_stats(s: dict) -> None:
+    if "draft" in s:
+        print(
+            f"draft {s['draft']}: {s['acceptance_rate']:.0%} of {s['draft_tokens']} drafted tokens accepted, "
+            f"{s['tokens_per_verification']:.2f} tokens per verification ({s['verifications']} verifications, "
+            f"{s['plain_decode_steps']} plain decode steps)",
             file=sys.stderr,
         )
 
@@ -116,6 +152,7 @@ def _check_args(a: argparse.Namespace) -> None:
     """Text options from argv before anything loads: bytes that are not UTF-8 arrive as lone
     surrogates (surrogateescape) and would fail deep in the tokenizer."""
     from .generate import check_max_tokens, sampling_params
+    from .speculative import NGRAM, check_draft_k
     from .tokenizer import check_text
 
     check_max_tokens(a.max_tokens)  # the sampling flags too, before the model loads
@@ -133,6 +170,11 @@ def _check_args(a: argparse.Namespace) -> None:
             check_text(value, flag)
     for s in a.stop or []:
         check_text(s, "--stop")
+    check_draft_k(a.draft_k)
+    if a.draft_k is not None and a.draft is None and a.draft_quantize is None:
+        raise InputError("--draft-k sets how many tokens a draft proposes: it needs --draft")
+    if a.draft_quantize is not None and (a.draft or "").strip().lower() == NGRAM:
+        raise InputError("--draft ngram drafts from the text itself: it takes no --draft-quantize")
 
 
 def _response_format(a: argparse.Namespace) -> dict | None:
@@ -233,6 +275,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
                 f"TTFT {s['ttft_s']:.2f} s | generation: {s['generation_tps']:.1f} tok/s",
                 file=sys.stderr,
             )
+            _print_draft_stats(s)
         history.append({"role": "assistant", "content": "".join(reply)})
 
 

@@ -343,3 +343,21 @@ def test_an_image_prompt_reaches_the_draft(mm_checkpoint):
     result = target.generate(messages=messages, temperature=0, max_tokens=12, draft_model=same, draft_k=3)
     assert result.token_ids == base.token_ids
     assert result.stats["acceptance_rate"] > 0.8
+
+
+# --------------------------------------------------------------------------------- command line
+
+
+def test_cli_draft_flags(capsys):
+    from gemma3n.cli import main
+
+    args = ["generate", "--raw", "--prompt", "Blessed are the", "--max-tokens", "24", "--temp", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--draft", "E2B-like", "--draft-k", "3", "--verbose"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "draft E2B-like:" in out.err and "tokens per verification" in out.err
+    assert main([*args, "--draft", "ngram", "--draft-quantize", "int8"]) == 2
+    assert main([*args, "--draft-k", "3"]) == 2
+    assert main([*args, "--draft", "E2B-like", "--draft-k", "8"]) == 2
+    assert "draft_k" in capsys.readouterr().err
