@@ -152,7 +152,6 @@ def _check_args(a: argparse.Namespace) -> None:
     """Text options from argv before anything loads: bytes that are not UTF-8 arrive as lone
     surrogates (surrogateescape) and would fail deep in the tokenizer."""
     from .generate import check_max_tokens, sampling_params
-    from .speculative import NGRAM, check_draft_k
     from .tokenizer import check_text
 
     check_max_tokens(a.max_tokens)  # the sampling flags too, before the model loads
@@ -170,6 +169,12 @@ def _check_args(a: argparse.Namespace) -> None:
             check_text(value, flag)
     for s in a.stop or []:
         check_text(s, "--stop")
+    _check_draft_args(a)
+
+
+def _check_draft_args(a: argparse.Namespace) -> None:
+    from .speculative import NGRAM, check_draft_k
+
     check_draft_k(a.draft_k)
     if a.draft_k is not None and a.draft is None and a.draft_quantize is None:
         raise InputError("--draft-k sets how many tokens a draft proposes: it needs --draft")
@@ -323,6 +328,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     for flag, value in (("--max-audio-mb", a.max_audio_mb), ("--max-audio-seconds", a.max_audio_seconds)):
         if not value > 0:  # also NaN
             raise InputError(f"{flag} must be more than 0, not {value:g}")
+    _check_draft_args(a)
     model = _load(a)
     serve(
         model,
@@ -335,6 +341,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
         model_id=a.model_id,
         max_audio_bytes=int(a.max_audio_mb * 2**20),
         max_audio_seconds=a.max_audio_seconds,
+        draft=a.draft,
+        draft_k=a.draft_k,
+        draft_model=getattr(a, "draft_model", None),
     )
 
 
@@ -456,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on the K/V those conversations hold between requests, in MiB (default: no cap)",
     )
     s.add_argument("--model-id", default=None, help="id of the full model in /v1/models (default: its name)")
+    _add_draft_args(s)  # a default for every request where it applies; a request's "draft" overrides it
     s.add_argument("--max-audio-mb", type=float, default=25, help="largest audio upload, MiB (default 25; more: 413)")
     s.add_argument(
         "--max-audio-seconds", type=float, default=7200, help="longest audio to transcribe (default 7200; more: 400)"

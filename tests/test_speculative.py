@@ -361,3 +361,63 @@ def test_cli_draft_flags(capsys):
     assert main([*args, "--draft-k", "3"]) == 2
     assert main([*args, "--draft", "E2B-like", "--draft-k", "8"]) == 2
     assert "draft_k" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- server
+
+
+@pytest.fixture(scope="module")
+def drafting_server(model):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from gemma3n.server import BackgroundServer, create_app
+
+    calls: list[dict] = []
+    stream = model.stream
+
+    def spy(*args, **kw):  # what reached the model
+        calls.append(kw)
+        return stream(*args, **kw)
+
+    model.stream = spy
+    try:
+        with BackgroundServer(create_app(model, draft="E2B-like", draft_k=3)) as srv:
+            yield srv, calls
+    finally:
+        del model.stream
+
+
+def _complete(server, **body):
+    import httpx
+
+    return httpx.post(f"{server.base_url}/completions", json={"prompt": "Blessed are the", **body}, timeout=60)
+
+
+def test_server_default_draft_and_per_request_field(drafting_server, model):
+    server, calls = drafting_server
+    greedy = dict(temperature=0, max_tokens=16)
+    plain = model.generate("Blessed are the", **greedy).text
+    reply = _complete(server, **greedy)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == plain
+    assert calls[-1]["draft"] == "E2B-like" and calls[-1]["draft_k"] == 3  # the server's --draft
+    assert _complete(server, draft="ngram", draft_k=2, **greedy).json()["choices"][0]["text"] == plain
+    assert calls[-1]["draft"] == "ngram" and calls[-1]["draft_k"] == 2
+    assert _complete(server, draft="none", **greedy).status_code == 200
+    assert "draft" not in calls[-1]
+    # where the server's draft does not apply, requests run without it: its own size, a grammar
+    assert _complete(server, model="gemma3n-E2B-like", **greedy).status_code == 200
+    assert "draft" not in calls[-1] and calls[-1]["size"] == "E2B-like"
+    assert _complete(server, response_format={"type": "json_object"}, **greedy).status_code == 200
+    assert "draft" not in calls[-1]
+
+
+def test_server_draft_errors(drafting_server, model):
+    from gemma3n.server import create_app
+
+    server, _ = drafting_server
+    bad = _complete(server, draft="E9B", max_tokens=4)
+    assert bad.status_code == 400 and "E9B" in bad.json()["error"]["message"]
+    assert _complete(server, draft="E2B-like", draft_k=8, max_tokens=4).status_code == 400
+    assert _complete(server, draft=3, max_tokens=4).status_code == 400
+    with pytest.raises(InputError, match="not smaller"):
+        create_app(model, draft={"skip": []})

@@ -17,7 +17,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemma3n.cache import PromptCache
-from gemma3n.tools import call_schema, check_tools
+from gemma3n.errors import InputError
+from gemma3n.speculative import drafting
+from gemma3n.tools import call_schema, check_tools, reply_form
 
 from .audio import DEFAULT_MAX_AUDIO_BYTES, DEFAULT_MAX_AUDIO_SECONDS, add_speech_routes
 from .engine import _END, Work, _ClientGone, _Engine, _next_event
@@ -66,6 +68,9 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     max_audio_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
+    draft: Any = None,
+    draft_k: int | None = None,
+    draft_model: Any = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `gemma3n.load()` result or any object with
     `stream`, `sizes`, `name`, `has_audio`, `has_vision`). Every elastic size is its own model id;
@@ -75,8 +80,13 @@ def create_app(
     conversations keep their K/V between requests (0: none; at most `prompt_cache_bytes` in all,
     if given), see `gemma3n.PromptCache`; clients
     can tell from `cached_tokens` or latency that a prefix was sent recently, so use 0 where they
-    must not learn about each other."""
+    must not learn about each other. `draft` / `draft_k` / `draft_model`: speculative decoding for
+    every request where it applies (see `Model.stream`); a request's own `draft` overrides it."""
     ids = _model_ids(model, model_id, sizes)
+    server_draft = None
+    if draft is not None or draft_model is not None:
+        drafting(model, model.plan(None), draft, draft_k, draft_model)  # a bad --draft fails here
+        server_draft = {"draft": draft, "draft_k": draft_k, "draft_model": draft_model}
     default_id = next(iter(ids))
     aliases = {size: mid for mid, size in ids.items() if isinstance(size, str)}  # "E2B" -> "gemma3n-E2B"
     created = int(time.time())
@@ -178,7 +188,7 @@ def create_app(
         if size is not None:
             gen_kwargs["size"] = size
         choices = _choices(kind, gen_kwargs)
-        job = engine.submit(_generation(inputs, gen_kwargs))
+        job = engine.submit(_generation(inputs, gen_kwargs, server_draft))
         stamp = int(time.time())
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": stamp}
         head.update(model=model_name)
@@ -250,15 +260,38 @@ def _choices(kind: str, gen_kwargs: dict[str, Any]) -> ChoiceSet:
     return ChoiceSet(kind, functions or None, forced, bool(gen_kwargs.get("logprobs")))
 
 
-def _generation(inputs: list[dict[str, Any]], gen_kwargs: dict[str, Any]) -> Work:
+def _generation(
+    inputs: list[dict[str, Any]], gen_kwargs: dict[str, Any], server_draft: dict[str, Any] | None = None
+) -> Work:
     """The worker's part: every input's continuations, as (choice index, input number, piece)."""
     n = gen_kwargs.get("n", 1)
 
     def work(model: Any, prompt_cache: PromptCache | None) -> Iterator[tuple[int, int, Any]]:
+        kwargs = _with_draft(model, gen_kwargs, server_draft)
         for number, given in enumerate(inputs):
             # closed here however the consumer stops: generation ends, the cache goes back
-            with closing(model.stream(**given, **gen_kwargs, prompt_cache=prompt_cache)) as pieces:
+            with closing(model.stream(**given, **kwargs, prompt_cache=prompt_cache)) as pieces:
                 for piece in pieces:
                     yield number * n + getattr(piece, "choice", 0), number, piece
 
     return work
+
+
+def _with_draft(model: Any, gen_kwargs: dict[str, Any], server_draft: dict[str, Any] | None) -> dict[str, Any]:
+    """The request's own draft ("none": no draft); else the server's where it applies: a draft
+    smaller than the requested size and a reply no grammar constrains. Runs on the worker thread
+    (it reads the model's sizes)."""
+    kw = dict(gen_kwargs)
+    if kw.get("draft") == "none":
+        del kw["draft"]
+        return kw
+    if "draft" in kw or server_draft is None:
+        return kw
+    if reply_form([], kw.get("response_format"), kw.get("tools"), kw.get("tool_choice"))[1] is not None:
+        return kw  # a grammar constrains the reply: drafts cannot follow it
+    candidate = server_draft | ({"draft_k": kw["draft_k"]} if "draft_k" in kw else {})
+    try:
+        drafting(model, model.plan(kw.get("size")), **candidate)
+    except InputError:  # e.g. a request for the draft's own size: decode without one
+        return kw
+    return kw | candidate

@@ -34,8 +34,12 @@ def serve(
     model_id: str | None = None,
     sizes: Mapping[str, Any] | None = None,
     log_level: str = "info",
+    draft: Any = None,
+    draft_k: int | None = None,
+    draft_model: Any = None,
 ) -> None:
-    """Serve until interrupted. `model` is a loaded model, or a path / hub id (None: embedded)."""
+    """Serve until interrupted. `model` is a loaded model, or a path / hub id (None: embedded).
+    `draft` / `draft_k` / `draft_model`: speculative decoding by default (see `create_app`)."""
     import uvicorn
 
     if model is None or isinstance(model, str):
@@ -54,7 +58,8 @@ def serve(
         "max_audio_seconds": max_audio_seconds,
     }
     hosts = LOOPBACK_HOSTS if loopback else None
-    app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits)
+    drafts = {"draft": draft, "draft_k": draft_k, "draft_model": draft_model}
+    app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits, **drafts)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gemma3n.errors import Gemma3nError
 from gemma3n.logprobs import MAX_TOP_LOGPROBS
 from gemma3n.model import MAX_N
+from gemma3n.speculative import MAX_K
 from gemma3n.structured import SchemaError
 from gemma3n.tools import reply_form
 
@@ -210,6 +211,10 @@ class _Sampling(_Base):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: ResponseFormat | None = None
+    # extensions (speculative decoding, same output): "ngram", a smaller size of the model, or
+    # "none" to decode without the server's --draft; draft_k fixes the tokens drafted per check
+    draft: str | None = None
+    draft_k: int | None = Field(None, ge=1, le=MAX_K)
 
     def generation_kwargs(self) -> dict[str, Any]:
         """What the model's `stream` gets; options left at their defaults are not passed."""
@@ -227,6 +232,9 @@ class _Sampling(_Base):
             kw["response_format"] = self.response_format.model_dump(exclude_none=True)
         if self.n > 1:
             kw["n"] = self.n
+        for name in ("draft", "draft_k"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
         return kw
 
     @property
