@@ -11,6 +11,8 @@ run on the loaded weight through these views, without copying it. Quantized laye
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,14 +84,20 @@ def matmul(x: torch.Tensor, w: torch.Tensor, rows: Rows = None, cols: int | None
     return F.linear(x, converted(wv, x.dtype))
 
 
-def converted(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`w` in `dtype`, written into a scratch buffer reused across calls: a fresh allocation
-    per call page-faults and costs 5x more than the copy itself (measured)."""
-    key = (dtype, w.device)
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A [shape] view of a buffer reused across calls (one per dtype and device): a fresh
+    allocation per matmul page-faults and costs 5x more than filling it (measured)."""
+    n = math.prod(shape)
+    key = (dtype, torch.device(device))
     buf = _scratch.get(key)
-    if buf is None or buf.numel() < w.numel():
-        buf = _scratch[key] = torch.empty(w.numel(), dtype=dtype, device=w.device)
-    return buf[: w.numel()].view(w.shape).copy_(w)
+    if buf is None or buf.numel() < n:
+        buf = _scratch[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def converted(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`w` in `dtype`, written into the scratch buffer."""
+    return scratch(tuple(w.shape), dtype, w.device).copy_(w)
 
 
 class Linear(nn.Linear):

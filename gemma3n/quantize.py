@@ -43,7 +43,7 @@ from torch import nn
 from . import kernels
 from .errors import CheckpointError, ConfigError, InputError
 from .hardware import gemm_dtype
-from .layers import DECODE_ROWS, as_dtype, converted
+from .layers import DECODE_ROWS, as_dtype, converted, scratch
 
 DEFAULT_KEEP = (
     "*norm*",
@@ -294,12 +294,21 @@ def _row_range(w: QTensor, a: int, b: int) -> QTensor:
 
 
 def _prefill_block(x: torch.Tensor, w: QTensor, dtype: torch.dtype) -> torch.Tensor:
-    """x (in the GEMM dtype) times one row block, dequantized into a reused scratch buffer.
-    int8 codes convert exactly (|q| <= 127 fits bf16's 8 significant bits), and the per-row
-    scale multiplies the output instead of every weight."""
-    if w.bits == 8:
-        return F.linear(x, converted(w.q, dtype)).float().mul_(w.scales.float())
-    return F.linear(x, converted(dequantize_int4(w.q, w.scales), dtype)).float()
+    """x (in the GEMM dtype) times one row block, dequantized into a reused scratch buffer (by
+    the native kernels when built: one pass, no fp32 temporaries). int8 codes convert exactly
+    (|q| <= 127 fits bf16's 8 significant bits), and the per-row scale multiplies the output
+    instead of every weight."""
+    native = kernels.loaded()
+    if native is not None:
+        out = scratch(w.shape, dtype)
+        if w.bits == 8:
+            native.dequantize_int8(w.q, out)
+        else:
+            native.dequantize_int4(w.q, w.scales, w.group, out)
+    else:
+        out = converted(w.q if w.bits == 8 else dequantize_int4(w.q, w.scales), dtype)
+    y = F.linear(x, out).float()
+    return y.mul_(w.scales.float()) if w.bits == 8 else y
 
 
 # --- PyTorch's kernels: the path without a compiler ---------------------------------------

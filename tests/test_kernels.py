@@ -130,3 +130,18 @@ def test_bad_arguments_are_errors_not_reads(native):
         native.linear_bf16(torch.randn(1, 31), w, None, 0)
     with pytest.raises(RuntimeError, match="must be a 2-D CPU tensor"):
         native.linear_int8(torch.randn(1, 32), w, torch.ones(8).bfloat16(), None, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_for_prefill(native, dtype):
+    """A prefill's weight blocks: int8 codes as numbers, int4 (q - 8)·scale + zero, in place."""
+    w = torch.randn(48, 256, generator=GEN)
+    q8, _ = qz.quantize_int8(w)
+    q4, sz = qz.quantize_int4(w, 64)
+    out = torch.empty(48, 256, dtype=dtype)
+    native.dequantize_int8(q8, out)
+    assert torch.equal(out.float(), q8.float())  # exact in bf16 too: |q| <= 127
+    native.dequantize_int4(q4, sz, 64, out)
+    torch.testing.assert_close(out.float(), qz.dequantize_int4(q4, sz).to(dtype).float(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="out must be"):
+        native.dequantize_int8(q8, torch.empty(48, 255))

@@ -803,6 +803,72 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor sz, in
               isa);
 }
 
+// The weights of a prefill, dequantized into a caller's buffer [N, K] (fp32 or bf16): a prefill
+// multiplies many activation rows, so it runs a GEMM over dequantized blocks. int8 codes are
+// written as they are (the caller scales the GEMM's output per row); int4 as (q - 8)·scale + zero.
+void check_out(const torch::Tensor& out, int64_t N, int64_t K) {
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == K &&
+                  (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16),
+              "gemma3n kernels: out must be a contiguous fp32 or bf16 [", N, ", ", K, "] tensor");
+}
+
+template <typename Store>
+void codes_to(const torch::Tensor& q, bool nibbles, const uint16_t* sz, int64_t sld, int64_t group, int64_t N,
+              int64_t K, Store store) {
+  const int64_t ld = q.stride(0);
+  const uint8_t* base = static_cast<const uint8_t*>(q.data_ptr());
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K)), [&](int64_t a, int64_t b) {
+    std::vector<float> row(K);
+    for (int64_t n = a; n < b; ++n) {
+      const uint8_t* src = base + n * ld;
+      if (!nibbles) {
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(static_cast<int8_t>(src[k]));
+      } else {
+        const uint16_t* pairs = sz + 2 * n * sld;
+        for (int64_t g = 0; g < K / group; ++g) {
+          const float s = bf16_to_float(pairs[2 * g]), z = bf16_to_float(pairs[2 * g + 1]);
+          for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+            const uint8_t byte = src[k / 2];
+            row[k] = (static_cast<float>(byte & 15) - 8.f) * s + z;
+            row[k + 1] = (static_cast<float>(byte >> 4) - 8.f) * s + z;
+          }
+        }
+      }
+      store(n, row.data());
+    }
+  });
+}
+
+void dequantize_into(const torch::Tensor& q, bool nibbles, const uint16_t* sz, int64_t sld, int64_t group,
+                     torch::Tensor out) {
+  const int64_t N = out.size(0), K = out.size(1);
+  if (out.scalar_type() == torch::kFloat32) {
+    float* dst = out.data_ptr<float>();
+    codes_to(q, nibbles, sz, sld, group, N, K, [&](int64_t n, const float* row) { std::copy(row, row + K, dst + n * K); });
+  } else {
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+    codes_to(q, nibbles, sz, sld, group, N, K, [&](int64_t n, const float* row) {
+      for (int64_t k = 0; k < K; ++k) dst[n * K + k] = float_to_bf16(row[k]);
+    });
+  }
+}
+
+void dequantize_int8(torch::Tensor q, torch::Tensor out) {
+  check_weight(q, torch::kInt8, "int8 weight");
+  check_out(out, q.size(0), q.size(1));
+  dequantize_into(q, false, nullptr, 0, 0, out);
+}
+
+void dequantize_int4(torch::Tensor q, torch::Tensor sz, int64_t group, torch::Tensor out) {
+  check_weight(q, torch::kUInt8, "int4 weight");
+  const int64_t K = 2 * q.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0 && sz.scalar_type() == torch::kBFloat16 && sz.dim() == 3 &&
+                  sz.size(0) == q.size(0) && sz.size(1) == K / group && sz.stride(2) == 1 && sz.stride(1) == 2,
+              "gemma3n kernels: bad int4 scales");
+  check_out(out, q.size(0), K);
+  dequantize_into(q, true, reinterpret_cast<const uint16_t*>(sz.data_ptr()), sz.stride(0) / 2, group, out);
+}
+
 std::string isa_name(int64_t isa) {
   switch (resolve_isa(isa)) {
     case AVX512_BF16: return "avx512bf16";
@@ -850,6 +916,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "y [M, N] fp32 = x [M, K] @ W[rows]^T, W bf16 (strided view)");
   m.def("linear_int8", &linear_int8, "y = x @ (q * scale[:, None])[rows]^T, q int8, one bf16 scale per row");
   m.def("linear_int4", &linear_int4, "y = x @ dequant_int4(q, sz)[rows]^T, groups of `group` input columns");
+  m.def("dequantize_int8", &dequantize_int8, "out[N, K] (fp32 or bf16) = q as numbers (scales not applied)");
+  m.def("dequantize_int4", &dequantize_int4, "out[N, K] (fp32 or bf16) = (q - 8) * scale + zero by groups");
   m.def("isa_name", &isa_name, "the body a given ISA level (0 = the best) runs on this CPU");
   m.def(
       "activation_form",
