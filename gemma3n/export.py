@@ -57,10 +57,12 @@ from .quantize import (
     QuantConfig,
     _chunked,
     _from_tensor,
+    describe_unfit,
     plan_modules,
     quantize_int4,
     quantize_int8,
     stored_config,
+    unfit_modules,
 )
 
 # The data section of a shard starts at a multiple of this (file offset, so also in memory once
@@ -880,4 +882,16 @@ def quantize_checkpoint(
         _write_file(tmp / "config.json", json.dumps(config, indent=2))
     shards = len(split_shards(entries, max_shard_bytes))
     log(f"quantized {done} tensors ({qc.name}) -> {target} ({shards} shard(s))")
+    unfit = _unfit(ckpt, qc)
+    if unfit:
+        log(describe_unfit(unfit, qc))
     return target
+
+
+def _unfit(ckpt: Any, qc: QuantConfig) -> dict[str, str]:
+    """The weights `qc` would cover but that stay in high precision (reported to the user)."""
+    from .text import TextDecoder
+
+    with torch.device("meta"):
+        decoder = TextDecoder(ckpt.config.text)
+    return unfit_modules(decoder, qc)
