@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,12 +468,16 @@ def unfit_modules(decoder: nn.Module, qc: QuantConfig) -> dict[str, str]:
 
 
 def describe_unfit(unfit: dict[str, str], qc: QuantConfig) -> str:
-    """One line for the user: which weights stay in high precision under `qc`, and why."""
-    names = sorted(unfit)
-    shown = "; ".join(f"{n} ({unfit[n]})" for n in names[:3])
-    if len(names) > 3:
-        shown += f"; and {len(names) - 3} more"
-    return f"{len(names)} weight(s) kept in high precision under {qc.name}: {shown}"
+    """One line for the user: which weights stay in high precision under `qc`, and why (several
+    layers' same weight for the same reason grouped as `layers.*.NAME xN`)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, why in unfit.items():
+        groups.setdefault((re.sub(r"^layers\.\d+\.", "layers.*.", name), why), []).append(name)
+    parts = [
+        f"{pattern} x{len(names)} ({why})" if len(names) > 1 else f"{names[0]} ({why})"
+        for (pattern, why), names in sorted(groups.items())
+    ]
+    return f"{len(unfit)} weight(s) kept in high precision under {qc.name}: " + "; ".join(parts)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
