@@ -130,6 +130,8 @@ class NgramDrafter:
     Deterministic (point masses). An index of every n-gram's latest continuation grows with the
     history, so a lookup costs O(1) however long the prompt."""
 
+    setup_s = 0.0  # nothing to prepare (see ModelDrafter.setup_s)
+
     def __init__(self, max_n: int = 4, min_n: int = 2) -> None:
         self.sizes = range(max_n, min_n - 1, -1)
         self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
@@ -191,6 +193,9 @@ class ModelDrafter:
         )
         self.cache: Cache | None = None
         self.logits: torch.Tensor | None = None  # after the last token fed to the cache
+        # seconds spent prefilling (the prompt, tokens missed during plain steps): one-off costs
+        # that must not count as the price of each drafted token when choosing k
+        self.setup_s = 0.0
         self.prompt_cache = draft_prompt_cache(prompt.prompt_cache, decoder) if prompt.reuses_cache else None
 
     def _start(self) -> None:
@@ -211,15 +216,18 @@ class ModelDrafter:
         )
 
     def _catch_up(self, history: list[int]) -> None:
+        start = time.perf_counter()
         if self.cache is None:
             self._start()
         new = history[self.cache.offset :]
-        if len(new) == 1:
+        if len(new) == 1:  # the target's own token of the last round: part of every round's price
+            self.setup_s += time.perf_counter() - start
             self.logits = decode_one(self.decoder, new[0], self.cache, self.plan, self.embed)
         elif new:  # after plain decode steps (k = 0) the draft lags by several tokens
             ids = torch.tensor([new], device=self.decoder.device)
             embeds = self.embed(ids) if self.embed else None
             self.logits = prefill(self.decoder, ids, self.cache, self.plan, inputs_embeds=embeds)
+            self.setup_s += time.perf_counter() - start
 
     def propose(self, history: list[int], k: int) -> tuple[list[int], list[Dist]]:
         self._catch_up(history)
@@ -260,12 +268,13 @@ class KChooser:
     """How many tokens to draft next: fixed, or the k in 0..MAX_K with the most expected tokens
     per second, (1 + a + ... + a^k) / (k * draft_s + verify_s(k + 1)), from the recent acceptance
     rate a and measured costs (k = 0: one plain decode step). A plain-decoding spell is probed
-    with a draft round after PROBE_GAP plain steps, the gap doubling while plain stays the best."""
+    with a draft round after PROBE_GAP plain steps, the gap doubling while plain stays the best,
+    unless no draft could pay even if every drafted token were kept (then it stays plain)."""
 
     EMA = 0.2  # weight of the newest timing
     DECAY = 0.9  # weight of older rounds in the acceptance counts
     START_K = 4
-    PROBE_GAP = 8
+    PROBE_GAP = 16
 
     def __init__(self, fixed: int | None = None) -> None:
         self.fixed = fixed
@@ -295,7 +304,8 @@ class KChooser:
             self.plain_run, self.gap = 0, self.PROBE_GAP
             return best
         self.plain_run += 1
-        if self.plain_run < self.gap or len(rates) < 2:
+        ceiling = [(k + 1) / self.cost(k) for k in range(1, len(rates))]  # every drafted token kept
+        if self.plain_run < self.gap or max(ceiling, default=0.0) <= rates[0]:
             return 0
         self.plain_run, self.gap = 0, 2 * self.gap  # probe: acceptance and costs may have changed
         return max(range(1, len(rates)), key=rates.__getitem__)
@@ -409,9 +419,10 @@ class SpeculativeDecoder:
         """(token, the target logits it was chosen from) for the tokens after `history`, at most
         `limit` of them. The target's cache then holds all but the last one."""
         k = self.chooser.choose(limit - 1)
-        start = time.perf_counter()
+        start, setup = time.perf_counter(), self.drafter.setup_s
         tokens, drafts = self.drafter.propose(history, k) if k else ([], [])
         drafted = time.perf_counter()
+        start += self.drafter.setup_s - setup  # one-off prefills are not the drafted tokens' price
         if not tokens:
             logits = decode_one(self.decoder, history[-1], self.cache, self.plan, self.embed)
             self.chooser.observe_plain(time.perf_counter() - drafted)

@@ -129,16 +129,20 @@ def test_prompt_cache_keeps_target_and_draft_caches(model, passage):
     assert second.token_ids == _greedy(model, follow, max_tokens=32).token_ids
 
 
-def test_a_plain_spell_falls_back_and_probes():
-    """Adaptive k: plain decoding where checking costs more than it gains, drafts where it pays,
-    and a probe now and then while plain decoding wins; a fixed k stays fixed within the limit."""
-    chooser = KChooser()
-    assert chooser.choose(10) == KChooser.START_K
-    chooser.observe_round(4, 1, draft_s=4 * 0.7, verify_s=6.0)  # a tiny model: 8 rows cost 6 steps
-    assert chooser.choose(10) == 0  # a plain step is measured next
-    chooser.observe_plain(1.0)
-    ks = [chooser.choose(10) for _ in range(40)]
-    assert ks.count(0) >= 36 and any(ks)  # mostly plain, with probes
+def test_k_adapts_to_costs_and_acceptance():
+    """Adaptive k: plain decoding where checking costs more than it could ever gain, probes now and
+    then where a better acceptance would pay, drafts where it pays; a fixed k stays within the limit."""
+    hopeless = KChooser()  # a tiny model's fused step: checking 5 rows costs 6 steps
+    assert hopeless.choose(10) == KChooser.START_K
+    hopeless.observe_round(4, 4, draft_s=4 * 0.7, verify_s=6.0)
+    assert hopeless.choose(10) == 0  # a plain step is measured next
+    hopeless.observe_plain(1.0)
+    assert not any(hopeless.choose(10) for _ in range(100))
+    marginal = KChooser()  # cheap checks, but little was accepted
+    marginal.observe_round(4, 0, draft_s=0.4, verify_s=2.5)
+    marginal.observe_plain(1.0)
+    ks = [marginal.choose(10) for _ in range(40)]
+    assert ks.count(0) == 39 and ks[KChooser.PROBE_GAP - 1] > 0
     cheap = KChooser()
     for _ in range(5):
         cheap.observe_round(MAX_K, MAX_K, draft_s=0.0, verify_s=1.1)  # a weight-bound model, prompt lookup
