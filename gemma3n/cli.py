@@ -58,7 +58,7 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         "inside E4B; no copy), or 'ngram' (drafts looked up in the prompt and reply)",
     )
     p.add_argument(
-        "--draft-k", type=int, default=None, help="tokens drafted per check, 1-7 (default: adapted as it runs)"
+        "--draft-k", type=int, default=None, help="tokens drafted per check, 1-15 (default: adapted as it runs)"
     )
     p.add_argument(
         "--draft-quantize",

@@ -1,7 +1,9 @@
 """Speculative decoding: a cheap draft proposes k tokens, the target model checks them all in one
 forward pass of k + 1 tokens and keeps the longest prefix it agrees with, plus one token of its
 own. Decoding one token reads every weight once, and the decode kernels read each weight once for
-up to `DECODE_ROWS` tokens, so on a model bound by its weight reads the check costs about one token.
+up to `DECODE_ROWS` tokens (above that the GEMM path runs), so on a model bound by its weight reads
+the check costs far less than the tokens it checks; what it costs on this machine is measured as it
+runs (bench/README.md, "Speculative decoding").
 
 Drafts:
 - a MatFormer size of the loaded weights (`draft="E2B"` inside E4B, a declared size, a custom
@@ -62,14 +64,16 @@ from .generate import (
     prefill,
     sampling_distribution,
 )
-from .layers import DECODE_ROWS
 from .matformer import effective_params
 from .text import LayerPlan, TextDecoder
 
 Dist = torch.Tensor | int  # probabilities [V] summing to 1, or the one token a point mass is on
 Observer = Callable[[torch.Tensor, int], None]  # (target logits [V], the token emitted from them)
 
-MAX_K = DECODE_ROWS - 1  # k drafted tokens + the last accepted one fill one weight pass
+# Drafted tokens per check. The decode kernels take up to 8 rows per weight pass and the GEMM path
+# more; on an AVX2 core checking 9-16 rows of E2B cost 1.6-1.8 tokens, 8 rows 2.2 (bench/README.md).
+# The k chooser measures each count it uses, so the limit only bounds a round's wasted work.
+MAX_K = 15
 NGRAM = "ngram"
 
 

@@ -151,6 +151,12 @@ def test_k_adapts_to_costs_and_acceptance():
     assert KChooser(fixed=5).choose(2) == 2
 
 
+def test_a_rejected_draft_never_rolls_back_past_the_sliding_margin():
+    from gemma3n.cache import ROLLBACK
+
+    assert MAX_K + 1 <= ROLLBACK
+
+
 def test_ngram_drafter_takes_the_latest_match():
     history = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]
     drafter = NgramDrafter(max_n=3, min_n=2)
@@ -363,7 +369,7 @@ def test_cli_draft_flags(capsys):
     assert out.out == plain and "draft E2B-like:" in out.err and "tokens per verification" in out.err
     assert main([*args, "--draft", "ngram", "--draft-quantize", "int8"]) == 2
     assert main([*args, "--draft-k", "3"]) == 2
-    assert main([*args, "--draft", "E2B-like", "--draft-k", "8"]) == 2
+    assert main([*args, "--draft", "E2B-like", "--draft-k", "16"]) == 2
     assert "draft_k" in capsys.readouterr().err
 
 
@@ -421,7 +427,7 @@ def test_server_draft_errors(drafting_server, model):
     server, _ = drafting_server
     bad = _complete(server, draft="E9B", max_tokens=4)
     assert bad.status_code == 400 and "E9B" in bad.json()["error"]["message"]
-    assert _complete(server, draft="E2B-like", draft_k=8, max_tokens=4).status_code == 400
+    assert _complete(server, draft="E2B-like", draft_k=MAX_K + 1, max_tokens=4).status_code == 400
     assert _complete(server, draft=3, max_tokens=4).status_code == 400
     with pytest.raises(InputError, match="not smaller"):
         create_app(model, draft={"skip": []})
