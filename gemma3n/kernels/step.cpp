@@ -273,9 +273,9 @@ class Step {
       check(length < kbuf.size(2), "the cache has no room reserved");
       const Tensor k = rope(rms(apply(l.L("k"), xn).view({c.kv_heads, c.head_dim}), l.N("k"), c.eps), cos, sin);
       const Tensor v = rms(apply(l.L("v"), xn).view({c.kv_heads, c.head_dim}), Tensor(), c.eps);
-      kbuf.select(0, 0).select(1, length).copy_(k);
-      vbuf.select(0, 0).select(1, length).copy_(v);
-      pbuf.select(0, length).fill_(pos);
+      kbuf.narrow(2, length, 1).copy_(k.view({1, c.kv_heads, 1, c.head_dim}));
+      vbuf.narrow(2, length, 1).copy_(v.view({1, c.kv_heads, 1, c.head_dim}));
+      pbuf.narrow(0, length, 1).fill_(pos);
       kv[j] = {kbuf.slice(2, start, length + 1), vbuf.slice(2, start, length + 1), pbuf.slice(0, start, length + 1)};
     } else {
       kv[j] = kv[source];
