@@ -131,7 +131,43 @@ def part_tiny(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.decode} greedy tokens, {torch.get_num_threads()} thread(s)\n"
     )
     common.print_table(rows, TABLE)
-    return {"prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "decode": args.decode, "rows": rows}
+    per_size = acceptance_per_size(model, prompts, args)
+    return {
+        "prompts": len(prompts),
+        "prompt_tokens": args.prompt_tokens,
+        "decode": args.decode,
+        "rows": rows,
+        "acceptance_per_size": per_size,
+    }
+
+
+def acceptance_per_size(model: gemma3n.Model, prompts: list[list[int]], args: argparse.Namespace) -> list[dict]:
+    """Each declared size's acceptance at one fixed k: comparable across sizes (adaptive k is not)."""
+    from gemma3n.matformer import effective_params
+
+    full = effective_params(model.plan(None).config)
+    rows = []
+    for size in model.sizes():
+        r = run_config(model, prompts, args.decode, draft=size, draft_k=args.compare_k)
+        rows.append(
+            {
+                "size": size,
+                "params": effective_params(model.plan(size).config) / full,
+                "acceptance": r["acceptance"],
+                "tokens_per_verification": r["tokens_per_verification"],
+            }
+        )
+    print(f"\nacceptance per declared size at k = {args.compare_k}:\n")
+    common.print_table(
+        rows,
+        [
+            ("size", "draft size"),
+            ("params", "effective params vs full"),
+            ("acceptance", "acceptance"),
+            ("tokens_per_verification", "tokens/verification"),
+        ],
+    )
+    return rows
 
 
 TABLE = [
@@ -316,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--decode", type=int, default=128, help="greedy tokens per prompt")
     ap.add_argument("--fixed-k", default="3,7", help="tiny: fixed k values tried with E2B-like")
+    ap.add_argument("--compare-k", type=int, default=4, help="tiny: the k at which sizes' acceptance is compared")
     ap.add_argument("--passage-tokens", type=int, default=160, help="ngram: the passage's length")
     ap.add_argument("--checkpoint", default="/work/ckpt/e2b", help="e2b: an E2B-shape checkpoint")
     ap.add_argument("--repeats", type=int, default=3, help="e2b: timings per figure (median)")
