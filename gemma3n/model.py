@@ -226,7 +226,8 @@ class Model:
         up in the prompt). `draft_model`: a separately loaded model with the same vocabulary drafts
         instead (e.g. this checkpoint loaded with quantize="int4"), at its size `draft`.
         `draft_k`: tokens drafted per check, 1-15 (default: adapted to the acceptance rate and the
-        measured costs). Stats then include the acceptance rate and tokens per verification."""
+        measured costs, so a seed reproduces a sampled text only with draft_k fixed). Stats then
+        include the acceptance rate and tokens per verification."""
         max_tokens = _check_max_tokens(max_tokens, prompt_logprobs)
         n = _check_n(n)
         top_logprobs = check_top_logprobs(top_logprobs)

@@ -33,7 +33,9 @@ probability p(d), else resampled from p with d removed. At temperature 0 p is th
 the target's argmax, so the accepted tokens are exactly the greedy tokens. The only difference
 from decoding without a draft is numerical: the target's logits come from one forward pass over
 k + 1 rows instead of k + 1 single-token steps (last-bit differences; a greedy choice between two
-logits that tie to ~1e-6 could go the other way).
+logits that tie to ~1e-6 could go the other way). With sampling, the draws differ from decoding
+without a draft (the random stream is used differently), and a seed reproduces a text only with a
+fixed `draft_k`: the adaptive k follows measured timings.
 
 The cost-aware choice of k (`KChooser`): each round costs k draft steps plus one verification
 of k + 1 rows, and yields on average 1 + a + ... + a^k tokens at per-token acceptance a. Both
@@ -47,8 +49,8 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -126,6 +128,19 @@ def accept(
 # --------------------------------------------------------------------------------------------
 # Drafters
 # --------------------------------------------------------------------------------------------
+
+
+class Drafter(Protocol):
+    setup_s: float  # seconds of one-off work so far (prefills), not charged to drafted tokens
+
+    def propose(self, history: list[int], k: int) -> tuple[list[int], list[Dist]]:
+        """Up to k tokens to follow `history` and the distribution each was drawn from."""
+
+    def rollback(self, kept: int) -> None:
+        """Only history[:kept] stands: forget any state past it."""
+
+    def finish(self, history: list[int]) -> None:
+        """Generation ended with `history`: keep what the next call can reuse."""
 
 
 class NgramDrafter:
@@ -224,14 +239,13 @@ class ModelDrafter:
         if self.cache is None:
             self._start()
         new = history[self.cache.offset :]
-        if len(new) == 1:  # the target's own token of the last round: part of every round's price
-            self.setup_s += time.perf_counter() - start
-            self.logits = decode_one(self.decoder, new[0], self.cache, self.plan, self.embed)
-        elif new:  # after plain decode steps (k = 0) the draft lags by several tokens
+        if len(new) > 1:  # after plain decode steps (k = 0) the draft lags by several tokens
             ids = torch.tensor([new], device=self.decoder.device)
             embeds = self.embed(ids) if self.embed else None
             self.logits = prefill(self.decoder, ids, self.cache, self.plan, inputs_embeds=embeds)
-            self.setup_s += time.perf_counter() - start
+        self.setup_s += time.perf_counter() - start
+        if len(new) == 1:  # the target's own token of the last round: part of every round's price
+            self.logits = decode_one(self.decoder, new[0], self.cache, self.plan, self.embed)
 
     def propose(self, history: list[int], k: int) -> tuple[list[int], list[Dist]]:
         self._catch_up(history)
@@ -361,7 +375,6 @@ class SpeculationStats:
     accepted: int = 0
     verifications: int = 0
     plain_steps: int = 0  # rounds decoded without a draft (k = 0, or nothing to propose)
-    ks: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         v = self.verifications
@@ -378,7 +391,9 @@ class SpeculationStats:
 
 
 @torch.inference_mode()
-def verify_logits(decoder: TextDecoder, cache: Cache, plan: LayerPlan, tokens: list[int], embed: EmbedFn | None):
+def verify_logits(
+    decoder: TextDecoder, cache: Cache, plan: LayerPlan, tokens: list[int], embed: EmbedFn | None
+) -> torch.Tensor:
     """Float32 logits [len(tokens), V] of `tokens` fed after the cache, appended to it. Every row
     runs through every layer: unlike prefill, the KV-shared layers cannot skip rows here, because
     each row's logits are needed to check the draft token after it."""
@@ -397,7 +412,7 @@ class SpeculativeDecoder:
         self,
         target: tuple[TextDecoder, Cache, LayerPlan],
         params: SamplingParams,
-        drafter: Any,
+        drafter: Drafter,
         chooser: KChooser,
         gen: torch.Generator,
         stats: SpeculationStats,
@@ -527,7 +542,7 @@ class Drafting:
         )
         return speculative_tokens(spec, logits, prompt, max_tokens=max_tokens, stats=stats, observe=observe)
 
-    def drafter(self, prompt: Prompt, params: SamplingParams, gen: torch.Generator) -> Any:
+    def drafter(self, prompt: Prompt, params: SamplingParams, gen: torch.Generator) -> Drafter:
         if self.decoder is None:
             return NgramDrafter()
         if prompt.inputs_embeds is not None and prompt.inputs_embeds.shape[-1] != self.decoder.config.hidden_size:
