@@ -194,9 +194,8 @@ def test_bf16_weights_fp32_compute_matches_reference_fp32(hf_text, tmp_path, mon
 def test_sparse_decode_reads_only_fired_units_and_is_exact(hf_text, monkeypatch):
     """Decode in sparse layers reads only the up_proj rows of the units that fire: same tokens
     and logits (to fp32 rounding) as the dense path, and far fewer rows read."""
-    from gemma3n.layers import Linear
-
     import gemma3n.generate as gen
+    from gemma3n.layers import Linear
 
     _, path = hf_text
     model = gemma3n.load(path)
