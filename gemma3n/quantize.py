@@ -12,14 +12,14 @@ input width that is not a whole number of groups) stays in high precision, and t
 told which. Quantization is a module swap chosen by a predicate and recorded in config.json
 (`"quantization"`), in the style of mlx-lm / gpt-fast.
 
-Checkpoint layout, which is also the runtime layout (memory-mapped and used in place, no
-repacking at load): `<name>.qweight` int8 [N, K] or uint8 [N, K/2] (low nibble = even input
-column), `<name>.scales` bf16 [N] (int8) or [N, K/g, 2] (int4 scale, zero). Row-wise layouts
-mean a gathered embedding row dequantizes alone, and every view the decoder takes is a strided
-view: MatFormer gate/up widths are row prefixes, down_proj widths column prefixes (exact
-prefixes of the dequantized weight: int8 scales are per row, int4 groups run along the input
-axis, so an int4 width must be a multiple of the group), the sparse decode's fired rows an
-index list.
+Checkpoint layout, which is also the runtime layout (used as read, no repacking at load; on
+a CPU copied with the other core weights into resident memory, placement.make_resident):
+`<name>.qweight` int8 [N, K] or uint8 [N, K/2] (low nibble = even input column),
+`<name>.scales` bf16 [N] (int8) or [N, K/g, 2] (int4 scale, zero). Row-wise layouts mean a
+gathered embedding row dequantizes alone, and every view the decoder takes is a strided view:
+MatFormer gate/up widths are row prefixes, down_proj widths column prefixes (exact prefixes of
+the dequantized weight: int8 scales are per row, int4 groups run along the input axis, so an
+int4 width must be a multiple of the group), the sparse decode's fired rows an index list.
 
 Products (`qmatmul`): up to layers.DECODE_ROWS activation rows stream the codes once through
 the native kernels (kernels/decode.cpp), or without them through PyTorch's int8 / int4 CPU
@@ -45,6 +45,7 @@ from . import kernels
 from .errors import CheckpointError, ConfigError, InputError
 from .hardware import gemm_dtype
 from .layers import DECODE_ROWS, as_dtype, converted, scratch
+from .memory import drop_pages
 
 DEFAULT_KEEP = (
     "*norm*",
@@ -200,9 +201,9 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
 # --- the quantized weight and its products ------------------------------------------------
 @dataclass(frozen=True)
 class QTensor:
-    """A quantized [N, K] weight in the portable layout the checkpoint stores (memory-mapped,
-    used in place): `q` int8 [N, K] or uint8 [N, K/2], `scales` bf16 [N] or [N, K/g, 2].
-    `view` gives row / column prefixes as strided views of the same memory."""
+    """A quantized [N, K] weight in the portable layout the checkpoint stores (used as read):
+    `q` int8 [N, K] or uint8 [N, K/2], `scales` bf16 [N] or [N, K/g, 2]. `view` gives row /
+    column prefixes as strided views of the same memory."""
 
     bits: int
     group: int | None
@@ -485,21 +486,6 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _drop_pages(t: torch.Tensor) -> None:
-    """Let the kernel drop the (copy-on-write, unmodified) file pages of a mapped source tensor
-    once its quantized copy exists, so they do not stay in the resident set."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        page = 4096
-        start = -(-t.data_ptr() // page) * page  # only pages wholly inside the tensor
-        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-        if end > start:
-            libc.madvise(start, end - start, 4)  # MADV_DONTNEED
-    except (OSError, AttributeError):
-        pass
-
-
 def _from_tensor(w: torch.Tensor, qc: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     if qc.bits == 8:
         return quantize_int8(w)
@@ -534,7 +520,7 @@ def install(decoder: nn.Module, ckpt, qc: QuantConfig, stored: bool, prefix: str
         else:
             src = ckpt.tensor(base + ".weight")
             q, s = _chunked(src, lambda c: _from_tensor(c, qc))
-            _drop_pages(src)
+            drop_pages(src)
         weight = QTensor(qc.bits, qc.group_size, q, s)
         _set_module(decoder, name, QEmbedding(weight, dtype) if name == "embed_tokens" else QLinear(weight))
         covered.add(name + ".weight")

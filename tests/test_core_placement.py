@@ -78,3 +78,31 @@ def test_checkpoint_without_per_layer_table(tiny_model_dir, tmp_path):
     save_file(state, dst / "model.safetensors")
     with pytest.raises(gemma3n.CheckpointError, match="missing.*embed_tokens_per_layer.weight"):
         gemma3n.load(dst)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_core_weights_resident_on_one_buffer_ple_table_mapped(tiny_model_dir, monkeypatch, quantize):
+    """On a CPU the core weights are copied once into one (huge-page) buffer, where decode reads
+    them faster than through the file mapping; the per-layer table stays mapped; the copy
+    changes no value (GEMMA3N_MAPPED_WEIGHTS=1 keeps the mapping)."""
+    from gemma3n.quantize import QLinear
+
+    model = gemma3n.load(tiny_model_dir, quantize=quantize)
+    storages = {p.untyped_storage().data_ptr() for p in model.decoder.parameters()}
+    qweights = [m.weight for m in model.decoder.modules() if isinstance(m, QLinear)]
+    storages |= {t.untyped_storage().data_ptr() for w in qweights for t in (w.q, w.scales)}
+    assert len(storages) == 1, "every core weight in the one resident buffer"
+    table = model.decoder.embed_tokens_per_layer
+    table = getattr(table, "q", table)
+    assert table.untyped_storage().data_ptr() not in storages  # still the file mapping
+    monkeypatch.setenv("GEMMA3N_MAPPED_WEIGHTS", "1")
+    mapped = gemma3n.load(tiny_model_dir, quantize=quantize)
+    # kept mapped: the weights are views of the file mapping the table comes from (one shard)
+    file_map = getattr(mapped.decoder.embed_tokens_per_layer, "q", mapped.decoder.embed_tokens_per_layer)
+    assert mapped.decoder.norm.weight.untyped_storage().data_ptr() == file_map.untyped_storage().data_ptr()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(model.logits(ids), mapped.logits(ids))
+    prompt = "And God said"
+    assert model.generate(prompt=prompt, max_tokens=8, temperature=0).token_ids == (
+        mapped.generate(prompt=prompt, max_tokens=8, temperature=0).token_ids
+    )
