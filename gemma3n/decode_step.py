@@ -1,4 +1,4 @@
-"""The fused decode step: one generated token through the whole decoder in one native call.
+"""The fused decode step: generated tokens through the whole decoder in one native call.
 
 Decoding one token of a small model is bound by per-operation overhead (~2,000 tensor
 operations a token for the embedded model, several microseconds each); kernels/step.cpp runs the
@@ -166,21 +166,31 @@ def fused_step(decoder: TextDecoder, plan: LayerPlan) -> Any | None:
     return steps[key]
 
 
-def decode_token(
-    step: Any, decoder: TextDecoder, plan: LayerPlan, token: int, cache: Cache, h0: torch.Tensor | None
+def decode_tokens(
+    step: Any, decoder: TextDecoder, plan: LayerPlan, tokens: list[int], cache: Cache, h0: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """Logits [V] of one token through `step`, its K/V appended to `cache` (None: a cache layer
-    has no buffers yet, so the Python forward runs this token). `h0`: the token's input
-    embedding when it is not the plain embedding row (a multimodal placeholder)."""
-    if not all(kv.reserve(1) for kv in cache.layers.values()):
+    """Logits [T, V] of `tokens` fed after the cache through `step`, their K/V appended to it
+    (None: a cache layer has no buffers yet, so the Python forward runs them). `h0` [.., T, D]:
+    the tokens' input embeddings when they are not the plain embedding rows (multimodal)."""
+    t = len(tokens)
+    if not all(kv.reserve(t) for kv in cache.layers.values()):
         return None
     slots: list[tuple | None] = [None] * len(plan.layers)
     for j, kv in cache.layers.items():
         slots[j] = (kv.k, kv.v, kv.pos, kv.start, kv.length)
     if h0 is None:
-        h0 = decoder.embed(torch.tensor([[token]]))
-    logits = step.token(h0.reshape(-1), decoder.ple_row(token), cache.offset, slots)
+        h0 = decoder.embed(torch.tensor([tokens]))
+    ple = torch.stack([decoder.ple_row(token) for token in tokens])
+    logits = step.tokens(h0.reshape(t, -1), ple, cache.offset, slots)
     for kv in cache.layers.values():
-        kv.advance(1)
-    cache.offset += 1
+        kv.advance(t)
+    cache.offset += t
     return logits
+
+
+def decode_token(
+    step: Any, decoder: TextDecoder, plan: LayerPlan, token: int, cache: Cache, h0: torch.Tensor | None
+) -> torch.Tensor | None:
+    """`decode_tokens` for one token: its logits [V]."""
+    logits = decode_tokens(step, decoder, plan, [token], cache, h0)
+    return None if logits is None else logits[0]

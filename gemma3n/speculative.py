@@ -55,6 +55,7 @@ from typing import Any, Protocol
 import torch
 
 from .cache import Cache, PromptCache
+from .decode_step import decode_tokens, fused_step
 from .errors import InputError
 from .generate import (
     EmbedFn,
@@ -398,8 +399,14 @@ def verify_logits(
     runs through every layer: unlike prefill, the KV-shared layers cannot skip rows here, because
     each row's logits are needed to check the draft token after it."""
     ids = torch.tensor([tokens], device=decoder.device)
+    embeds = embed(ids) if embed else None
+    step = fused_step(decoder, plan)  # one native call for the k+1 rows, each weight read once
+    if step is not None:
+        logits = decode_tokens(step, decoder, plan, tokens, cache, embeds)
+        if logits is not None:
+            return logits
     positions = torch.arange(cache.offset, cache.offset + len(tokens), device=decoder.device)
-    hidden = decoder(ids, positions, plan=plan, cache=cache, inputs_embeds=embed(ids) if embed else None)
+    hidden = decoder(ids, positions, plan=plan, cache=cache, inputs_embeds=embeds)
     cache.offset += len(tokens)
     return decoder.lm_head(hidden[0]).float()
 

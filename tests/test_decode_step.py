@@ -123,3 +123,27 @@ def test_not_applicable_falls_back(tiny_model_dir, monkeypatch):
     plain = gemma3n.load(tiny_model_dir)
     monkeypatch.setattr(kernels, "loaded", lambda: None)
     assert fused_step(plain.decoder, plain.plan("E2B-like")) is None
+
+
+def test_several_tokens_in_one_call(small, monkeypatch):
+    """A speculative check: k+1 consecutive tokens in one call equal the Python forward over the
+    same tokens (all rows' logits), and the cache ends where one-token steps leave it."""
+    from gemma3n.decode_step import decode_tokens
+    from gemma3n.speculative import verify_logits
+
+    plan = small.plan()
+    prompt, more = list(range(3, 15)), [20, 21, 22, 23, 24]
+    results = {}
+    for fused in (False, True):
+        cache = Cache(plan.config, plan.key)
+        prefill(small.decoder, torch.tensor([prompt]), cache, plan)
+        if fused:
+            logits = decode_tokens(fused_step(small.decoder, plan), small.decoder, plan, more, cache, None)
+        else:
+            with monkeypatch.context() as m:  # the Python forward over the rows
+                m.setattr("gemma3n.speculative.fused_step", lambda *a: None)
+                logits = verify_logits(small.decoder, cache, plan, more, None)
+        results[fused] = (logits, cache)
+    assert results[True][0].shape == (len(more), small.config.text.vocab_size)
+    assert _rel(results[True][0], results[False][0]) <= FP32
+    _same_cache(results[True][1], results[False][1], FP32)

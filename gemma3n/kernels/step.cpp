@@ -1,11 +1,12 @@
-// The fused decode step: one generated token through the whole text decoder in one call.
+// The fused decode step: generated tokens through the whole text decoder in one call.
 //
 // Decoding a token of a small model is bound by per-operation overhead, not arithmetic: the
 // Python forward (gemma3n/text.py) issues ~2,000 tensor operations a token for the embedded
 // 15-layer model and ~4,000 for E2B, each costing several microseconds in the interpreter and
-// dispatcher. This file is the same forward for one token of one sequence, written op for op
-// in the same order with the same ATen operations (so it rounds as the Python path does), the
-// weight products on the kernels of decode.cpp, and no Python in between: one call per token.
+// dispatcher. This file is the same forward for a few consecutive tokens of one sequence (one
+// decoded token, or a speculative draft to verify), written op for op in the same order with the
+// same ATen operations (norms and RoPE as plain loops), the weight products on the kernels of
+// decode.cpp (each weight read once for all the tokens), and no Python in between.
 // It covers what generate.decode_one runs on a CPU with fp32 activations: any plan (MatFormer
 // view), KV-shared layers, sliding windows, activation sparsity, dense and quantized weights.
 // Everything else (prefill, batches, other dtypes and devices) stays on the Python forward,
@@ -70,19 +71,23 @@ Linear make_linear(const std::string& kind, Tensor w, c10::optional<Tensor> scal
   return l;
 }
 
-// x [K'] · W[rows]ᵀ over the first `cols` inputs: a row prefix (`rows` >= 0) or list (`list`).
+// x [..., K'] · W[rows]ᵀ over the first `cols` inputs: a row prefix (`rows` >= 0) or list (`list`).
+// Every row of x is one activation row of the product (the weights are read once for all).
 Tensor apply(const Linear& l, const Tensor& x, int64_t rows = -1, const Tensor* list = nullptr, int64_t cols = -1) {
   const int64_t K = cols < 0 ? l.in : cols;
-  check(x.numel() == K && x.scalar_type() == at::kFloat, "activation size does not match the weight");
+  check(x.size(-1) == K && x.scalar_type() == at::kFloat, "activation size does not match the weight");
   int64_t N = rows < 0 ? l.out : rows;
   const int64_t* row_ptr = nullptr;
   if (list != nullptr) {
     row_ptr = list->data_ptr<int64_t>();
     N = list->numel();
   }
-  Tensor xc = x.contiguous();
-  Tensor y = at::empty({N}, at::kFloat);
-  product(l.w, xc.data_ptr<float>(), 1, K, y.data_ptr<float>(), row_ptr, N);
+  const Tensor xc = x.contiguous();
+  const int64_t M = K ? xc.numel() / K : 0;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  Tensor y = at::empty(shape, at::kFloat);
+  product(l.w, xc.data_ptr<float>(), M, K, y.data_ptr<float>(), row_ptr, N);
   return y;
 }
 
@@ -112,19 +117,21 @@ Tensor rms(const Tensor& x, const Tensor& w, double eps) {
   return out;
 }
 
-// NeoX rotate-half RoPE of x [H, d] with this position's tables [d] (text.apply_rope).
+// NeoX rotate-half RoPE of x [T, H, d] with each token's tables [T, d] (text.apply_rope).
 Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   const Tensor xc = x.contiguous();
   Tensor out = at::empty_like(xc);
-  const int64_t d = xc.size(-1), h = d / 2, rows = xc.numel() / d;
-  const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
+  const int64_t T = xc.size(0), d = xc.size(-1), h = d / 2, heads = xc.numel() / (T * d);
   const float* src = xc.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r, src += d, dst += d)
-    for (int64_t i = 0; i < h; ++i) {
-      dst[i] = src[i] * c[i] + (-src[i + h]) * s[i];
-      dst[i + h] = src[i + h] * c[i + h] + src[i] * s[i + h];
-    }
+  for (int64_t t = 0; t < T; ++t) {
+    const float *c = cos.data_ptr<float>() + t * d, *s = sin.data_ptr<float>() + t * d;
+    for (int64_t r = 0; r < heads; ++r, src += d, dst += d)
+      for (int64_t i = 0; i < h; ++i) {
+        dst[i] = src[i] * c[i] + (-src[i + h]) * s[i];
+        dst[i + h] = src[i + h] * c[i + h] + src[i] * s[i + h];
+      }
+  }
   return out;
 }
 
@@ -191,37 +198,41 @@ class Step {
     }
   }
 
-  // logits [V] for the token whose embedding is `h0` [D] (already scaled) and whose raw
-  // per-layer-embedding row is `ple` [parent_layers · P], at absolute position `pos`.
-  Tensor token(const Tensor& h0_in, const Tensor& ple, int64_t pos, const std::vector<c10::optional<KV>>& caches) {
+  // logits [T, V] for T consecutive tokens of one sequence from `pos` on: their embeddings `h0`
+  // [T, D] (already scaled) and raw per-layer-embedding rows `ple` [T, parent_layers · P]. Each
+  // owner layer's cache has room reserved for T entries.
+  Tensor tokens(const Tensor& h0_in, const Tensor& ple, int64_t pos, const std::vector<c10::optional<KV>>& caches) {
     c10::InferenceMode guard;
     const Config& c = c_;
     check(static_cast<int64_t>(caches.size()) == static_cast<int64_t>(plan_.size()), "one cache slot per plan layer");
-    const Tensor h0 = h0_in.to(at::kFloat).contiguous().view({c.hidden});
+    const Tensor h0 = h0_in.to(at::kFloat).contiguous().view({-1, c.hidden});
+    const int64_t T = h0.size(0);
+    check(T >= 1 && ple.numel() == T * c.parent_layers * c.ple_dim, "one per-layer row per token");
 
-    // per-layer inputs (text.py per_layer_inputs)
+    // per-layer inputs (text.py per_layer_inputs) [T, L, P]
     Tensor proj = apply(lin_.at("per_layer_model_projection"), h0) *
                   static_cast<float>(std::pow(static_cast<double>(c.hidden), -0.5));
-    proj = rms(proj.view({c.parent_layers, c.ple_dim}), norm_.at("per_layer_projection_norm"), c.eps);
-    const Tensor tok = ple.to(at::kFloat).view({c.parent_layers, c.ple_dim}) *
+    proj = rms(proj.view({T, c.parent_layers, c.ple_dim}), norm_.at("per_layer_projection_norm"), c.eps);
+    const Tensor tok = ple.to(at::kFloat).view({T, c.parent_layers, c.ple_dim}) *
                        static_cast<float>(std::sqrt(static_cast<double>(c.ple_dim)));
     const Tensor pli = (proj + tok) * static_cast<float>(std::pow(2.0, -0.5));
 
-    // AltUp expand
+    // AltUp expand: streams [N, T, D]
     const Tensor target = at::pow(at::mean(h0.pow(2), -1, true), 0.5);
     std::vector<Tensor> expanded{h0};
     for (const auto& p : altup_in_) expanded.push_back(match_magnitude(apply(p, h0), target));
-    Tensor streams = at::stack(expanded);  // [N, D]
+    Tensor streams = at::stack(expanded);
 
-    // RoPE tables of this position, per table
+    // RoPE tables of these positions [T, d], per table (text.rope_cos_sin)
+    const Tensor positions = at::arange(pos, pos + T, at::kLong);
     std::vector<std::pair<Tensor, Tensor>> ropes;
     for (const auto& inv : inv_freq_) {
-      const Tensor freqs = at::scalar_tensor(static_cast<double>(pos), at::kFloat) * inv;
+      const Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv.unsqueeze(0);
       const Tensor emb = at::cat({freqs, freqs}, -1);
       ropes.emplace_back(emb.cos(), emb.sin());
     }
     std::vector<std::tuple<Tensor, Tensor, Tensor>> kv(plan_.size());  // per plan layer: K, V, positions
-    for (size_t j = 0; j < plan_.size(); ++j) streams = layer(j, streams, pli, pos, ropes, caches, kv);
+    for (size_t j = 0; j < plan_.size(); ++j) streams = layer(j, streams, pli, positions, ropes, caches, kv);
 
     // AltUp collapse, final norm, tied head, soft-cap (text.py forward / lm_head)
     const Tensor first = streams.select(0, 0);
@@ -236,69 +247,69 @@ class Step {
   }
 
  private:
-  // tanh(norm(x)/D @ W_rᵀ): a handful of values, as a loop
+  // tanh(norm(x)/D @ W_rᵀ), x [T, D] -> [T, N]
   Tensor router(const Layer& l, const Tensor& x) const {
     Tensor normed = rms(x, l.N("router"), c_.eps);
     const float scale = static_cast<float>(1.0 / static_cast<double>(c_.hidden));
     float* p = normed.data_ptr<float>();
     for (int64_t k = 0; k < normed.numel(); ++k) p[k] *= scale;
-    Tensor routed = apply(l.L("router"), normed);
-    float* r = routed.data_ptr<float>();
-    for (int64_t k = 0; k < routed.numel(); ++k) r[k] = std::tanh(r[k]);
-    return routed;
+    return at::tanh(apply(l.L("router"), normed));
   }
 
-  Tensor layer(size_t j, const Tensor& streams, const Tensor& pli, int64_t pos,
+  Tensor layer(size_t j, const Tensor& streams, const Tensor& pli, const Tensor& positions,
                const std::vector<std::pair<Tensor, Tensor>>& ropes, const std::vector<c10::optional<KV>>& caches,
                std::vector<std::tuple<Tensor, Tensor, Tensor>>& kv) {
     const auto& [parent, width, z, source, window, rope_idx] = plan_[j];
     const Layer& l = layers_[parent];
     const Config& c = c_;
-    const int64_t a = c.active;
+    const int64_t a = c.active, T = streams.size(1);
     const auto& [cos, sin] = ropes[rope_idx];
 
-    // AltUp predict: pred_i = S_i + Σ_j c_ij S_j, c = router(S_active) @ W_pᵀ read row-major
-    const Tensor coefs = apply(l.L("pred"), router(l, streams.select(0, a))).view({c.streams, c.streams});
-    const Tensor mixed = at::matmul(streams.t(), coefs.t()).t();  // [N, D]
+    // AltUp predict: pred_i = S_i + Σ_j c_ij S_j, c = router(S_active) @ W_pᵀ read row-major,
+    // as the reference's batched matmul [T, D, j] @ [T, j, i]
+    const Tensor coefs = apply(l.L("pred"), router(l, streams.select(0, a))).view({T, c.streams, c.streams});
+    const Tensor mixed = at::matmul(streams.permute({1, 2, 0}), coefs.transpose(-1, -2)).permute({2, 0, 1});
     const Tensor pred = mixed + streams;
     const Tensor active = pred.select(0, a);
     const Tensor xn = rms(active, l.N("input"), c.eps);
     const Tensor lau = xn + rms(apply(l.L("laurel_r"), apply(l.L("laurel_l"), xn)), l.N("laurel"), c.eps);
 
     // attention (scale 1.0: q_norm / k_norm replace 1/sqrt(d))
-    const Tensor q = rope(rms(apply(l.L("q"), xn).view({c.heads, c.head_dim}), l.N("q"), c.eps), cos, sin);
+    const Tensor q = rope(rms(apply(l.L("q"), xn).view({T, c.heads, c.head_dim}), l.N("q"), c.eps), cos, sin);
     if (source < 0) {
       check(caches[j].has_value(), "an owner layer needs its cache");
       const auto& [kbuf, vbuf, pbuf, start, length] = *caches[j];
-      check(length < kbuf.size(2), "the cache has no room reserved");
-      const Tensor k = rope(rms(apply(l.L("k"), xn).view({c.kv_heads, c.head_dim}), l.N("k"), c.eps), cos, sin);
-      const Tensor v = rms(apply(l.L("v"), xn).view({c.kv_heads, c.head_dim}), Tensor(), c.eps);
-      kbuf.narrow(2, length, 1).copy_(k.view({1, c.kv_heads, 1, c.head_dim}));
-      vbuf.narrow(2, length, 1).copy_(v.view({1, c.kv_heads, 1, c.head_dim}));
-      pbuf.narrow(0, length, 1).fill_(pos);
-      kv[j] = {kbuf.slice(2, start, length + 1), vbuf.slice(2, start, length + 1), pbuf.slice(0, start, length + 1)};
+      check(length + T <= kbuf.size(2), "the cache has no room reserved");
+      const Tensor k = rope(rms(apply(l.L("k"), xn).view({T, c.kv_heads, c.head_dim}), l.N("k"), c.eps), cos, sin);
+      const Tensor v = rms(apply(l.L("v"), xn).view({T, c.kv_heads, c.head_dim}), Tensor(), c.eps);
+      kbuf.narrow(2, length, T).copy_(k.transpose(0, 1).unsqueeze(0));
+      vbuf.narrow(2, length, T).copy_(v.transpose(0, 1).unsqueeze(0));
+      pbuf.narrow(0, length, T).copy_(positions);
+      kv[j] = {kbuf.slice(2, start, length + T), vbuf.slice(2, start, length + T), pbuf.slice(0, start, length + T)};
     } else {
       kv[j] = kv[source];
     }
     const auto& [keys, values, kpos] = kv[j];
-    Tensor mask = kpos <= pos;
-    if (window > 0) mask = mask & (kpos > pos - window);
-    const Tensor attended = at::scaled_dot_product_attention(q.view({1, c.heads, 1, c.head_dim}), keys, values,
-                                                             mask.view({1, -1}), 0.0, false, 1.0, true);
-    const Tensor attn = apply(l.L("o"), attended.reshape({-1}));
+    Tensor mask = kpos.unsqueeze(0) <= positions.unsqueeze(1);  // [T, S] (text.attention_mask)
+    if (window > 0) mask = mask & (kpos.unsqueeze(0) > (positions - window).unsqueeze(1));
+    const Tensor attended = at::scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values, mask, 0.0,
+                                                             false, 1.0, true);  // [1, Hq, T, d]
+    const Tensor attn = apply(l.L("o"), attended.squeeze(0).transpose(0, 1).reshape({T, -1}));
     const Tensor h = (active + rms(attn, l.N("post_attn"), c.eps) + lau) / std::sqrt(2.0);
 
-    // FFN over the plan's width; in a sparse layer only the up rows of the units that fire
+    // FFN over the plan's width; one token in a sparse layer reads only the up rows that fire
     const Tensor fin = rms(h, l.N("pre_ffn"), c.eps);
     Tensor gate = apply(l.L("gate"), fin, width);
-    Tensor ffn;
     if (!std::isnan(z)) {
       const Tensor zt = at::scalar_tensor(z, at::kFloat);
       gate = at::relu(gate - (gate.mean(-1, true) + at::std(gate, {-1}, false, true) * zt));
-      const Tensor fired = gate.nonzero().squeeze(1);
+    }
+    Tensor ffn;
+    if (!std::isnan(z) && T == 1) {
+      const Tensor fired = gate.reshape({-1}).nonzero().squeeze(1);
       const Tensor up = apply(l.L("up"), fin, -1, &fired);
       Tensor hidden = at::zeros_like(gate);
-      hidden.index_put_({fired}, at::gelu(gate.index_select(0, fired), "tanh") * up);
+      hidden.index_put_({at::indexing::Slice(), fired}, at::gelu(gate.index_select(1, fired), "tanh") * up);
       ffn = apply(l.L("down"), hidden, -1, nullptr, width);
     } else {
       ffn = apply(l.L("down"), at::gelu(gate, "tanh") * apply(l.L("up"), fin, width), -1, nullptr, width);
@@ -306,12 +317,12 @@ class Step {
     const Tensor act = h + rms(ffn, l.N("post_ffn"), c.eps);
 
     // AltUp correct, then the per-layer input into streams 1..N-1
-    const Tensor gamma = apply(l.L("corr"), router(l, act)) + 1.0;
+    const Tensor gamma = apply(l.L("corr"), router(l, act)) + 1.0;  // [T, N]
     const Tensor innovation = act - active;
-    Tensor corrected = innovation.unsqueeze(0) * gamma.unsqueeze(1) + pred;
+    Tensor corrected = innovation.unsqueeze(0) * gamma.transpose(0, 1).unsqueeze(-1) + pred;
     Tensor first = corrected.select(0, a);
     if (c.correct_scale) first = first * l.N("out_scale");
-    const Tensor gated = at::gelu(apply(l.L("ple_gate"), first), "tanh") * pli.select(0, parent);
+    const Tensor gated = at::gelu(apply(l.L("ple_gate"), first), "tanh") * pli.select(1, parent);
     corrected.slice(0, 1) += rms(apply(l.L("ple_proj"), gated), l.N("ple"), c.eps);
     return corrected;
   }
@@ -345,7 +356,7 @@ void register_step(pybind11::module& m) {
       .def(py::init<std::vector<Layer>, std::vector<PlanLayer>, std::map<std::string, Linear>, std::vector<Linear>,
                     std::vector<Linear>, std::map<std::string, Tensor>, std::vector<Tensor>,
                     std::map<std::string, double>>())
-      .def("token", &Step::token, py::arg("h0"), py::arg("ple"), py::arg("position"), py::arg("caches"),
+      .def("tokens", &Step::tokens, py::arg("h0"), py::arg("ple"), py::arg("position"), py::arg("caches"),
            py::call_guard<py::gil_scoped_release>());
 }
 
