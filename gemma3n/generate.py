@@ -436,6 +436,59 @@ class GenerationResult:
     index: int = 0
 
 
+class TextStream:
+    """Tokens in, text pieces out, for one continuation: detokenizing, holding back what could
+    still grow into a stop string, stopping on EOS/<end_of_turn>, a stop string or max_tokens.
+    `push` takes one token (and returns a piece when there is text safe to emit); once `done`,
+    `close` gives the last piece, with finish_reason and stats."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, *, stop_ids: set[int], stop: list[str] | None, max_tokens: int, stats: StepStats
+    ) -> None:
+        self.stop_ids, self.max_tokens, self.stats = stop_ids, max_tokens, stats
+        self.stops = [s for s in (stop or []) if s]
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.text, self.emitted, self.finish, self.count = "", 0, "length", 0
+        self.ids: list[int] = []
+        self.done = self.by_string = False
+
+    def _piece(self, upto: int, **attrs) -> TextPiece:
+        return TextPiece.make(
+            self.text[self.emitted : upto],
+            token_ids=list(self.ids),
+            prompt_tokens=self.stats.prompt_tokens,
+            generated_tokens=self.count,
+            **attrs,
+        )
+
+    def push(self, token: int) -> TextPiece | None:
+        self.count += 1
+        if token in self.stop_ids:
+            self.finish, self.done = "stop", True
+            return None
+        self.ids.append(token)
+        self.text += self.detok.add(token)
+        hit = _find_stop(self.text, self.stops, self.emitted)
+        if hit is not None:
+            self.text, self.finish, self.by_string, self.done = self.text[:hit], "stop", True, True
+            return None
+        piece = None
+        safe = len(self.text) - _held_back(self.text, self.stops)
+        if safe > self.emitted:
+            piece = self._piece(safe)
+            self.emitted, self.ids = safe, []
+        self.done = self.count >= self.max_tokens
+        return piece
+
+    def close(self) -> TextPiece:
+        if not self.by_string:  # the last token may complete a character or a stop string
+            self.text += self.detok.flush()
+            hit = _find_stop(self.text, self.stops, self.emitted)
+            if hit is not None:
+                self.text, self.finish = self.text[:hit], "stop"
+        return self._piece(len(self.text), finish_reason=self.finish, stats=self.stats.as_dict())
+
+
 def stream_generate(
     tokens: Iterator[int],
     tokenizer: Tokenizer,
@@ -445,46 +498,17 @@ def stream_generate(
     max_tokens: int,
     stats: StepStats,
 ) -> Iterator[TextPiece]:
-    """Detokenize a token stream; stop on EOS/<end_of_turn>, a stop string or max_tokens."""
-    stops = [s for s in (stop or []) if s]
-    detok = StreamingDetokenizer(tokenizer)
-    text, emitted, finish, count = "", 0, "length", 0
-    ids: list[int] = []
-
-    def piece(upto: int, **attrs) -> TextPiece:
-        return TextPiece.make(
-            text[emitted:upto],
-            token_ids=list(ids),
-            prompt_tokens=stats.prompt_tokens,
-            generated_tokens=count,
-            **attrs,
-        )
-
-    by_string = False
+    """Detokenize a token stream (a `TextStream` over it); stop on EOS/<end_of_turn>, a stop
+    string or max_tokens."""
+    text = TextStream(tokenizer, stop_ids=stop_ids, stop=stop, max_tokens=max_tokens, stats=stats)
     try:
         for token in tokens:
-            count += 1
-            if token in stop_ids:
-                finish = "stop"
+            piece = text.push(token)
+            if piece is not None:
+                yield piece
+            if text.done:
                 break
-            ids.append(token)
-            text += detok.add(token)
-            hit = _find_stop(text, stops, emitted)
-            if hit is not None:
-                text, finish, by_string = text[:hit], "stop", True
-                break
-            safe = len(text) - _held_back(text, stops)
-            if safe > emitted:
-                yield piece(safe)
-                emitted, ids = safe, []
-            if count >= max_tokens:
-                break
-        if not by_string:  # the last token may complete a character or a stop string
-            text += detok.flush()
-            hit = _find_stop(text, stops, emitted)
-            if hit is not None:
-                text, finish = text[:hit], "stop"
-        yield piece(len(text), finish_reason=finish, stats=stats.as_dict())
+        yield text.close()
     finally:
         close = getattr(tokens, "close", None)
         if close is not None:

@@ -201,13 +201,40 @@ class Step {
   // logits [T, V] for T consecutive tokens of one sequence from `pos` on: their embeddings `h0`
   // [T, D] (already scaled) and raw per-layer-embedding rows `ple` [T, parent_layers · P]. Each
   // owner layer's cache has room reserved for T entries.
-  Tensor tokens(const Tensor& h0_in, const Tensor& ple, int64_t pos, const std::vector<c10::optional<KV>>& caches) {
+  Tensor tokens(const Tensor& h0, const Tensor& ple, int64_t pos, const std::vector<c10::optional<KV>>& caches) {
     c10::InferenceMode guard;
+    const int64_t T = h0.numel() / c_.hidden;
+    return forward(h0, ple, at::arange(pos, pos + T, at::kLong), {Segment{T, caches}});
+  }
+
+  // logits [B, V] for one token of each of B sequences (a decode batch): row b at position
+  // `positions[b]` with its own caches `caches[b]`. Each weight is read once for all of them.
+  Tensor batch(const Tensor& h0, const Tensor& ple, const std::vector<int64_t>& positions,
+               const std::vector<std::vector<c10::optional<KV>>>& caches) {
+    c10::InferenceMode guard;
+    check(positions.size() == caches.size(), "one position and one set of caches per sequence");
+    std::vector<Segment> segments;
+    for (const auto& c : caches) segments.push_back(Segment{1, c});
+    return forward(h0, ple, at::tensor(positions, at::kLong), segments);
+  }
+
+ private:
+  // A run of consecutive rows of one sequence and that sequence's caches (one slot per plan layer).
+  struct Segment {
+    int64_t rows;
+    std::vector<c10::optional<KV>> caches;
+  };
+  using LayerKVs = std::vector<std::tuple<Tensor, Tensor, Tensor>>;  // per segment: K, V, key positions
+
+  Tensor forward(const Tensor& h0_in, const Tensor& ple, const Tensor& positions, const std::vector<Segment>& segs) {
     const Config& c = c_;
-    check(static_cast<int64_t>(caches.size()) == static_cast<int64_t>(plan_.size()), "one cache slot per plan layer");
+    for (const auto& seg : segs)
+      check(static_cast<int64_t>(seg.caches.size()) == static_cast<int64_t>(plan_.size()),
+            "one cache slot per plan layer");
     const Tensor h0 = h0_in.to(at::kFloat).contiguous().view({-1, c.hidden});
     const int64_t T = h0.size(0);
-    check(T >= 1 && ple.numel() == T * c.parent_layers * c.ple_dim, "one per-layer row per token");
+    check(T >= 1 && positions.numel() == T && ple.numel() == T * c.parent_layers * c.ple_dim,
+          "one position and one per-layer row per token");
 
     // per-layer inputs (text.py per_layer_inputs) [T, L, P]
     Tensor proj = apply(lin_.at("per_layer_model_projection"), h0) *
@@ -224,15 +251,14 @@ class Step {
     Tensor streams = at::stack(expanded);
 
     // RoPE tables of these positions [T, d], per table (text.rope_cos_sin)
-    const Tensor positions = at::arange(pos, pos + T, at::kLong);
     std::vector<std::pair<Tensor, Tensor>> ropes;
     for (const auto& inv : inv_freq_) {
       const Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv.unsqueeze(0);
       const Tensor emb = at::cat({freqs, freqs}, -1);
       ropes.emplace_back(emb.cos(), emb.sin());
     }
-    std::vector<std::tuple<Tensor, Tensor, Tensor>> kv(plan_.size());  // per plan layer: K, V, positions
-    for (size_t j = 0; j < plan_.size(); ++j) streams = layer(j, streams, pli, positions, ropes, caches, kv);
+    std::vector<LayerKVs> kv(plan_.size());  // per plan layer, per segment
+    for (size_t j = 0; j < plan_.size(); ++j) streams = layer(j, streams, pli, positions, ropes, segs, kv);
 
     // AltUp collapse, final norm, tied head, soft-cap (text.py forward / lm_head)
     const Tensor first = streams.select(0, 0);
@@ -246,7 +272,6 @@ class Step {
     return logits;
   }
 
- private:
   // tanh(norm(x)/D @ W_rᵀ), x [T, D] -> [T, N]
   Tensor router(const Layer& l, const Tensor& x) const {
     Tensor normed = rms(x, l.N("router"), c_.eps);
@@ -257,8 +282,8 @@ class Step {
   }
 
   Tensor layer(size_t j, const Tensor& streams, const Tensor& pli, const Tensor& positions,
-               const std::vector<std::pair<Tensor, Tensor>>& ropes, const std::vector<c10::optional<KV>>& caches,
-               std::vector<std::tuple<Tensor, Tensor, Tensor>>& kv) {
+               const std::vector<std::pair<Tensor, Tensor>>& ropes, const std::vector<Segment>& segs,
+               std::vector<LayerKVs>& kv) {
     const auto& [parent, width, z, source, window, rope_idx] = plan_[j];
     const Layer& l = layers_[parent];
     const Config& c = c_;
@@ -274,27 +299,42 @@ class Step {
     const Tensor xn = rms(active, l.N("input"), c.eps);
     const Tensor lau = xn + rms(apply(l.L("laurel_r"), apply(l.L("laurel_l"), xn)), l.N("laurel"), c.eps);
 
-    // attention (scale 1.0: q_norm / k_norm replace 1/sqrt(d))
+    // attention (scale 1.0: q_norm / k_norm replace 1/sqrt(d)), each sequence over its own keys
     const Tensor q = rope(rms(apply(l.L("q"), xn).view({T, c.heads, c.head_dim}), l.N("q"), c.eps), cos, sin);
+    Tensor k, v;
     if (source < 0) {
-      check(caches[j].has_value(), "an owner layer needs its cache");
-      const auto& [kbuf, vbuf, pbuf, start, length] = *caches[j];
-      check(length + T <= kbuf.size(2), "the cache has no room reserved");
-      const Tensor k = rope(rms(apply(l.L("k"), xn).view({T, c.kv_heads, c.head_dim}), l.N("k"), c.eps), cos, sin);
-      const Tensor v = rms(apply(l.L("v"), xn).view({T, c.kv_heads, c.head_dim}), Tensor(), c.eps);
-      kbuf.narrow(2, length, T).copy_(k.transpose(0, 1).unsqueeze(0));
-      vbuf.narrow(2, length, T).copy_(v.transpose(0, 1).unsqueeze(0));
-      pbuf.narrow(0, length, T).copy_(positions);
-      kv[j] = {kbuf.slice(2, start, length + T), vbuf.slice(2, start, length + T), pbuf.slice(0, start, length + T)};
-    } else {
-      kv[j] = kv[source];
+      k = rope(rms(apply(l.L("k"), xn).view({T, c.kv_heads, c.head_dim}), l.N("k"), c.eps), cos, sin);
+      v = rms(apply(l.L("v"), xn).view({T, c.kv_heads, c.head_dim}), Tensor(), c.eps);
     }
-    const auto& [keys, values, kpos] = kv[j];
-    Tensor mask = kpos.unsqueeze(0) <= positions.unsqueeze(1);  // [T, S] (text.attention_mask)
-    if (window > 0) mask = mask & (kpos.unsqueeze(0) > (positions - window).unsqueeze(1));
-    const Tensor attended = at::scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values, mask, 0.0,
-                                                             false, 1.0, true);  // [1, Hq, T, d]
-    const Tensor attn = apply(l.L("o"), attended.squeeze(0).transpose(0, 1).reshape({T, -1}));
+    kv[j].resize(segs.size());
+    std::vector<Tensor> attended;
+    int64_t r0 = 0;
+    for (size_t s = 0; s < segs.size(); r0 += segs[s].rows, ++s) {
+      const int64_t n = segs[s].rows;
+      const Tensor pos = positions.narrow(0, r0, n);
+      if (source < 0) {
+        check(segs[s].caches[j].has_value(), "an owner layer needs its cache");
+        const auto& [kbuf, vbuf, pbuf, start, length] = *segs[s].caches[j];
+        check(length + n <= kbuf.size(2), "the cache has no room reserved");
+        kbuf.narrow(2, length, n).copy_(k.narrow(0, r0, n).transpose(0, 1).unsqueeze(0));
+        vbuf.narrow(2, length, n).copy_(v.narrow(0, r0, n).transpose(0, 1).unsqueeze(0));
+        pbuf.narrow(0, length, n).copy_(pos);
+        kv[j][s] = {kbuf.slice(2, start, length + n), vbuf.slice(2, start, length + n),
+                    pbuf.slice(0, start, length + n)};
+      } else {
+        kv[j][s] = kv[source][s];
+      }
+      const auto& [keys, values, kpos] = kv[j][s];
+      Tensor mask = kpos.unsqueeze(0) <= pos.unsqueeze(1);  // [n, S] (text.attention_mask)
+      if (window > 0) mask = mask & (kpos.unsqueeze(0) > (pos - window).unsqueeze(1));
+      const Tensor qs = q.narrow(0, r0, n).transpose(0, 1).unsqueeze(0);  // [1, Hq, n, d]
+      attended.push_back(at::scaled_dot_product_attention(qs, keys, values, mask, 0.0, false, 1.0, true)
+                             .squeeze(0)
+                             .transpose(0, 1)
+                             .reshape({n, -1}));
+    }
+    const Tensor attn = apply(l.L("o"), attended.size() == 1 ? attended[0] : at::cat(attended, 0));
+
     const Tensor h = (active + rms(attn, l.N("post_attn"), c.eps) + lau) / std::sqrt(2.0);
 
     // FFN over the plan's width; one token in a sparse layer reads only the up rows that fire
@@ -357,6 +397,8 @@ void register_step(pybind11::module& m) {
                     std::vector<Linear>, std::map<std::string, Tensor>, std::vector<Tensor>,
                     std::map<std::string, double>>())
       .def("tokens", &Step::tokens, py::arg("h0"), py::arg("ple"), py::arg("position"), py::arg("caches"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("batch", &Step::batch, py::arg("h0"), py::arg("ple"), py::arg("positions"), py::arg("caches"),
            py::call_guard<py::gil_scoped_release>());
 }
 
