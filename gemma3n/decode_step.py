@@ -194,3 +194,38 @@ def decode_token(
     """`decode_tokens` for one token: its logits [V]."""
     logits = decode_tokens(step, decoder, plan, [token], cache, h0)
     return None if logits is None else logits[0]
+
+
+def decode_batch(
+    step: Any,
+    decoder: TextDecoder,
+    plan: LayerPlan,
+    tokens: list[int],
+    caches: list[Cache],
+    h0s: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor | None:
+    """Logits [B, V] of one token for each of B sequences (each after its own cache, its K/V
+    appended there) in one call through `step` (None: a cache layer has no buffers yet, so the
+    Python forward runs them). `h0s[b]`: that token's input embedding when it is not the plain
+    embedding row."""
+    if not all(kv.reserve(1) for cache in caches for kv in cache.layers.values()):
+        return None
+    slots = []
+    for cache in caches:
+        row: list[tuple | None] = [None] * len(plan.layers)
+        for j, kv in cache.layers.items():
+            row[j] = (kv.k, kv.v, kv.pos, kv.start, kv.length)
+        slots.append(row)
+    h0 = torch.cat(
+        [
+            (h if h is not None else decoder.embed(torch.tensor([[t]]))).reshape(1, -1)
+            for t, h in zip(tokens, h0s or [None] * len(tokens))
+        ]
+    )
+    ple = torch.stack([decoder.ple_row(t) for t in tokens])
+    logits = step.batch(h0, ple, [cache.offset for cache in caches], slots)
+    for cache in caches:
+        for kv in cache.layers.values():
+            kv.advance(1)
+        cache.offset += 1
+    return logits

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .batching import generate_batch, is_batch
 from .cache import PromptCache
 from .checkpoint import open_checkpoint
 from .errors import InputError
@@ -304,7 +305,16 @@ class Model:
     def generate(self, prompt: str | list[int] | None = None, **kwargs) -> GenerationResult | list[GenerationResult]:
         """Same arguments as `stream`; returns the whole text, ids and finish_reason (a list of
         them, one per continuation, for n > 1). With tools, `tool_calls` holds a call the reply
-        makes (finish_reason "tool_calls")."""
+        makes (finish_reason "tool_calls").
+
+        A list of prompts (texts or token-id lists), or `messages` as a list of conversations,
+        is an offline batch: one result each, in order, decoded together `max_batch` (default 8)
+        at a time with continuous batching (gemma3n.batching); `progress` shows a bar."""
+        if is_batch(prompt, kwargs.get("messages")):
+            messages = kwargs.pop("messages", None)
+            return generate_batch(self, prompt if messages is None else None, messages, **kwargs)
+        kwargs.pop("max_batch", None)
+        kwargs.pop("progress", None)
         results: dict[int, GenerationResult] = {}
         for piece in self.stream(prompt, **kwargs):
             result = results.setdefault(piece.choice, GenerationResult("", [], "", 0, index=piece.choice))
