@@ -17,7 +17,7 @@ with the same arithmetic whatever the batch, and attention runs per sequence.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from .layers import DECODE_ROWS
 from .text import LayerPlan, TextDecoder
 
 MAX_BATCH = DECODE_ROWS  # rows the decode kernels take in one pass over the weights
+PREFILL_SLICE = 256  # prompt tokens prefilled between two steps of a running batch
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Sequence:
     generated: int = 0
     finished: bool = False
     on_token: Callable[[torch.Tensor, int], None] | None = None  # sees (logits, token): log-probabilities
+    release: Callable[[], None] | None = None  # when it ends: give its cache back to a prompt cache
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -165,11 +167,40 @@ class BatchRequest:
         request.room(plan.config)  # a prompt longer than the context fails here, before any decoding
         return cls(model, request, plan, params, check_stops(stop), check_max_tokens(max_tokens))
 
-    def start(self, tag: Any = None) -> Sequence:
-        from .generate import make_sampler, prefill_prompt
+    def admit(
+        self, tag: Any = None, prompt_cache: Any = None, slice_tokens: int = PREFILL_SLICE
+    ) -> Iterator[Sequence | None]:
+        """Prefill the prompt `slice_tokens` at a time, yielding None after each slice but the
+        last (a server steps its running batch in between, so a long prompt does not freeze the
+        others' streams), then the Sequence. With a `prompt_cache` (a text prompt), it continues
+        from the longest cached prefix, and the sequence gives its cache back (`release`) when
+        it ends."""
+        from .generate import make_sampler, prefill
 
-        stats = StepStats()
-        cache, logits = prefill_prompt(self.model.decoder, self.prompt, self.plan, stats)
+        prompt, plan, decoder = self.prompt, self.plan, self.model.decoder
+        stats = StepStats(start=time.perf_counter())
+        reuse = prompt_cache is not None and prompt.inputs_embeds is None
+        if reuse:
+            cache, done = prompt_cache.take(plan.config, plan.key, prompt.ids)
+        else:
+            cache, done = Cache(plan.config, plan.key), 0
+        ids = torch.tensor([prompt.ids], device=decoder.device)
+        logits = None
+        for a in range(done, len(prompt.ids), slice_tokens):
+            b = min(a + slice_tokens, len(prompt.ids))
+            embeds = prompt.inputs_embeds[:, a:b] if prompt.inputs_embeds is not None else None
+            logits = prefill(
+                decoder,
+                ids[:, a:b],
+                cache,
+                plan,
+                inputs_embeds=embeds,
+                chunk_size=prompt.chunk,
+                skip_shared=prompt.skip_shared,
+            )
+            if b < len(prompt.ids):
+                yield None
+        stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt.ids), done
         text = TextStream(
             self.model.tokenizer,
             stop_ids=self.model.stop_ids(),
@@ -177,8 +208,19 @@ class BatchRequest:
             max_tokens=self.max_tokens,
             stats=stats,
         )
-        limit = min(self.max_tokens, self.prompt.room(self.plan.config))
-        return Sequence(cache, logits, make_sampler(self.params), list(self.prompt.ids), text, stats, limit, tag)
+        limit = min(self.max_tokens, prompt.room(plan.config))
+        history = list(prompt.ids)
+        seq = Sequence(cache, logits, make_sampler(self.params), history, text, stats, limit, tag)
+        if reuse:
+            seq.release = lambda: prompt_cache.keep(cache, history)
+        yield seq
+
+    def start(self, tag: Any = None) -> Sequence:
+        """`admit` in one go."""
+        for seq in self.admit(tag):
+            if seq is not None:
+                return seq
+        raise AssertionError("admit ends with the sequence")
 
 
 # What a batched request supports; anything else runs each prompt through Model.generate in turn.

@@ -328,6 +328,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     for flag, value in (("--max-audio-mb", a.max_audio_mb), ("--max-audio-seconds", a.max_audio_seconds)):
         if not value > 0:  # also NaN
             raise InputError(f"{flag} must be more than 0, not {value:g}")
+    if not 1 <= a.max_batch <= 64:
+        raise InputError(f"--max-batch must be in [1, 64], not {a.max_batch}")
+    if a.max_kv_mb is not None and not a.max_kv_mb > 0:
+        raise InputError(f"--max-kv-mb must be more than 0, not {a.max_kv_mb:g}")
     _check_draft_args(a)
     model = _load(a)
     serve(
@@ -341,6 +345,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         model_id=a.model_id,
         max_audio_bytes=int(a.max_audio_mb * 2**20),
         max_audio_seconds=a.max_audio_seconds,
+        max_batch=a.max_batch,
+        max_kv_bytes=None if a.max_kv_mb is None else int(a.max_kv_mb * 2**20),
         draft=a.draft,
         draft_k=a.draft_k,
         draft_model=getattr(a, "draft_model", None),
@@ -451,6 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $GEMMA3N_API_KEY)",
     )
     s.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="plain generations decoded together (continuous batching; default 8, 1: one at a time)",
+    )
+    s.add_argument(
+        "--max-kv-mb",
+        type=float,
+        default=None,
+        help="K/V the running batch may hold, in MiB: a request waits for room (default: no cap)",
+    )
     s.add_argument(
         "--prompt-cache-slots",
         type=int,

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, closing
+from functools import partial
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -16,8 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gemma3n.batching import MAX_BATCH, BatchRequest
 from gemma3n.cache import PromptCache
 from gemma3n.errors import InputError
+from gemma3n.model import Model
 from gemma3n.speculative import drafting
 from gemma3n.tools import call_schema, check_tools, reply_form
 
@@ -71,6 +74,8 @@ def create_app(
     draft: Any = None,
     draft_k: int | None = None,
     draft_model: Any = None,
+    max_batch: int = MAX_BATCH,
+    max_kv_bytes: int | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `gemma3n.load()` result or any object with
     `stream`, `sizes`, `name`, `has_audio`, `has_vision`). Every elastic size is its own model id;
@@ -81,7 +86,10 @@ def create_app(
     if given), see `gemma3n.PromptCache`; clients
     can tell from `cached_tokens` or latency that a prefix was sent recently, so use 0 where they
     must not learn about each other. `draft` / `draft_k` / `draft_model`: speculative decoding for
-    every request where it applies (see `Model.stream`); a request's own `draft` overrides it."""
+    every request where it applies (see `Model.stream`); a request's own `draft` overrides it.
+    `max_batch`: plain generations decoded together (continuous batching; 1: one at a time);
+    `max_kv_bytes`: the K/V those may hold at once (a request waits for room; one that could
+    never fit is refused)."""
     ids = _model_ids(model, model_id, sizes)
     server_draft = None
     if draft is not None or draft_model is not None:
@@ -94,7 +102,10 @@ def create_app(
         raise ValueError(f"prompt_cache_slots must be >= 0, not {prompt_cache_slots}")
     if prompt_cache_bytes is not None and prompt_cache_bytes < 0:
         raise ValueError(f"prompt_cache_bytes must be >= 0, not {prompt_cache_bytes}")
-    engine = _Engine(model, max_queue, prompt_cache_slots, prompt_cache_bytes)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, not {max_batch}")
+    engine = _Engine(model, max_queue, prompt_cache_slots, prompt_cache_bytes, max_batch, max_kv_bytes)
+    batching = isinstance(model, Model)  # a stand-in object (tests) has no decoder to batch
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -188,7 +199,11 @@ def create_app(
         if size is not None:
             gen_kwargs["size"] = size
         choices = _choices(kind, gen_kwargs)
-        job = engine.submit(_generation(inputs, gen_kwargs, server_draft))
+        if batching and _batchable(inputs, gen_kwargs, server_draft):
+            plain = {k: v for k, v in gen_kwargs.items() if k != "draft"}  # only "none" gets here
+            job = engine.submit(prepare=partial(BatchRequest.make, **inputs[0], **plain))
+        else:
+            job = engine.submit(_generation(inputs, gen_kwargs, server_draft))
         stamp = int(time.time())
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": stamp}
         head.update(model=model_name)
@@ -258,6 +273,17 @@ def _choices(kind: str, gen_kwargs: dict[str, Any]) -> ChoiceSet:
         functions = []
     forced = bool(functions) and call_schema(functions, gen_kwargs.get("tool_choice")) is not None
     return ChoiceSet(kind, functions or None, forced, bool(gen_kwargs.get("logprobs")))
+
+
+def _batchable(inputs: list[dict[str, Any]], gen_kwargs: dict[str, Any], server_draft: dict[str, Any] | None) -> bool:
+    """One prompt, one continuation, no grammar, tools, log-probabilities or draft (the request's
+    or the server's): decoded in the engine's running batch."""
+    if len(inputs) != 1 or gen_kwargs.get("n", 1) != 1:
+        return False
+    if server_draft is not None and gen_kwargs.get("draft") != "none":
+        return False
+    special = ("response_format", "tools", "tool_choice", "logprobs", "top_logprobs", "prompt_logprobs", "draft")
+    return not any(gen_kwargs.get(k) not in (None, False, 0, "none") for k in special)
 
 
 def _generation(

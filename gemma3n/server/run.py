@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from gemma3n.batching import MAX_BATCH
+
 from .audio import DEFAULT_MAX_AUDIO_BYTES, DEFAULT_MAX_AUDIO_SECONDS
 from .routes import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_SLOTS, create_app
 
@@ -37,9 +39,12 @@ def serve(
     draft: Any = None,
     draft_k: int | None = None,
     draft_model: Any = None,
+    max_batch: int = MAX_BATCH,
+    max_kv_bytes: int | None = None,
 ) -> None:
     """Serve until interrupted. `model` is a loaded model, or a path / hub id (None: embedded).
-    `draft` / `draft_k` / `draft_model`: speculative decoding by default (see `create_app`)."""
+    `draft` / `draft_k` / `draft_model`: speculative decoding by default; `max_batch` /
+    `max_kv_bytes`: continuous batching (see `create_app`)."""
     import uvicorn
 
     if model is None or isinstance(model, str):
@@ -56,6 +61,8 @@ def serve(
         "prompt_cache_bytes": prompt_cache_bytes,
         "max_audio_bytes": max_audio_bytes,
         "max_audio_seconds": max_audio_seconds,
+        "max_batch": max_batch,
+        "max_kv_bytes": max_kv_bytes,
     }
     hosts = LOOPBACK_HOSTS if loopback else None
     drafts = {"draft": draft, "draft_k": draft_k, "draft_model": draft_model}
