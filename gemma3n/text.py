@@ -1,5 +1,5 @@
 """The Gemma 3n text decoder: AltUp streams, LAuReL, per-layer embeddings (PLE), KV sharing,
-Gaussian top-k activation sparsity, sliding/global attention. Spec: text-decoder.md §2-§6.
+Gaussian top-k activation sparsity, sliding/global attention. Spec: docs/text-decoder.md.
 
 Module and parameter names are the checkpoint's (`layers.3.self_attn.q_proj.weight`, ...), so
 loading is a dict walk. The decoder runs a `LayerPlan`: the full model, or a MatFormer view
@@ -22,7 +22,7 @@ from .cache import Cache
 from .config import TextConfig
 from .layers import Embedding, Linear, RMSNorm, as_dtype, gelu_tanh
 
-# Φ⁻¹(0.95) as transformers computes it in fp32 (text-decoder.md §4.7); cast per dtype below.
+# Φ⁻¹(0.95) as transformers computes it in fp32 (docs/text-decoder.md#activation-sparsity); cast per dtype below.
 _ICDF_CACHE: dict[float, float] = {}
 
 
@@ -36,7 +36,8 @@ def _std_multiplier(target: float) -> float:
 def rope_cos_sin(
     positions: torch.Tensor, base: float, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NeoX-layout RoPE tables [T, 1, head_dim] (broadcast over heads), built in fp32 and cast (§4.4)."""
+    """NeoX-layout RoPE tables [T, 1, head_dim] (broadcast over heads), built in fp32 and cast
+    (docs/text-decoder.md#rope)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
@@ -80,7 +81,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.owns_kv = owns_kv
-        if owns_kv:  # KV-shared layers borrow K/V: their own k/v weights are never built (§5.1)
+        # KV-shared layers borrow K/V: their own k/v weights are never built (docs/text-decoder.md#kv-sharing)
+        if owns_kv:
             self.k_proj = Linear(cfg.hidden_size, hkv * d, bias=False)
             self.v_proj = Linear(cfg.hidden_size, hkv * d, bias=False)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -105,11 +107,11 @@ class Attention(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention with scale 1.0 (q_norm/k_norm replace the usual 1/sqrt(d): §4.4, §7.3) and GQA.
+    """Attention with scale 1.0 (q_norm/k_norm replace the usual 1/sqrt(d): docs/text-decoder.md#attention) and GQA.
     q [B, Hq, Tq, d], k/v [B, Hkv, Tk, d].
 
     fp32 uses the fused kernel. In half precision the reference's order of roundings is
-    reproduced (scores in the activation dtype, softmax in fp32, cast back: §7 "softmax"),
+    reproduced (scores in the activation dtype, softmax in fp32, cast back),
     because the fused kernel's fp32 accumulation drifts from it at bf16 resolution.
     """
     if q.dtype == torch.float32:
@@ -154,7 +156,8 @@ class MLP(nn.Module):
 
 
 def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Statistical top-k (§4.7): keep what exceeds mean + z·std (population std), shifted down."""
+    """Statistical top-k: keep what exceeds mean + z·std (population std), shifted down
+    (docs/text-decoder.md#activation-sparsity)."""
     z = torch.tensor(_std_multiplier(sparsity), dtype=gate.dtype)
     mean = gate.mean(-1, keepdim=True)
     std = gate.std(-1, keepdim=True, unbiased=False)
@@ -162,7 +165,7 @@ def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 class Laurel(nn.Module):
-    """LAuReL, learned augmented residual of rank r (§4.3): x + norm(R(L(x)))."""
+    """LAuReL, learned augmented residual of rank r (docs/text-decoder.md#laurel): x + norm(R(L(x)))."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -175,7 +178,7 @@ class Laurel(nn.Module):
 
 
 class AltUp(nn.Module):
-    """Alternating updates over N streams (§3): predict before a layer, correct after it."""
+    """Alternating updates over N streams (docs/text-decoder.md#altup): predict before a layer, correct after it."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -190,12 +193,13 @@ class AltUp(nn.Module):
         self.router_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def router(self, x: torch.Tensor) -> torch.Tensor:
-        """tanh(norm(x)/D @ W_rᵀ), tanh in fp32 (§3.2). [B, T, N]."""
+        """tanh(norm(x)/D @ W_rᵀ), tanh in fp32 (docs/text-decoder.md#altup-router). [B, T, N]."""
         routed = self.modality_router(self.router_norm(x) * (1.0 / self.hidden))
         return as_dtype(torch.tanh(as_dtype(routed, torch.float32)), x.dtype)
 
     def predict(self, streams: torch.Tensor) -> torch.Tensor:
-        """pred_i = S_i + Σ_j c_ij S_j with c = router(S_active) @ W_pᵀ read row-major (§3.3)."""
+        """pred_i = S_i + Σ_j c_ij S_j with c = router(S_active) @ W_pᵀ read row-major
+        (docs/text-decoder.md#altup-predict)."""
         coefs = self.prediction_coefs(self.router(streams[self.active]))
         coefs = coefs.view(*coefs.shape[:-1], self.n, self.n)  # [B, T, i, j]
         # [B, T, D, j] @ [B, T, j, i]: the reference's layout (one batched matmul, no einsum parse)
@@ -203,7 +207,8 @@ class AltUp(nn.Module):
         return as_dtype(mixed + streams, streams.dtype)
 
     def correct(self, pred: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
-        """corr_i = pred_i + γ_i (act - pred_active), γ = router(act) @ W_cᵀ + 1 (§3.4)."""
+        """corr_i = pred_i + γ_i (act - pred_active), γ = router(act) @ W_cᵀ + 1
+        (docs/text-decoder.md#altup-correct)."""
         gamma = self.correction_coefs(self.router(activated)) + 1.0  # [B, T, N]
         innovation = activated - pred[self.active]
         return as_dtype(innovation[None] * gamma.permute(2, 0, 1)[..., None] + pred, activated.dtype)
@@ -240,7 +245,7 @@ class DecoderLayer(nn.Module):
         width: int,
         sparsity: float,
     ) -> torch.Tensor:
-        """One layer in the exact order of §4. streams [N, B, T, D] -> [N, B, T, D].
+        """One layer in the order of docs/text-decoder.md#decoder-layer. streams [N, B, T, D] -> [N, B, T, D].
 
         `kv_fn(layer, xn)` returns (k, v, mask) for this layer: computed (and cached) for KV
         owners, borrowed from the source layer for shared ones. The two halves around it are
@@ -252,7 +257,7 @@ class DecoderLayer(nn.Module):
         return self.post_attention(pred, lau, attend(q, k, v, mask), per_layer_input, width, sparsity)
 
     def pre_attention(self, streams: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """AltUp predict, input norm, LAuReL and the queries (§4.1-§4.4)."""
+        """AltUp predict, input norm, LAuReL and the queries (steps 1-4 of the layer)."""
         pred = self.altup.predict(streams)
         xn = self.input_layernorm(pred[self.altup.active])
         return pred, xn, self.laurel(xn), self.self_attn.query(xn, cos, sin)
@@ -266,12 +271,13 @@ class DecoderLayer(nn.Module):
         width: int,
         sparsity: float,
     ) -> torch.Tensor:
-        """Output projection, residual + LAuReL, FFN, AltUp correct, PLE injection (§4.4-§4.10)."""
+        """Output projection, residual + LAuReL, FFN, AltUp correct, PLE injection (steps 4-10)."""
         attn = self.self_attn.output(attended)
         h = (pred[self.altup.active] + self.post_attention_layernorm(attn) + lau) / math.sqrt(2)
         ffn = self.mlp(self.pre_feedforward_layernorm(h), width, sparsity)
         corrected = self.altup.correct(pred, h + self.post_feedforward_layernorm(ffn))
-        # PLE injection (§4.10): gated by the scaled active stream, added to streams 1..N-1.
+        # PLE injection: gated by the scaled active stream, added to streams 1..N-1
+        # (docs/text-decoder.md#ple-injection).
         first = corrected[self.altup.active]
         if self.correct_scale:
             first = self.altup.scale_output(first)
@@ -313,9 +319,9 @@ class TextDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    # --- embeddings (§2) ------------------------------------------------------------------
+    # --- embeddings (docs/text-decoder.md#embeddings, #per-layer-embeddings) --------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """h0 = E[x] · sqrt(D), the scale cast to the activation dtype first (§2.1)."""
+        """h0 = E[x] · sqrt(D), the scale cast to the activation dtype first (docs/text-decoder.md#embeddings)."""
         dtype = self.activation_dtype
         return self.embed_tokens(ids).to(dtype) * torch.tensor(self.config.hidden_size**0.5, dtype=dtype)
 
@@ -332,14 +338,15 @@ class TextDecoder(nn.Module):
         return out
 
     def ple_row(self, token: int) -> torch.Tensor:
-        """One token's PLE row as stored (unscaled, [L*P]); ids outside the table use row 0 (§2.2)."""
+        """One token's PLE row as stored (unscaled, [L*P]); ids outside the table use row 0."""
         table = self.embed_tokens_per_layer
         assert table is not None, "the per-layer embedding table was not attached"
         row = token if 0 <= token < table.shape[0] else 0
         return table[torch.tensor([row])][0]
 
     def ple_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Gather the PLE rows of `ids` from the host table (ids outside it use row 0, §2.2)."""
+        """Gather the PLE rows of `ids` from the host table; ids outside it use row 0
+        (docs/text-decoder.md#per-layer-embeddings)."""
         table = self.embed_tokens_per_layer
         assert table is not None, "the per-layer embedding table was not attached"
         host_ids = ids.to(table.device)
@@ -348,7 +355,7 @@ class TextDecoder(nn.Module):
         rows = table[host_ids].to(device=ids.device, dtype=dtype)
         return rows * torch.tensor(self.config.hidden_size_per_layer_input**0.5, dtype=dtype)
 
-    # --- AltUp expand / collapse (§3.1, §3.6) ----------------------------------------------
+    # --- AltUp expand / collapse (docs/text-decoder.md#altup-expand, #altup-collapse) ------
     @staticmethod
     def _match_magnitude(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return x * target / torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True).clamp(min=1e-5))
@@ -378,7 +385,7 @@ class TextDecoder(nn.Module):
 
         ids [B, T] and positions [T] (absolute). `inputs_embeds` replaces h0 (multimodal merge).
         `out_rows` (indices into T) are the only rows whose output is wanted: the KV-shared
-        layers write no cache, so they run on those rows only (the prefill skip, §5.3).
+        layers write no cache, so they run on those rows only (the prefill skip, docs/text-decoder.md#prefill-skip).
         """
         cfg = plan.config
         h0 = self.embed(ids) if inputs_embeds is None else inputs_embeds.to(self.activation_dtype)
@@ -429,8 +436,8 @@ class TextDecoder(nn.Module):
     @staticmethod
     def _layer_kv(layer, xn, *, j, source, q_pos, rope, window, cache, shared_kv, masks):
         """(k, v, mask) for plan layer j: borrowed from its source's post-norm, post-RoPE K/V
-        (§5.1), or computed here, appended to the cache, and kept for the borrowers. Masks are
-        built once per (queries, keys, window) in a forward pass."""
+        (docs/text-decoder.md#kv-sharing), or computed here, appended to the cache, and kept for
+        the borrowers. Masks are built once per (queries, keys, window) in a forward pass."""
         if source is not None:
             k, v, k_pos = shared_kv[source]
         else:
@@ -448,7 +455,7 @@ class TextDecoder(nn.Module):
         return {t: rope_cos_sin(positions, cfg.rope_base(t), cfg.head_dim, dtype) for t in set(cfg.layer_types)}
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied head and the final soft-cap: cap · tanh(logits / cap) (§6)."""
+        """Tied head and the final soft-cap: cap · tanh(logits / cap) (docs/text-decoder.md#logits)."""
         logits = self.embed_tokens.as_linear(hidden)
         cap = self.config.final_logit_softcapping
         if cap:
