@@ -1,6 +1,7 @@
 """Audio in: decoding, the log-mel feature extractor, token counts, and long-audio windowing.
 
-Spec: audio-vision.md §A (feature extractor) and §B (encoder, in `gemma3n.audio_encoder`).
+Spec: docs/audio-vision.md#feature-extractor (the encoder, in `gemma3n.audio_encoder`:
+docs/audio-vision.md#audio-encoder).
 The extractor reproduces `Gemma3nAudioFeatureExtractor` (transformers 5.24) step for step,
 vectorised over the whole batch.
 """
@@ -249,13 +250,14 @@ def header_seconds(src) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Feature extractor (§A)
+# Feature extractor (docs/audio-vision.md#feature-extractor)
 
 
 def htk_mel_filterbank(
     n_freqs: int, f_min: float, f_max: float, n_mels: int, sampling_rate: int, fft_length: int
 ) -> np.ndarray:
-    """[n_freqs, n_mels] unnormalised HTK triangles; float64 like the reference (§A.2.6)."""
+    """[n_freqs, n_mels] unnormalised HTK triangles; float64 like the reference
+    (docs/audio-vision.md#mel-filterbank)."""
     bin_hz = np.arange(n_freqs, dtype=np.float32) * (sampling_rate / fft_length)
     mel = np.linspace(2595.0 * math.log10(1 + f_min / 700), 2595.0 * math.log10(1 + f_max / 700), n_mels + 2)
     edges = 700.0 * (10 ** (mel / 2595.0) - 1.0)  # [n_mels + 2] Hz
@@ -373,7 +375,8 @@ class AudioFeatureExtractor:
         """16 kHz mono clips -> (input_features [N, T, n_mels] float32, input_features_mask [N, T] bool).
 
         Clips are cut to `max_length`, right-padded to the longest rounded up to
-        `pad_to_multiple_of`; frame i is valid iff its first sample is real audio (§A.3).
+        `pad_to_multiple_of`; frame i is valid iff its first sample is real audio
+        (docs/audio-vision.md#padding-and-masks).
         """
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
@@ -402,7 +405,8 @@ def soft_tokens_for_duration(
     feature_extractor: AudioFeatureExtractor | None = None,
     audio_config: Mapping | AudioEncoderConfig | None = None,
 ) -> int:
-    """Encoder outputs for one unpadded clip (§A.4): 1 s -> 7, 10 s -> 63, >= 30 s -> 188."""
+    """Encoder outputs for one unpadded clip (docs/audio-vision.md#tokens-per-clip): 1 s -> 7, 10 s -> 63,
+    >= 30 s -> 188."""
     fe = feature_extractor or AudioFeatureExtractor()
     cfg = (
         audio_config

@@ -1,8 +1,8 @@
-"""KV caches. Only KV-owning layers keep one (text-decoder.md §5.1): shared layers borrow
+"""KV caches. Only KV-owning layers keep one (docs/text-decoder.md#kv-sharing): shared layers borrow
 their source's K/V inside the forward pass. Sliding layers keep a bounded window.
 
 A cache belongs to one `LayerPlan` (full model or a MatFormer view): hidden states differ per
-size, so a cache written under one size is never valid for another (matformer.md §4).
+size, so a cache written under one size is never valid for another (docs/matformer.md#elastic-inference).
 
 `PromptCache` keeps conversations' caches between calls, so the next turn prefills only the
 tokens that differ from what a cache already holds.

@@ -4,7 +4,7 @@ Field names are the Hugging Face ones, so a dataclass round-trips to the JSON a 
 ships. Both the multimodal `gemma3n` form (`text_config` / `audio_config` / `vision_config`)
 and the text-only `gemma3n_text` form are accepted, with the 4.x (`rope_theta`,
 `rope_local_base_freq`) and 5.x (`rope_parameters`) RoPE spellings.
-Spec: shared/reference/text-decoder.md §1.
+Fields and their official values: docs/text-decoder.md#config-fields.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
-# Multimodal token ids of the official checkpoints (audio-vision.md §D.1); config.json wins.
+# Multimodal token ids of the official checkpoints (docs/audio-vision.md#special-tokens); config.json wins.
 _MULTIMODAL_DEFAULTS = {
     "boi_token_id": 255_999,
     "eoi_token_id": 262_144,
@@ -74,7 +74,7 @@ class TextConfig:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
     def kv_source(self, layer: int) -> int | None:
-        """The layer whose K/V `layer` borrows (§5.1), or None if it computes its own.
+        """The layer whose K/V `layer` borrows (docs/text-decoder.md#kv-sharing), or None if it computes its own.
 
         A shared layer reuses the last non-shared layer of the same attention type.
         """

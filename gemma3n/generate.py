@@ -1,4 +1,4 @@
-"""Generation in three layers (style.md): `generate_step` yields token ids (chunked prefill
+"""Generation in three layers, as mlx-lm does it: `generate_step` yields token ids (chunked prefill
 with the shared-layer skip, then decode), `stream_generate` turns them into text pieces
 (detokenizing, stop strings, finish_reason, timings), and the model's `generate` joins them.
 """
@@ -223,8 +223,9 @@ def prefill(
 ) -> torch.Tensor:
     """Run the prompt [1, T] through the model in chunks; return the last token's logits [V].
 
-    With `skip_shared`, KV-shared layers run only on the last prompt token (§5.3): they write
-    no cache, so their outputs at other positions are never observed. Exact by construction.
+    With `skip_shared`, KV-shared layers run only on the last prompt token: they write
+    no cache, so their outputs at other positions are never observed. Exact by construction
+    (docs/text-decoder.md#prefill-skip).
     `score(logits [t, V], first position)` receives every prompt position's float32 logits (the
     shared layers then run on every row), a block of rows at a time to bound the memory.
     """

@@ -28,7 +28,7 @@ _scratch: dict[tuple, torch.Tensor] = {}
 
 
 class RMSNorm(nn.Module):
-    """x · (mean(x²)+eps)^-½ · w, computed in fp32 (weight used as is, not 1+w: §7.1-2)."""
+    """x · (mean(x²)+eps)^-½ · w, computed in fp32 (weight used as is, not 1+w: docs/text-decoder.md#rmsnorm)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
         super().__init__()

@@ -1,5 +1,5 @@
 """Soft tokens into the text embedding: the multimodal embedders, towers loaded on demand,
-and the merge at placeholder positions (audio-vision.md §B.6, §C.7).
+and the merge at placeholder positions (docs/audio-vision.md#embedders-and-merge).
 
 Ids in the vision range [262144, 262272) and audio range [262272, 262400) take the
 embedders' *hard* embeddings; each placeholder run then receives a tower's soft tokens.
@@ -150,8 +150,8 @@ def encode_audio(
     """16 kHz clips of at most the encoder's window -> their soft tokens [N, soft_tokens, text D].
 
     Padded frames and the tail up to the fixed soft-token count take the padding embedding, the
-    hard embedding of the audio vocabulary's last id (§B.6). Up to AUDIO_BATCH clips are padded
-    into one batch, as the reference processor batches a prompt's clips.
+    hard embedding of the audio vocabulary's last id (docs/audio-vision.md#audio-soft-tokens). Up
+    to AUDIO_BATCH clips are padded into one batch, as the reference processor batches a prompt's clips.
     """
     tower, embedder = towers.audio_tower(), towers.embedder("audio")
     pad_id = torch.tensor([embedder.vocab_offset + embedder.vocab_size - 1], device=towers.device)

@@ -2,7 +2,7 @@
 
 The template is the checkpoint's own Jinja, rendered the way transformers renders it
 (sandboxed, trim_blocks/lstrip_blocks); a built-in Gemma template is the fallback.
-Each image / audio placeholder becomes the processor's full sequence (audio-vision.md §D.3);
+Each image / audio placeholder becomes the processor's full sequence (docs/audio-vision.md#prompt-expansion);
 an audio clip longer than the encoder's 30 s window becomes one such block per window, and audio
 that cannot fit the context with the text is refused with how much would.
 """
@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .errors import InputError
 from .tokenizer import Tokenizer
 
-# Gemma's turn format (style.md): no system turn (its text opens the first user turn), roles
+# Gemma's turn format: no system turn (its text opens the first user turn), roles
 # alternate, `assistant` is spelled `model`, media parts render as their placeholder token.
 GEMMA_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
@@ -193,7 +193,7 @@ class Processor:
         return self.audio_extractor.max_length / self.audio_extractor.sampling_rate
 
     def _block(self, kind: str) -> str:
-        """The processor's expansion of one placeholder (§D.3)."""
+        """The processor's expansion of one placeholder (docs/audio-vision.md#prompt-expansion)."""
         n = self.image_seq_length if kind == "image" else self.audio_seq_length
         return f"\n\n<start_of_{kind}>{f'<{kind}_soft_token>' * n}<end_of_{kind}>\n\n"
 
@@ -244,9 +244,9 @@ class Processor:
 
         A clip longer than the encoder's window becomes one block per window, each exactly the
         block the processor makes for one clip, rather than one longer block: the processor
-        always inserts 188 soft tokens per clip (audio-vision.md §A.4, §D.3) and the encoder was
-        trained on clips of up to 30 s (§E.1), so a block of any other length is a layout the model
-        never saw, while prompts with several clips are (few-shot clips, §D.3). Each window is
+        always inserts 188 soft tokens per clip and the encoder was trained on clips of up to 30 s,
+        so a block of any other length is a layout the model never saw, while prompts with several
+        clips are (few-shot clips): docs/audio-vision.md#prompt-expansion. Each window is
         encoded as its own clip; its block is what the template gives a clip of its own.
         """
         pieces = text.split(f"<{kind}_soft_token>")

@@ -2,8 +2,8 @@
 model; its only dependency is torch, which we have).
 
 Chosen over webrtcvad: a neural detector that tells speech from noise and music far better than
-WebRTC's Gaussian-mixture frames, and ~100x real time on one CPU thread (60 s of audio in about
-0.6 s); the original webrtcvad has had no release since 2017 (webrtcvad-wheels repackages it).
+WebRTC's Gaussian-mixture frames, and far faster than real time on one CPU thread (bench/README.md,
+"Speech endpoint"); the original webrtcvad has had no release since 2017 (webrtcvad-wheels repackages it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SAMPLING_RATE = 16_000  # what the detector takes (and what gemma3n.audio loads)
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """The detector steps 32 ms frames one at a time: a second thread only adds synchronisation
-    (on a busy 2-core machine 60 s took 17 s with 2 threads, 0.6 s with 1). Importing silero_vad
+    and made it many times slower (bench/README.md, "Speech endpoint"). Importing silero_vad
     also sets torch's thread count process-wide; both are undone here."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
