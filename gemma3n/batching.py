@@ -25,7 +25,22 @@ import torch
 
 from .cache import Cache
 from .decode_step import decode_batch, fused_step
-from .generate import EmbedFn, Sampler, StepStats, TextPiece, TextStream, check_logits, decode_one
+from .generate import (
+    EmbedFn,
+    GenerationResult,
+    Prompt,
+    Sampler,
+    StepStats,
+    TextPiece,
+    TextStream,
+    check_logits,
+    check_max_tokens,
+    check_stops,
+    decode_one,
+    make_sampler,
+    prefill,
+    sampling_params,
+)
 from .layers import DECODE_ROWS
 from .text import LayerPlan, TextDecoder
 
@@ -158,8 +173,6 @@ class BatchRequest:
         prefill_chunk: int = 512,
         **sampling: Any,
     ) -> BatchRequest:
-        from .generate import Prompt, check_max_tokens, check_stops, sampling_params
-
         params = sampling_params(model.generation_config, **sampling)
         inputs, embeds = model.prepare(prompt, messages, image_size)
         plan = model.plan(size)
@@ -175,8 +188,6 @@ class BatchRequest:
         others' streams), then the Sequence. With a `prompt_cache` (a text prompt), it continues
         from the longest cached prefix, and the sequence gives its cache back (`release`) when
         it ends."""
-        from .generate import make_sampler, prefill
-
         prompt, plan, decoder = self.prompt, self.plan, self.model.decoder
         stats = StepStats(start=time.perf_counter())
         reuse = prompt_cache is not None and prompt.inputs_embeds is None
@@ -248,8 +259,6 @@ def generate_batch(
     a finished one leaves the batch and the next prompt is prefilled and joins. `progress`: a
     progress bar on stderr (default: for more than `max_batch` prompts)."""
     from tqdm.auto import tqdm
-
-    from .generate import GenerationResult
 
     items = [{"prompt": p} for p in prompts] if prompts is not None else [{"messages": m} for m in messages]
     if any(kwargs.get(k) not in (None, False, 0) for k in SEQUENTIAL_ONLY) or kwargs.get("n", 1) != 1:

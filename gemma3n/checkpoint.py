@@ -20,7 +20,7 @@ import torch
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, ConfigError
 
-_DTYPES = {
+ST_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
@@ -81,7 +81,7 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
-                dtype = _DTYPES[info["dtype"]]
+                dtype = ST_DTYPES[info["dtype"]]
                 shape = tuple(int(s) for s in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):

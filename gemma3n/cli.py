@@ -11,8 +11,20 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+from .cache import PromptCache
+from .checkpoint import open_checkpoint
 from .errors import Gemma3nError, InputError
+from .export import export_slice, quantize_checkpoint
+from .generate import check_max_tokens, sampling_params
+from .info import describe, hardware_lines, list_sizes
+from .matformer import SIZES_FILE, parse_ffn, parse_skip
+from .model import default_model_path, load
+from .quantize import QuantConfig
+from .speculative import NGRAM, check_draft_k
+from .structured import grammar_for
+from .tokenizer import check_text
 
 MODEL_HELP = "checkpoint directory or hub id (default: the embedded tiny model)"
 
@@ -88,8 +100,6 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 def _load(a: argparse.Namespace):
     import torch
 
-    from .model import load
-
     model = load(a.model, device=a.device, dtype=a.dtype, quantize=getattr(a, "quantize", None))
     threads = getattr(a, "threads", None)
     if threads is None and model.decoder.device.type == "cpu":
@@ -132,8 +142,6 @@ def _print_draft_stats(s: dict) -> None:
 
 def _stdin_text() -> str:
     """All of stdin as UTF-8 (a BOM is dropped); other bytes are one clear error."""
-    from .tokenizer import check_text
-
     if getattr(sys.stdin, "buffer", None) is None:  # a text stream put in its place (tests, embedding)
         text = sys.stdin.read()
         check_text(text, "stdin")
@@ -151,9 +159,6 @@ def _stdin_text() -> str:
 def _check_args(a: argparse.Namespace) -> None:
     """Text options from argv before anything loads: bytes that are not UTF-8 arrive as lone
     surrogates (surrogateescape) and would fail deep in the tokenizer."""
-    from .generate import check_max_tokens, sampling_params
-    from .tokenizer import check_text
-
     check_max_tokens(a.max_tokens)  # the sampling flags too, before the model loads
     sampling_params(
         {},
@@ -173,8 +178,6 @@ def _check_args(a: argparse.Namespace) -> None:
 
 
 def _check_draft_args(a: argparse.Namespace) -> None:
-    from .speculative import NGRAM, check_draft_k
-
     check_draft_k(a.draft_k)
     if a.draft_k is not None and a.draft is None and a.draft_quantize is None:
         raise InputError("--draft-k sets how many tokens a draft proposes: it needs --draft")
@@ -185,8 +188,6 @@ def _check_draft_args(a: argparse.Namespace) -> None:
 def _response_format(a: argparse.Namespace) -> dict | None:
     """--json / --json-schema FILE -> OpenAI's response_format, the schema checked before the
     model loads (a feature constrained decoding cannot enforce is named)."""
-    from .structured import grammar_for
-
     if a.json and a.json_schema:
         raise InputError("--json and --json-schema both set the reply's form: pass one")
     if a.json:
@@ -239,9 +240,6 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    from .cache import PromptCache
-    from .tokenizer import check_text
-
     _check_args(a)
     model = _load(a)
     history: list[dict] = [{"role": "system", "content": a.system_prompt}] if a.system_prompt else []
@@ -285,10 +283,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 
 def cmd_info(a: argparse.Namespace) -> None:
-    from .checkpoint import open_checkpoint
-    from .info import describe, hardware_lines
-
-    ckpt = open_checkpoint(a.model if a.model is not None else _default())
+    ckpt = open_checkpoint(a.model if a.model is not None else default_model_path())
     if a.hardware:
         for line in hardware_lines(ckpt, quantize=a.quantize, refresh=a.refresh):
             print(line)
@@ -353,33 +348,53 @@ def cmd_serve(a: argparse.Namespace) -> None:
     )
 
 
-def _default() -> Path:
-    from .model import default_model_path
-
-    return default_model_path()
-
-
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from .export import quantize_checkpoint
-    from .quantize import QuantConfig
-
     bits = {8: "int8", 4: "int4"}.get(a.bits)
     if bits is None:
         raise InputError(f"--bits must be 4 or 8, got {a.bits}")
     qc = QuantConfig.parse(bits, group_size=a.group_size if a.bits == 4 else None)
-    quantize_checkpoint(a.model if a.model is not None else _default(), a.out, qc, force=a.force)
+    quantize_checkpoint(a.model if a.model is not None else default_model_path(), a.out, qc, force=a.force)
 
 
-def cmd_slice(a: argparse.Namespace) -> None:
-    from .matformer import run_slice
+def size_from_cli(preset: str | None = None, ffn: str | None = None, skip: str | None = None) -> Any:
+    """`--preset` / `--size` NAME, or `--ffn` / `--skip` text -> a value for `resolve_size`."""
+    if preset and (ffn or skip):
+        raise InputError("give either a preset (--preset/--size) or a custom --ffn/--skip, not both")
+    if preset:
+        return preset
+    if ffn or skip:
+        return {"ffn": parse_ffn(ffn) if ffn else None, "skip": parse_skip(skip) if skip else []}
+    return None
 
-    run_slice(a)
+
+def _slice_parent(model: str | None) -> str | Path:
+    """`--model` of `gemma3n slice`: the embedded model when omitted; `E2B`/`E4B` = the official hub checkpoint."""
+    if not model:
+        return default_model_path()
+    if not Path(model).expanduser().exists() and model.upper() in ("E2B", "E4B"):
+        return f"google/gemma-3n-{model.upper()}-it"
+    return model
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma3n", description="Run Gemma 3n models on-device.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_slice(args: argparse.Namespace) -> None:
+    """`gemma3n slice`: list the sizes, or export a slice."""
+    model = _slice_parent(args.model)
+    if args.list:
+        print(list_sizes(model))
+        return
+    if not args.out:
+        raise InputError("gemma3n slice needs --out (or --list)")
+    size = size_from_cli(args.preset, args.ffn, args.skip)
+    if size is None:
+        raise InputError("choose a slice: --preset NAME, or --ffn/--skip (see `gemma3n slice --list`)")
+    out = export_slice(model, size, args.out, force=args.force, progress=not args.no_progress)
+    print(f"wrote {out}")
+    for line in (out / "README.md").read_text().splitlines():
+        if line.startswith(("| Slice", "| Layers", "| FFN", "| Effective")):
+            print("  " + line.strip("| ").replace(" | ", ": "))
 
+
+def _add_generate_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)
     g.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from stdin")
@@ -396,18 +411,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_chat_parser(sub: Any) -> None:
     c = sub.add_parser("chat", help="interactive chat that keeps its history")
     _add_model_args(c)
     c.add_argument("--system-prompt", default=None)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
-    from .matformer import add_slice_arguments
 
+def _add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `gemma3n slice` (an argparse parser or subparser)."""
+    parser.add_argument("--list", action="store_true", help="show the model's sizes and the presets that fit, and exit")
+    parser.add_argument(
+        "--model",
+        "-m",
+        help="parent checkpoint: directory, hub id, or E4B (google/gemma-3n-E4B-it); default: the embedded tiny model",
+    )
+    parser.add_argument(
+        "--preset",
+        help=f"a size the model declares ({SIZES_FILE}) or a preset name or alias, e.g. E2B, E2.54B-layer",
+    )
+    parser.add_argument("--ffn", help="one FFN width per kept layer: 8192x20,16384x10 or 8192,16384,...")
+    parser.add_argument("--skip", help="original indices of skipped layers, e.g. 20-24")
+    parser.add_argument("--out", "-o", help="output directory (must be empty or absent)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace the checkpoint in --out (never the source, never other files)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_slice_parser(sub: Any) -> None:
     sl = sub.add_parser("slice", help="export a MatFormer Mix-n-Match slice (--list shows the presets)")
-    add_slice_arguments(sl)
+    _add_slice_arguments(sl)
     sl.set_defaults(func=cmd_slice)
 
+
+def _add_quantize_parser(sub: Any) -> None:
     qp = sub.add_parser("quantize", help="write a weight-only int8 / int4 quantized checkpoint")
     qp.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     qp.add_argument("--bits", type=int, required=True, choices=[4, 8])
@@ -418,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qp.set_defaults(func=cmd_quantize)
 
+
+def _add_transcribe_parser(sub: Any) -> None:
     t = sub.add_parser("transcribe", help="speech recognition or translation of an audio file (any length)")
     _add_model_args(t)
     t.add_argument("file", help="audio file (WAV, FLAC, OGG, MP3)")
@@ -433,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_transcribe)
 
+
+def _add_info_parser(sub: Any) -> None:
     i = sub.add_parser("info", help="parameter split, layer map and placement of a checkpoint")
     _add_model_args(i)
     i.add_argument("--placement", action="store_true", help="load the model and report what lives where")
@@ -444,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--refresh", action="store_true", help="with --hardware: measure again instead of the cache")
     i.set_defaults(func=cmd_info)
 
+
+def _add_serve_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (every elastic size is a model id)")
     s.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
@@ -489,6 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-audio-seconds", type=float, default=7200, help="longest audio to transcribe (default 7200; more: 400)"
     )
     s.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma3n", description="Run Gemma 3n models on-device.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
+    _add_chat_parser(sub)
+    _add_slice_parser(sub)
+    _add_quantize_parser(sub)
+    _add_transcribe_parser(sub)
+    _add_info_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

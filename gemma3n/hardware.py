@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .errors import InputError
 
 DTYPES = {
@@ -202,8 +203,6 @@ def gemm_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
 def report(decode_bytes: int | None = None) -> list[str]:
     """`gemma3n info --hardware`: features, measurements, choices and (given the bytes a decoded
     token reads) the decode bound."""
-    from . import kernels
-
     info, p = cpu_info(), probe()
     lines = [
         f"cpu: {info.model}, {info.cores} cores, torch kernels {info.torch_capability}, "

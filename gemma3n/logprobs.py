@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
+
 Sampler = Callable[[torch.Tensor, list[int]], int]
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
@@ -37,8 +39,6 @@ class TokenTable:
 
 def check_top_logprobs(top: Any) -> int:
     if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
-        from .errors import InputError
-
         raise InputError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
     return top
 

@@ -40,9 +40,6 @@ SIZES_FILE = "matformer_sizes.json"
 # Gemma 3n trained its FFNs at two granularities, 4x and 8x the hidden size (8192 and 16384 for
 # D=2048, matformer.md §1); any other width is allowed but its quality is unknown.
 TRAINED_FFN_MULTIPLES = (4, 8)
-# Row-chunk size of the streamed export: bounds the bytes held in memory per tensor read.
-CHUNK_BYTES = 64 << 20
-MAX_SHARD_BYTES = 5_000_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,66 +567,9 @@ def effective_params(text_config: Any) -> int:
     return total
 
 
-_CUSTOM_HINT = (
-    "Custom: --ffn 8192x20,16384x10 (one width per kept layer) --skip 20-24 (original indices), "
-    "or --size 'ffn=8192x30 skip=20-24'."
-)
-
-
-def _custom_hint(text_config: Any) -> str:
-    """The custom-size hint in this model's own widths and layer count (E4B's numbers otherwise)."""
-    n, widths = text_config.num_hidden_layers, list(text_config.intermediate_size)
-    if n < 2 or len(set(widths)) != 1 or widths[0] % 2:
-        return _CUSTOM_HINT
-    w, half = widths[0], n // 2
-    return (
-        f"Custom: --ffn {w // 2}x{half},{w}x{n - half} (one width per kept layer) --skip {n - 1} "
-        f"(original indices), or --size 'ffn={w // 2}x{n - 1} skip={n - 1}'."
-    )
-
-
-def format_params(n: int) -> str:
-    """Effective parameters for a table: `1.91 B`, or `1.69 M` below 0.01 B (small models)."""
-    return f"{n / 1e9:.2f} B" if n >= 1e7 else f"{n / 1e6:.2f} M"
-
-
-def _aligned(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    """Columns padded to their widest cell (the last column is not padded), a dash rule under the head."""
-    widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head) - 1)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(head[-1]))
-    return lines
-
-
-def _official_lines(rows: Iterable[Preset]) -> list[str]:
-    head = ("name", "layers", "eff. params", "MMLU PT", "skip", "FFN widths", "aliases")
-    cells = [
-        (
-            p.name,
-            str(p.num_layers),
-            f"{p.effective_params_b:.2f} B",
-            f"{p.mmlu_pt:.1f} %",
-            format_skip(p.skipped) or "-",
-            format_ffn(p.ffn_widths),
-            ", ".join(a for a in p.aliases if a != p.table_name and "level" not in a),
-        )
-        for p in rows
-    ]
-    return _aligned(head, cells)
-
-
-def _declared_lines(text_config: Any, declared: Mapping[str, Any]) -> list[str]:
-    n = text_config.num_hidden_layers
-    cells = []
-    for name in declared:
-        spec = resolve_size(name, text_config, declared)
-        if spec is None:
-            cells.append((name, str(n), format_params(effective_params(text_config)), "-", "full model"))
-            continue
-        eff = effective_params(sliced_text_config(text_config, spec))
-        skip = format_skip(spec.skipped(n)) or "-"
-        cells.append((name, str(len(spec.layers)), format_params(eff), skip, format_ffn(spec.ffn_widths)))
-    return _aligned(("name", "layers", "eff. params", "skip", "FFN widths"), cells)
+def format_params(n: int, digits: int = 2) -> str:
+    """A parameter count for people: `1.91 B`, or `1.69 M` below 0.1 B (small models)."""
+    return f"{n / 1e9:.{digits}f} B" if n >= 1e8 else f"{n / 1e6:.{digits}f} M"
 
 
 def fitting_presets(text_config: Any) -> list[Preset]:
@@ -644,125 +584,3 @@ def fitting_presets(text_config: Any) -> list[Preset]:
             continue
         out.append(p)
     return out
-
-
-def format_preset_table(text_config: Any = None, declared: Mapping[str, Any] | None = None) -> str:
-    """`gemma3n slice --list`: the sizes with layers, effective params (and MMLU for the official rows).
-
-    Without `text_config`: the whole official table. With it: the checkpoint's `declared` sizes
-    first, then the official presets that fit this config (or one line saying none do)."""
-    if text_config is None:
-        lines = _official_lines(_load_presets())
-        return "\n".join([*lines, "", "Presets are defined for E4B (35 layers). " + _CUSTOM_HINT])
-    n = text_config.num_hidden_layers
-    lines = [f"This model: {n} layers, {format_params(effective_params(text_config))} effective params."]
-    if declared:
-        lines += ["", f"Sizes declared by this checkpoint ({SIZES_FILE}):", *_declared_lines(text_config, declared)]
-    fitting = fitting_presets(text_config)
-    if fitting:
-        lines += ["", "Official Mix-n-Match presets:", *_official_lines(fitting)]
-    else:
-        lines += [
-            "",
-            f"The official Mix-n-Match presets are defined for E4B (35 layers); this model has {n} layers, "
-            "so none fit (`gemma3n slice --list --model E4B` shows them).",
-        ]
-    return "\n".join([*lines, "", _custom_hint(text_config)])
-
-
-# --------------------------------------------------------------------------------------------
-# CLI helpers (the `slice` subcommand and `info --size`; cli.py wires them)
-# --------------------------------------------------------------------------------------------
-
-
-def size_from_cli(preset: str | None = None, ffn: str | None = None, skip: str | None = None) -> Any:
-    """`--preset` / `--size` NAME, or `--ffn` / `--skip` text -> a value for `resolve_size`."""
-    if preset and (ffn or skip):
-        raise InputError("give either a preset (--preset/--size) or a custom --ffn/--skip, not both")
-    if preset:
-        return preset
-    if ffn or skip:
-        return {"ffn": parse_ffn(ffn) if ffn else None, "skip": parse_skip(skip) if skip else []}
-    return None
-
-
-def describe_size(text_config: Any, size: Any, declared: Mapping[str, Any] | None = None) -> list[str]:
-    """Lines for `gemma3n info --size S`: the slice and its effective parameters."""
-    spec = resolve_size(size, text_config, declared)
-    n = text_config.num_hidden_layers
-    full = format_params(effective_params(text_config))
-    if spec is None:
-        return [f"size: full model, {n} layers, effective params {full}"]
-    sub = sliced_text_config(text_config, spec)
-    skip = spec.skipped(n)
-    return [
-        f"size: {spec.name}",
-        f"  layers: {len(spec.layers)} of {n}" + (f" (skipped {format_skip(skip)})" if skip else ""),
-        f"  FFN widths: {format_ffn(spec.ffn_widths)}",
-        f"  effective params: {format_params(effective_params(sub))} (full model {full})",
-    ]
-
-
-def add_slice_arguments(parser: Any) -> None:
-    """Arguments of `gemma3n slice` (an argparse parser or subparser)."""
-    parser.add_argument("--list", action="store_true", help="show the model's sizes and the presets that fit, and exit")
-    parser.add_argument(
-        "--model",
-        "-m",
-        help="parent checkpoint: directory, hub id, or E4B (google/gemma-3n-E4B-it); default: the embedded tiny model",
-    )
-    parser.add_argument(
-        "--preset",
-        help=f"a size the model declares ({SIZES_FILE}) or a preset name or alias, e.g. E2B, E2.54B-layer",
-    )
-    parser.add_argument("--ffn", help="one FFN width per kept layer: 8192x20,16384x10 or 8192,16384,...")
-    parser.add_argument("--skip", help="original indices of skipped layers, e.g. 20-24")
-    parser.add_argument("--out", "-o", help="output directory (must be empty or absent)")
-    parser.add_argument(
-        "--force", action="store_true", help="replace the checkpoint in --out (never the source, never other files)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _slice_parent(model: str | None) -> str | Path:
-    """`--model` of `gemma3n slice`: the embedded model when omitted; `E2B`/`E4B` = the official hub checkpoint."""
-    if not model:
-        from .model import default_model_path
-
-        return default_model_path()
-    if not Path(model).expanduser().exists() and model.upper() in ("E2B", "E4B"):
-        return f"google/gemma-3n-{model.upper()}-it"
-    return model
-
-
-def list_sizes(model: str | Path) -> str:
-    """`gemma3n slice --list`: a local checkpoint's own sizes and the presets that fit it (config.json
-    and matformer_sizes.json only, no weights); for a hub id, the official table (nothing is downloaded)."""
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return format_preset_table()
-    from .config import load_config
-
-    text = load_config(path).text
-    return format_preset_table(text, read_declared_sizes(path, text))
-
-
-def run_slice(args: Any) -> int:
-    """`gemma3n slice`: list the sizes, or export a slice. Errors raise Gemma3nError."""
-    model = _slice_parent(args.model)
-    if args.list:
-        print(list_sizes(model))
-        return 0
-    if not args.out:
-        raise InputError("gemma3n slice needs --out (or --list)")
-    size = size_from_cli(args.preset, args.ffn, args.skip)
-    if size is None:
-        raise InputError("choose a slice: --preset NAME, or --ffn/--skip (see `gemma3n slice --list`)")
-    from .export import export_slice
-
-    out = export_slice(model, size, args.out, force=args.force, progress=not args.no_progress)
-    print(f"wrote {out}")
-    for line in (out / "README.md").read_text().splitlines():
-        if line.startswith(("| Slice", "| Layers", "| FFN", "| Effective")):
-            print("  " + line.strip("| ").replace(" | ", ": "))
-    return 0

@@ -30,7 +30,7 @@ from .generate import (
     stream_generate,
 )
 from .logprobs import LogprobRecorder, PromptScorer, TokenTable, check_top_logprobs
-from .matformer import read_declared_sizes
+from .matformer import find_declared, fitting_presets, read_declared_sizes, resolve_size, sliced_text_config
 from .multimodal import Towers, merge_embeddings
 from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
 from .processing import Processor, PromptInputs
@@ -97,8 +97,6 @@ class Model:
         """The layer plan of a size: None = the full model; else a MatFormer view (no copy)."""
         if size is None:
             return self._plans.setdefault("full", LayerPlan.full(self.config.text))
-        from .matformer import resolve_size, sliced_text_config
-
         spec = resolve_size(size, self.config.text, self.declared_sizes)
         if spec is None:
             return self.plan(None)
@@ -111,8 +109,6 @@ class Model:
     def sizes(self) -> list[str]:
         """Names of the elastic sizes this checkpoint can serve: its declared sizes
         (matformer_sizes.json), then the official presets that fit and that no declared name shadows."""
-        from .matformer import find_declared, fitting_presets
-
         names = list(self.declared_sizes)
         names += [
             p.name for p in fitting_presets(self.config.text) if find_declared(p.name, self.declared_sizes) is None

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels, memory
+from . import quantize as q
 from .checkpoint import Checkpoint, check_coverage
 from .config import machine_memory
 from .errors import CheckpointError, InputError
 from .hardware import choose_compute_dtype, resolve_dtype
+from .quantize import QEmbedding, QLinear, QRows, QTensor
 from .text import TextDecoder
 
 __all__ = ["resolve_dtype", "resolve_device", "load_text_decoder", "placement_report"]
@@ -50,8 +52,6 @@ def load_text_decoder(
 ) -> TextDecoder:
     """Build the decoder on the meta device, check coverage strictly, then assign mapped tensors.
     Quantization (a stored scheme, or `quantize` at load) swaps modules first (quantize.py)."""
-    from . import quantize as q
-
     cfg = ckpt.config.text
     with torch.device("meta"):
         decoder = TextDecoder(cfg)
@@ -104,8 +104,6 @@ def make_resident(decoder: TextDecoder) -> bool:
     into one huge-page buffer, releasing their mapped pages (memory.py says why: decode reads
     them ~1.5x faster there). Skipped, weights left mapped, where they would not fit in the
     memory available or GEMMA3N_MAPPED_WEIGHTS=1."""
-    from .quantize import QEmbedding, QLinear, QRows, QTensor
-
     if os.environ.get("GEMMA3N_MAPPED_WEIGHTS") == "1":
         return False
     params = [p for p in decoder.parameters() if p.device.type == "cpu"]
@@ -169,8 +167,6 @@ class PlacementReport:
 
 
 def placement_report(decoder: TextDecoder) -> PlacementReport:
-    from .quantize import QTensor
-
     params = list(decoder.parameters())
     # quantized modules hold a QTensor (not a parameter): the weights it stands for, its packed bytes
     qweights = [w for m in decoder.modules() if isinstance(w := getattr(m, "weight", None), QTensor)]

@@ -44,7 +44,7 @@ from torch import nn
 from . import kernels
 from .errors import CheckpointError, ConfigError, InputError
 from .hardware import gemm_dtype
-from .layers import DECODE_ROWS, as_dtype, converted, scratch
+from .layers import DECODE_ROWS, Linear, as_dtype, converted, scratch
 from .memory import drop_pages
 
 DEFAULT_KEEP = (
@@ -442,8 +442,6 @@ def unfit_reason(bits: int, group: int | None, n: int, k: int) -> str | None:
 
 
 def _candidates(decoder: nn.Module, qc: QuantConfig):
-    from .layers import Linear
-
     for name, mod in decoder.named_modules():
         if isinstance(mod, Linear) and not qc.keeps(name):
             yield name, tuple(mod.weight.shape)

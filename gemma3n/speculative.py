@@ -67,7 +67,7 @@ from .generate import (
     prefill,
     sampling_distribution,
 )
-from .matformer import effective_params
+from .matformer import effective_params, format_params
 from .text import LayerPlan, TextDecoder
 
 Dist = torch.Tensor | int  # probabilities [V] summing to 1, or the one token a point mass is on
@@ -596,8 +596,6 @@ def drafting(model: Any, plan: LayerPlan, draft: Any, draft_k: Any = None, draft
 
 def _check_smaller(draft: Any, draft_plan: LayerPlan, plan: LayerPlan) -> None:
     """A MatFormer draft must cost less than the size it drafts for, or it only adds work."""
-    from .matformer import format_params
-
     ours, theirs = effective_params(draft_plan.config), effective_params(plan.config)
     if draft_plan.key == plan.key or ours >= theirs:
         raise InputError(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gemma3n import cli, info, shards
 from gemma3n import export as ex
 from gemma3n import matformer as mf
 from gemma3n.config import TextConfig
@@ -72,7 +73,7 @@ def test_table_parsed_from_package_data():
         mf.find_preset("E2.98B")
     with pytest.raises(InputError, match="unknown size 'E9B'"):
         mf.find_preset("E9B")
-    table = mf.format_preset_table()
+    table = info.format_preset_table()
     assert "E2.49B-block" in table and "54.5 %" in table and "1.91 B" in table
 
 
@@ -306,7 +307,7 @@ def test_export_invalid_spec_writes_nothing(tiny_ckpt, tmp_path):
 
 def test_interrupted_export_leaves_no_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = ex._stream
+    real = shards._stream
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -314,18 +315,18 @@ def test_interrupted_export_leaves_no_checkpoint(tiny_ckpt, tmp_path, monkeypatc
             raise KeyboardInterrupt  # what Ctrl-C mid-export raises
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ex, "_stream", flaky)
+    monkeypatch.setattr(shards, "_stream", flaky)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the partial temp dir is removed too
     # with --force over an old export, an interruption keeps the old export intact
-    monkeypatch.setattr(ex, "_stream", real)
+    monkeypatch.setattr(shards, "_stream", real)
     ex.export_slice(tiny_ckpt, {"skip": "5-9"}, out, progress=False)
     before = (out / "config.json").read_text()
     calls["n"] = 0
-    monkeypatch.setattr(ex, "_stream", flaky)
+    monkeypatch.setattr(shards, "_stream", flaky)
     with pytest.raises(KeyboardInterrupt):
         ex.export_slice(tiny_ckpt, {"ffn": "128x15"}, out, progress=False, force=True)
     assert (out / "config.json").read_text() == before
@@ -541,24 +542,24 @@ def test_cli_helpers(tiny_ckpt, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
-    mf.add_slice_arguments(parser)
-    assert mf.run_slice(parser.parse_args(["--list", "--model", "E4B"])) == 0  # a hub id: the whole table
+    cli._add_slice_arguments(parser)
+    assert cli.cmd_slice(parser.parse_args(["--list", "--model", "E4B"])) is None  # a hub id: the whole table
     assert "E2.49B-block" in capsys.readouterr().out
     args = parser.parse_args(["-m", str(tiny_ckpt), "--ffn", "128x10", "--skip", "5-9", "-o", str(tmp_path / "s")])
     args.no_progress = True
-    assert mf.run_slice(args) == 0
+    assert cli.cmd_slice(args) is None
     printed = capsys.readouterr().out
     assert "Layers: 10 of 15, skipped 5-9" in printed and (tmp_path / "s" / "config.json").is_file()
     with pytest.raises(InputError, match="not empty; pass --force"):
-        mf.run_slice(args)
+        cli.cmd_slice(args)
     with pytest.raises(InputError, match="either a preset"):
-        mf.size_from_cli("E2B", "8192x30", None)
+        cli.size_from_cli("E2B", "8192x30", None)
     with pytest.raises(InputError, match="choose a slice"):
-        mf.run_slice(parser.parse_args(["-m", str(tiny_ckpt), "-o", str(tmp_path / "t")]))
-    assert mf.size_from_cli(None, None, "20-24") == {"ffn": None, "skip": [20, 21, 22, 23, 24]}
-    lines = mf.describe_size(e4b_config(), "E2B")
+        cli.cmd_slice(parser.parse_args(["-m", str(tiny_ckpt), "-o", str(tmp_path / "t")]))
+    assert cli.size_from_cli(None, None, "20-24") == {"ffn": None, "skip": [20, 21, 22, 23, 24]}
+    lines = info.describe_size(e4b_config(), "E2B")
     assert lines[0] == "size: E2B" and "1.91 B (full model 3.98 B)" in lines[-1]
-    assert mf.describe_size(e4b_config(), None) == ["size: full model, 35 layers, effective params 3.98 B"]
+    assert info.describe_size(e4b_config(), None) == ["size: full model, 35 layers, effective params 3.98 B"]
 
 
 def test_compact_text_size():

@@ -20,7 +20,7 @@ from gemma3n.checkpoint import open_checkpoint
 from gemma3n.cli import main
 from gemma3n.config import load_config
 from gemma3n.errors import CheckpointError, InputError
-from gemma3n.info import describe
+from gemma3n.info import describe, format_preset_table
 from gemma3n.server.routes import _model_ids
 
 IDS = torch.tensor([[2, 5, 6, 7, 8, 9]])
@@ -184,5 +184,5 @@ def test_bad_sizes_file_through_the_cli(bare_dir, capsys):
 def test_no_sizes_file_declares_nothing(bare_dir):
     text = load_config(bare_dir).text
     assert mf.read_declared_sizes(bare_dir, text) == {}
-    table = mf.format_preset_table(text)
+    table = format_preset_table(text)
     assert mf.SIZES_FILE not in table and "none fit" in table

@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from gemma3n import export as ex
+from gemma3n import shards, staging
 from gemma3n.cli import main
 from gemma3n.model import default_model_path
 from gemma3n.quantize import QuantConfig
+from tests.conftest import text_only_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = ["--preset", "E2B-like", "--no-progress"]  # a size the embedded model declares
@@ -155,9 +157,9 @@ def test_os_errors_while_writing_are_one_line_and_leave_nothing(src, tmp_path, c
         def fail(*args, **kwargs):
             raise exc
 
-        monkeypatch.setattr(ex.tempfile, "mkdtemp", fail)
+        monkeypatch.setattr(staging.tempfile, "mkdtemp", fail)
     else:
-        real = ex._emit
+        real = shards._emit
         calls = {"n": 0}
 
         def flaky(*args, **kwargs):
@@ -166,7 +168,7 @@ def test_os_errors_while_writing_are_one_line_and_leave_nothing(src, tmp_path, c
                 raise exc
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(ex, "_emit", flaky)
+        monkeypatch.setattr(shards, "_emit", flaky)
     line = _refused(capsys, ["quantize", "--model", str(src), "--bits", "8", "--out", str(out)], f"--out {out}")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         assert "no space left" in line
@@ -176,7 +178,7 @@ def test_os_errors_while_writing_are_one_line_and_leave_nothing(src, tmp_path, c
 
 def test_free_space_is_checked_before_writing(src, tmp_path, capsys, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(ex.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     for argv in (
         ["quantize", "--model", str(src), "--bits", "4", "--group-size", "32"],
         ["slice", "--model", str(src), *SLICE],
@@ -218,14 +220,14 @@ def test_shards_are_aligned_and_named_one_way(src, tmp_path):
     q = ex.quantize_checkpoint(src, tmp_path / "q", QuantConfig.parse("int8"), log=lambda s: None)
     s = ex.export_slice(src, "E2B-like", tmp_path / "s", progress=False, max_shard_bytes=2_000_000)
     for out in (q, s):
-        shards = sorted(p.name for p in out.glob("*.safetensors"))
-        assert shards == ex.shard_names(len(shards))
+        names = sorted(p.name for p in out.glob("*.safetensors"))
+        assert names == shards.shard_names(len(names))
         index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
         ckpt = open_checkpoint(out)
         assert set(index) == set(ckpt.names())
         for f in ckpt.files:
-            start = ex._data_start(f.path)
-            assert start % ex.DATA_ALIGN == 0
+            start = shards.data_start(f.path)
+            assert start % shards.DATA_ALIGN == 0
             for name, (dtype, _shape, begin, _end) in f.entries.items():
                 assert (start + begin) % dtype.itemsize == 0, name
     import gemma3n
@@ -238,13 +240,13 @@ def test_shards_are_aligned_and_named_one_way(src, tmp_path):
 def _interrupt_at(sig: int, fraction: float, call) -> None:
     """Make `call`'s writer deliver `sig` to this process once `fraction` of its tensors are written."""
     entries = {"n": 0, "total": None}
-    real_write = ex._write_weights
+    real_write = ex.write_weights
 
     def counting(tmp, planned, max_shard_bytes, bar):
         entries["total"] = len(planned)
         return real_write(tmp, planned, max_shard_bytes, bar)
 
-    real_entry = ex._write_entry
+    real_entry = shards._write_entry
 
     def entry(out, e, fds, bar):
         if entries["n"] == int(fraction * (entries["total"] - 1)):
@@ -253,19 +255,19 @@ def _interrupt_at(sig: int, fraction: float, call) -> None:
         return real_entry(out, e, fds, bar)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ex, "_write_weights", counting)
-        mp.setattr(ex, "_write_entry", entry)
+        mp.setattr(ex, "write_weights", counting)
+        mp.setattr(shards, "_write_entry", entry)
         call()
 
 
-@pytest.mark.parametrize("sig", ex._SignalGuard.SIGNALS)
+@pytest.mark.parametrize("sig", staging._SignalGuard.SIGNALS)
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
 def test_signal_in_process_cleans_up_and_restores_handlers(src, tmp_path, sig, fraction):
     out = tmp_path / "out"
     ex.quantize_checkpoint(src, out, QuantConfig.parse("int8"), log=lambda s: None)
     before = _snapshot(out)
-    handlers = {s: signal.getsignal(s) for s in ex._SignalGuard.SIGNALS}
-    with pytest.raises(ex.Interrupted, match=f"interrupted by {signal.Signals(sig).name}") as info:
+    handlers = {s: signal.getsignal(s) for s in staging._SignalGuard.SIGNALS}
+    with pytest.raises(staging.Interrupted, match=f"interrupted by {signal.Signals(sig).name}") as info:
         _interrupt_at(
             sig,
             fraction,
@@ -282,13 +284,13 @@ def test_signal_while_committing_is_delivered_after_the_rename(src, tmp_path, mo
     waits, the new output is complete, then the signal reaches the handler the caller had."""
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
-    real = ex._commit
+    real = staging._commit
 
     def commit(tmp, out):
         os.kill(os.getpid(), signal.SIGTERM)
         real(tmp, out)
 
-    monkeypatch.setattr(ex, "_commit", commit)
+    monkeypatch.setattr(staging, "_commit", commit)
     try:
         out = ex.quantize_checkpoint(src, tmp_path / "out", QuantConfig.parse("int8"), log=lambda s: None)
     finally:
@@ -320,7 +322,7 @@ BIG_VOCAB = 200_000
 def big_src(tmp_path_factory) -> Path:
     from safetensors.torch import load_file, save_file
 
-    dst = Path(shutil.copytree(default_model_path(), tmp_path_factory.mktemp("big") / "src"))
+    dst = text_only_copy(default_model_path(), tmp_path_factory.mktemp("big") / "src")
     state = load_file(dst / "model.safetensors")
     cfg = json.loads((dst / "config.json").read_text())
     gen = torch.Generator().manual_seed(0)
@@ -441,9 +443,7 @@ def test_killed_write_is_cleaned_up_by_the_next_one(big_src, tmp_path):
 
 def test_a_live_writers_partial_folder_is_left_alone(tmp_path):
     """Another process still writing the same --out: its folder is not touched."""
-    from gemma3n import export
-
     live = tmp_path / f".out.partial-{socket.gethostname()}-{os.getppid()}-abc"
     live.mkdir()
-    assert export._remove_stale(tmp_path / "out") == []
+    assert staging._remove_stale(tmp_path / "out") == []
     assert live.exists()

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from gemma3n.batching import MAX_BATCH, Batch, BatchRequest, Sequence
-from gemma3n.cache import PromptCache
+from gemma3n.cache import ROLLBACK, PromptCache
 
 from .schemas import APIError
 
@@ -271,8 +271,6 @@ class _Gone(Exception):
 def kv_budget(model: Any, request: BatchRequest) -> int:
     """The most K/V a request can hold: its prompt plus max_tokens, in the activation dtype, over
     its plan's KV-owning layers (a sliding layer at most its window plus rollback)."""
-    from gemma3n.cache import ROLLBACK
-
     cfg = request.plan.config
     tokens = len(request.prompt.ids) + request.max_tokens
     per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * model.decoder.activation_dtype.itemsize

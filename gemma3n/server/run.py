@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from gemma3n.batching import MAX_BATCH
+from gemma3n.model import load
 
 from .audio import DEFAULT_MAX_AUDIO_BYTES, DEFAULT_MAX_AUDIO_SECONDS
 from .routes import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_SLOTS, create_app
@@ -48,9 +49,7 @@ def serve(
     import uvicorn
 
     if model is None or isinstance(model, str):
-        import gemma3n
-
-        model = gemma3n.load(model)
+        model = load(model)
     loopback = host in LOOPBACK_HOSTS
     if not loopback and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this host can use it", host)
