@@ -2,7 +2,7 @@
 
 Tensors are memory-mapped views of the safetensors files (copy-on-write), so nothing is read
 from disk until a tensor is touched: the per-layer embedding table can stay on disk and only
-the gathered rows become resident (text-decoder.md §2), and towers a request does not need
+the gathered rows become resident (docs/text-decoder.md#per-layer-embeddings), and towers a request does not need
 are never read.
 """
 

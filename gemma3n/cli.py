@@ -44,7 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 # Below this many decoder weights a token's matmuls are too small to split: a second CPU thread
-# only adds synchronisation (embedded model: 55 tok/s on 1 thread, 44 on 2; bench/README.md).
+# only adds synchronisation: the embedded model decodes faster on 1 thread than on 2 (bench/README.md).
 SMALL_MODEL_PARAMS = 100_000_000
 
 

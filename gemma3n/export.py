@@ -87,24 +87,24 @@ def _plan(ckpt: Any, spec: SliceSpec) -> list[Copied]:
                 if old >= n:
                     raise CheckpointError(f"{ckpt.path}: tensor '{name}' is for layer {old} of a {n}-layer model")
                 if old not in new_index:
-                    continue  # skipped layer: all its tensors go (§2.2)
+                    continue  # skipped layer: all its tensors go (docs/matformer.md#slicing-rules)
                 job.out_name = f"{prefix}layers.{new_index[old]}.{rest}"
                 w = width[old]
                 if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
                     expect(len(shape) == 2 and shape[0] == text.intermediate_size[old], "expected [I, D]")
-                    job.row_ranges = [(0, w)]  # prefix rows (§1 nesting)
+                    job.row_ranges = [(0, w)]  # prefix rows (docs/matformer.md#what-is-nested)
                     job.shape = (w, shape[1])
                 elif rest == "mlp.down_proj.weight":
                     expect(len(shape) == 2 and shape[1] == text.intermediate_size[old], "expected [D, I]")
                     job.col_ranges = [(0, w)]
                     job.shape = (shape[0], w)
             elif name == f"{prefix}embed_tokens_per_layer.weight":
-                # [Vp, L*P] viewed as [Vp, L, P]: keep the kept layers' column groups (§2.4)
+                # [Vp, L*P] viewed as [Vp, L, P]: keep the kept layers' column groups (docs/matformer.md#slicing-rules)
                 expect(len(shape) == 2 and shape[1] == n * p, f"expected [Vp, {n}*{p}]")
                 job.col_ranges = ranges([i * p + k for i in spec.layers for k in range(p)])
                 job.shape = (shape[0], len(spec.layers) * p)
             elif name == f"{prefix}per_layer_model_projection.weight":
-                # [L*P, D] viewed as [L, P, D]: keep the kept layers' row groups (§2.4)
+                # [L*P, D] viewed as [L, P, D]: keep the kept layers' row groups (docs/matformer.md#slicing-rules)
                 expect(len(shape) == 2 and shape[0] == n * p, f"expected [{n}*{p}, D]")
                 job.row_ranges = ranges([i * p + k for i in spec.layers for k in range(p)])
                 job.shape = (len(spec.layers) * p, shape[1])

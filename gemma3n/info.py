@@ -34,7 +34,7 @@ PLE = "embed_tokens_per_layer.weight"
 
 def parameter_split(ckpt: Checkpoint) -> dict[str, int]:
     """Main embedding, per-layer embedding table, and 'effective' = the rest of the decoder
-    (as stored, shared-layer K/V included: text-decoder.md §6.2). A quantized checkpoint counts
+    (as stored, shared-layer K/V included: docs/text-decoder.md#parameter-counts). A quantized checkpoint counts
     the weights its tensors stand for, not its packed bytes or scales."""
     prefix = ckpt.text_prefix
     text = dict(_logical_counts(ckpt, prefix))

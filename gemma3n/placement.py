@@ -1,7 +1,7 @@
 """Where each tensor lives. Core weights go to the compute device (on a CPU: copied once from
 the file mapping into a huge-page buffer, `make_resident`); the per-layer embedding table
 (2.0-2.35 B params) stays memory-mapped on the host and is gathered per token
-(text-decoder.md §2). Towers are loaded only when a request needs them (multimodal.py).
+(docs/text-decoder.md#per-layer-embeddings). Towers are loaded only when a request needs them (multimodal.py).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def load_text_decoder(
         cfg.num_hidden_layers * cfg.hidden_size_per_layer_input,
     )
     found = {n[len(prefix) :]: ckpt.shape(n) for n in ckpt.names() if n.startswith(prefix)}
-    # K/V weights of shared layers are stored but never used (§5.1): skip, never materialise.
+    # K/V weights of shared layers are stored but never used (docs/text-decoder.md#kv-sharing): skip them.
     unused = {
         f"layers.{i}.self_attn.{w}.weight"
         for i in range(cfg.num_hidden_layers)

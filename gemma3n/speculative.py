@@ -74,7 +74,8 @@ Dist = torch.Tensor | int  # probabilities [V] summing to 1, or the one token a 
 Observer = Callable[[torch.Tensor, int], None]  # (target logits [V], the token emitted from them)
 
 # Drafted tokens per check. The decode kernels take up to 8 rows per weight pass and the GEMM path
-# more; on an AVX2 core checking 9-16 rows of E2B cost 1.6-1.8 tokens, 8 rows 2.2 (bench/README.md).
+# more; on a CPU without bf16 dot products checking 9-16 rows of E2B cost less than 8 rows did
+# (bench/README.md, "Speculative decoding").
 # The k chooser measures each count it uses, so the limit only bounds a round's wasted work.
 MAX_K = 15
 NGRAM = "ngram"
