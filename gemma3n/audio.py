@@ -9,7 +9,6 @@ vectorised over the whole batch.
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from gemma3n.audio_encoder import AudioEncoder, AudioEncoderConfig
+from gemma3n.config import read_json_file
 from gemma3n.errors import ConfigError, InputError
 
 __all__ = [
@@ -328,15 +328,9 @@ class AudioFeatureExtractor:
             ("preprocessor_config.json", None),
             ("processor_config.json", "feature_extractor"),
         ):
-            path = directory / name
-            if not path.is_file():
-                continue
-            try:
-                d = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"cannot read {path}: {e}") from None
+            d = read_json_file(directory / name)
             d = d.get(section) if section else d
-            if isinstance(d, dict):
+            if isinstance(d, dict) and d:  # {}: the file is absent
                 return cls.from_dict(d)
         return cls()
 

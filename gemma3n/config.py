@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, Gemma3nError
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -253,16 +253,30 @@ class ModelConfig:
         )
 
 
+def read_json_file(
+    path: Path, *, required: bool = False, error: type[Gemma3nError] = ConfigError, shape: str = "a JSON object"
+) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict: {} where an optional file is absent; an absent required
+    file, an unreadable one, one that is not JSON or not an object raise `error` naming the file
+    (a broken file is never taken as absent: the model would silently run with other settings)."""
+    if not path.is_file():
+        if required:
+            raise error(f"{path} not found: a Gemma 3n checkpoint directory needs a {path.name}")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold {shape}")
+    return data
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: a Gemma 3n checkpoint directory needs a config.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+    raw = read_json_file(path, required=True)
     try:
         return ModelConfig.from_dict(raw)
     except ConfigError as e:

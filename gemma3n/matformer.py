@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .config import read_json_file
 from .errors import CheckpointError, InputError
 
 TABLE_FILE = "mix-n-match-configs.csv"
@@ -474,13 +474,10 @@ def read_declared_sizes(path: str | Path, text_config: Any) -> dict[str, dict]:
     CheckpointError naming the file and the size.
     """
     file = Path(path) / SIZES_FILE
-    if not file.is_file():
+    raw = read_json_file(file, error=CheckpointError, shape=f"one object {_SIZES_SHAPE}")
+    if not raw:
         return {}
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    sizes = raw.get("sizes") if isinstance(raw, dict) else None
+    sizes = raw.get("sizes")
     if not isinstance(sizes, dict) or set(raw) != {"sizes"}:
         raise CheckpointError(f"{file} must hold one object {_SIZES_SHAPE}")
     out: dict[str, dict] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,8 @@ import torch
 from .batching import generate_batch, is_batch
 from .cache import PromptCache
 from .checkpoint import open_checkpoint
-from .errors import InputError
+from .config import read_json_file
+from .errors import CheckpointError, InputError
 from .generate import (
     GenerationResult,
     Prompt,
@@ -385,11 +385,4 @@ def _observer(recorder: LogprobRecorder | None) -> Observer | None:
 
 
 def _read_generation_config(path: Path) -> dict:
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_file(path / "generation_config.json", error=CheckpointError)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .config import read_json_file
 from .errors import CheckpointError, ConfigError, InputError
 from .hardware import gemm_dtype
 from .layers import DECODE_ROWS, Linear, as_dtype, converted, scratch
@@ -146,11 +146,7 @@ class QuantConfig:
 def stored_config(path: Path) -> QuantConfig | None:
     """The scheme recorded in a checkpoint's config.json, or None for a high-precision one."""
     file = Path(path) / "config.json"
-    try:
-        d = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    q = d.get("quantization") if isinstance(d, dict) else None
+    q = read_json_file(file).get("quantization")  # ConfigError, as load_config for the same file
     return QuantConfig.from_json(q, where=str(file)) if isinstance(q, dict) else None
 
 

@@ -3,11 +3,11 @@ detokenizer that never emits half a UTF-8 character or a wrong leading space."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .config import read_json_file
 from .errors import CheckpointError, InputError
 
 # Gemma special tokens that matter to the runtime; their ids always come from the tokenizer.
@@ -35,7 +35,7 @@ class Tokenizer:
             self._tok = _HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception on malformed files
             raise CheckpointError(f"{file} could not be read: {e}") from None
-        self.config = _read_json(path / "tokenizer_config.json")
+        self.config = read_json_file(path / "tokenizer_config.json", error=CheckpointError)
         self.ids = {key: self._tok.token_to_id(text) for key, text in SPECIAL.items()}
         self.vocab_size = self._tok.get_vocab_size()
 
@@ -62,7 +62,7 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None:
-            template = _read_json(path / "processor_config.json").get("chat_template")
+            template = read_json_file(path / "processor_config.json", error=CheckpointError).get("chat_template")
         return template
 
 
@@ -108,13 +108,3 @@ class StreamingDetokenizer:
         full = self.tokenizer.decode(self.tokens[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.tokens)
         return full[len(prefix) :].rstrip("\ufffd")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    return data if isinstance(data, dict) else {}
