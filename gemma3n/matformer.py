@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import read_json_file
+from .config import TextConfig, read_json_file
 from .errors import CheckpointError, InputError
 
 TABLE_FILE = "mix-n-match-configs.csv"
@@ -279,20 +279,16 @@ def format_skip(layers: Iterable[int]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def kv_source_layers(text_config: Any) -> dict[int, list[int]]:
-    """{source layer: [shared layers reading its K/V]} (text-decoder.md §5.1)."""
-    n = text_config.num_hidden_layers
-    first = n - text_config.num_kv_shared_layers
-    types = list(text_config.layer_types)
+def kv_source_layers(text_config: TextConfig) -> dict[int, list[int]]:
+    """{source layer: [shared layers reading its K/V]}, by `TextConfig.kv_source` (the one rule)."""
     out: dict[int, list[int]] = {}
-    for i in range(first, n):
-        src = next((j for j in range(first - 1, -1, -1) if types[j] == types[i]), None)
-        if src is not None:
-            out.setdefault(src, []).append(i)
+    for layer, source in enumerate(text_config.kv_sources()):
+        if source is not None:
+            out.setdefault(source, []).append(layer)
     return out
 
 
-def _trained_widths(text_config: Any) -> set[int]:
+def _trained_widths(text_config: TextConfig) -> set[int]:
     return {m * text_config.hidden_size for m in TRAINED_FFN_MULTIPLES}
 
 
@@ -306,7 +302,7 @@ def _declared_widths(declared: Mapping[str, Any] | None) -> frozenset[int]:
 
 
 def _validate(
-    text_config: Any,
+    text_config: TextConfig,
     name: str,
     skip: Sequence[int],
     ffn: Sequence[int] | None,
@@ -369,7 +365,7 @@ def _validate(
     return SliceSpec(name, tuple(kept), tuple(widths))
 
 
-def _is_full(spec: SliceSpec, text_config: Any) -> bool:
+def _is_full(spec: SliceSpec, text_config: TextConfig) -> bool:
     n = text_config.num_hidden_layers
     return spec.layers == tuple(range(n)) and list(spec.ffn_widths) == list(text_config.intermediate_size)
 
@@ -390,7 +386,7 @@ def _as_int_list(value: Any, what: str) -> list[int] | None:
     return out
 
 
-def resolve_size(size: Any, text_config: Any, declared: Mapping[str, Any] | None = None) -> SliceSpec | None:
+def resolve_size(size: Any, text_config: TextConfig, declared: Mapping[str, Any] | None = None) -> SliceSpec | None:
     """A validated slice of `text_config`, or None for the full model.
 
     `size` is None (full model), a name the checkpoint declares in `declared` (see
@@ -466,7 +462,7 @@ def resolve_size(size: Any, text_config: Any, declared: Mapping[str, Any] | None
 _SIZES_SHAPE = '{"sizes": {"NAME": {"ffn": [...], "skip": [...]}}}'
 
 
-def read_declared_sizes(path: str | Path, text_config: Any) -> dict[str, dict]:
+def read_declared_sizes(path: str | Path, text_config: TextConfig) -> dict[str, dict]:
     """The sizes checkpoint directory `path` declares in `SIZES_FILE`: {name: {"ffn": [...], "skip": [...]}}.
 
     An absent file declares none ({}). Each entry is what `resolve_size` accepts as a dict (ffn and/or
@@ -489,7 +485,7 @@ def read_declared_sizes(path: str | Path, text_config: Any) -> dict[str, dict]:
     return out
 
 
-def _declared_entry(file: Path, name: str, entry: Any, text_config: Any) -> dict:
+def _declared_entry(file: Path, name: str, entry: Any, text_config: TextConfig) -> dict:
     """One validated entry of a sizes file, its lists as ints."""
     where = f"{file}: size {name!r}"
     if not name.strip() or "=" in name:
@@ -513,7 +509,7 @@ def _declared_entry(file: Path, name: str, entry: Any, text_config: Any) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-def sliced_fields(text_config: Any, spec: SliceSpec) -> dict[str, Any]:
+def sliced_fields(text_config: TextConfig, spec: SliceSpec) -> dict[str, Any]:
     """The config fields a slice rewrites (matformer.md §2.5); every per-layer list is filtered
     by the kept original indices, which also gives the §2.5 sparsity rule (sparse = originally < 10)."""
     n = text_config.num_hidden_layers
@@ -528,14 +524,14 @@ def sliced_fields(text_config: Any, spec: SliceSpec) -> dict[str, Any]:
     }
 
 
-def sliced_text_config(text_config: Any, spec: SliceSpec | None) -> Any:
+def sliced_text_config(text_config: TextConfig, spec: SliceSpec | None) -> TextConfig:
     """The text config an exported slice has (None -> `text_config` itself)."""
     if spec is None:
         return text_config
     return dataclasses.replace(text_config, **sliced_fields(text_config, spec))
 
 
-def effective_params(text_config: Any) -> int:
+def effective_params(text_config: TextConfig) -> int:
     """Text decoder parameters minus the main embedding and the PLE table, counting the stored
     (unused) K/V weights of shared layers (text-decoder.md §6.2; matches the table's column)."""
     c = text_config
@@ -569,7 +565,7 @@ def format_params(n: int, digits: int = 2) -> str:
     return f"{n / 1e9:.{digits}f} B" if n >= 1e8 else f"{n / 1e6:.{digits}f} M"
 
 
-def fitting_presets(text_config: Any) -> list[Preset]:
+def fitting_presets(text_config: TextConfig) -> list[Preset]:
     """The official presets that resolve on `text_config` (all of them on E4B, none on a small model)."""
     out = []
     for p in _load_presets():
