@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import gemma3n
+from gemma3n.drafts import NgramDrafter, draft_prompt_cache
 from gemma3n.errors import InputError
 from gemma3n.generate import SamplingParams, sampling_distribution
-from gemma3n.speculative import MAX_K, KChooser, NgramDrafter, accept, draft_prompt_cache
+from gemma3n.speculative import MAX_K, KChooser, accept
 
 # A held-out-style KJV passage (Exodus 3), longer than the sliding window (64 tokens).
 PASSAGE = (
