@@ -258,36 +258,53 @@ class Model:
             branch_params = replace(params, seed=None if seed is None else _wrap_seed(seed + i))
             branch_request = request if last else replace(request, prompt_cache=None)
             recorder = LogprobRecorder(self.token_table, top_logprobs) if logprobs else None
-            if drafts is not None:
-                tokens = drafts.tokens(
-                    (self.decoder, branch, plan),
-                    logits,
-                    branch_params,
-                    branch_request,
-                    max_tokens=max_tokens,
-                    stats=step_stats,
-                    embed=self.embed_ids,
-                    observe=_observer(recorder),
-                )
-            else:
-                sampler = make_sampler(branch_params)
-                if grammar is not None:
-                    sampler = constrained(sampler, GrammarConstraint(self.byte_tokenizer, grammar))
-                tokens = decode_tokens(
-                    self.decoder,
-                    branch,
-                    logits,
-                    plan,
-                    recorder.wrap(sampler) if recorder else sampler,
-                    branch_request,
-                    max_tokens=max_tokens,
-                    stats=step_stats,
-                    embed=self.embed_ids,
-                )
+            tokens = self._tokens(
+                (branch, plan, logits), branch_params, branch_request, drafts, grammar, recorder, max_tokens, step_stats
+            )
             pieces = stream_generate(
                 tokens, self.tokenizer, stop_ids=self.stop_ids(), stop=stops, max_tokens=max_tokens, stats=step_stats
             )
             yield from _annotate(pieces, i, recorder, scorer)
+
+    def _tokens(
+        self,
+        state: tuple[Any, LayerPlan, torch.Tensor],
+        params: Any,
+        request: Prompt,
+        drafts: Any,
+        grammar: Any,
+        recorder: LogprobRecorder | None,
+        max_tokens: int,
+        stats: StepStats,
+    ) -> Iterator[int]:
+        """One continuation's token ids from the prefilled (cache, plan, logits): speculative
+        with a draft, else one sampled (grammar-constrained, recorded) token a step."""
+        cache, plan, logits = state
+        if drafts is not None:
+            return drafts.tokens(
+                (self.decoder, cache, plan),
+                logits,
+                params,
+                request,
+                max_tokens=max_tokens,
+                stats=stats,
+                embed=self.embed_ids,
+                observe=_observer(recorder),
+            )
+        sampler = make_sampler(params)
+        if grammar is not None:
+            sampler = constrained(sampler, GrammarConstraint(self.byte_tokenizer, grammar))
+        return decode_tokens(
+            self.decoder,
+            cache,
+            logits,
+            plan,
+            recorder.wrap(sampler) if recorder else sampler,
+            request,
+            max_tokens=max_tokens,
+            stats=stats,
+            embed=self.embed_ids,
+        )
 
     @functools.cached_property
     def byte_tokenizer(self) -> Any:
