@@ -90,35 +90,25 @@ def create_app(
     `max_batch`: plain generations decoded together (continuous batching; 1: one at a time);
     `max_kv_bytes`: the K/V those may hold at once (a request waits for room; one that could
     never fit is refused)."""
-    ids = _model_ids(model, model_id, sizes)
-    server_draft = None
-    if draft is not None or draft_model is not None:
-        drafting(model, model.plan(None), draft, draft_k, draft_model)  # a bad --draft fails here
-        server_draft = {"draft": draft, "draft_k": draft_k, "draft_model": draft_model}
-    default_id = next(iter(ids))
-    aliases = {size: mid for mid, size in ids.items() if isinstance(size, str)}  # "E2B" -> "gemma3n-E2B"
-    created = int(time.time())
     if prompt_cache_slots < 0:
         raise ValueError(f"prompt_cache_slots must be >= 0, not {prompt_cache_slots}")
     if prompt_cache_bytes is not None and prompt_cache_bytes < 0:
         raise ValueError(f"prompt_cache_bytes must be >= 0, not {prompt_cache_bytes}")
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, not {max_batch}")
+    server_draft = None
+    if draft is not None or draft_model is not None:
+        drafting(model, model.plan(None), draft, draft_k, draft_model)  # a bad --draft fails here
+        server_draft = {"draft": draft, "draft_k": draft_k, "draft_model": draft_model}
     engine = _Engine(model, max_queue, prompt_cache_slots, prompt_cache_bytes, max_batch, max_kv_bytes)
-    batching = isinstance(model, Model)  # a stand-in object (tests) has no decoder to batch
+    routes = _Routes(
+        model, engine, _model_ids(model, model_id, sizes), api_key, allowed_hosts, max_body_bytes, server_draft
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.close()
-
-    def check_host(request: Request) -> None:
-        if allowed_hosts is None:
-            return
-        host = request.headers.get("host", "")
-        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
-        if name.lower() not in allowed_hosts:
-            raise APIError(400, f"Host {host!r} is not served here (allowed: {', '.join(allowed_hosts)})")
 
     app = FastAPI(
         title="gemma3n",
@@ -126,9 +116,17 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
         lifespan=lifespan,
-        dependencies=[Depends(check_host)],
+        dependencies=[Depends(routes.check_host)],
     )
     app.state.engine = engine
+    _add_error_handlers(app)
+    add_speech_routes(app, engine, routes.resolve, routes.authorize, max_audio_bytes, max_audio_seconds)
+    _add_openai_routes(app, routes, max_queue)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is OpenAI's error object with the right status; never a bare 500 page."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -148,18 +146,77 @@ def create_app(
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
+
+def _add_openai_routes(app: FastAPI, routes: _Routes, max_queue: int) -> None:
+    """/health, /v1/models and the two generation endpoints (speech: server/audio.py)."""
+    created = int(time.time())
+    auth = [Depends(routes.authorize)]
+
+    def model_card(mid: str) -> dict[str, Any]:
+        return {"id": mid, "object": "model", "created": created, "owned_by": "gemma3n"}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": routes.default_id, "queued": routes.engine.admitted, "max_queue": max_queue}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(mid) for mid in routes.ids]}
+
+    @app.get("/v1/models/{mid:path}", dependencies=auth)
+    async def get_model(mid: str) -> dict[str, Any]:
+        return model_card(routes.resolve(mid)[0])
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        req = await routes.read_json(request, ChatCompletionRequest)
+        return await routes.run(request, req, [{"messages": _convert_messages(req.messages, routes.model)}], "chat")
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        req = await routes.read_json(request, CompletionRequest)
+        return await routes.run(request, req, [{"prompt": p} for p in _completion_prompts(req)], "text")
+
+
+class _Routes:
+    """What every request consults: the model ids, the key, the allowed hosts, the engine."""
+
+    def __init__(
+        self,
+        model: Any,
+        engine: _Engine,
+        ids: dict[str, Any],
+        api_key: str | None,
+        allowed_hosts: Sequence[str] | None,
+        max_body_bytes: int,
+        server_draft: dict[str, Any] | None,
+    ) -> None:
+        self.model, self.engine, self.ids, self.api_key = model, engine, ids, api_key
+        self.allowed_hosts, self.max_body_bytes, self.server_draft = allowed_hosts, max_body_bytes, server_draft
+        self.default_id = next(iter(ids))
+        self.aliases = {size: mid for mid, size in ids.items() if isinstance(size, str)}  # "E2B" -> "gemma3n-E2B"
+        self.batching = isinstance(model, Model)  # a stand-in object (tests) has no decoder to batch
+
+    def check_host(self, request: Request) -> None:
+        if self.allowed_hosts is None:
+            return
+        host = request.headers.get("host", "")
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+        if name.lower() not in self.allowed_hosts:
+            raise APIError(400, f"Host {host!r} is not served here (allowed: {', '.join(self.allowed_hosts)})")
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise APIError(
                 401,
                 "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                 code="invalid_api_key",
             )
 
-    async def read_json(request: Request, schema: type[_Sampling]) -> Any:
+    async def read_json(self, request: Request, schema: type[_Sampling]) -> Any:
         # JSON only: a web page can send a cross-site "simple" POST (text/plain) to a loopback
         # server without a CORS preflight; requiring application/json rules that out.
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -169,44 +226,46 @@ def create_app(
                 f"Content-Type must be application/json, got {media or 'none'}",
                 code="unsupported_media_type",
             )
-        data = parse_body(await read_body(request, max_body_bytes))
+        data = parse_body(await read_body(request, self.max_body_bytes))
         try:
             return schema.model_validate(data)
         except ValidationError as exc:
             raise _validation_error(exc) from None
 
-    def resolve(name: str | None) -> tuple[str, Any]:
+    def resolve(self, name: str | None) -> tuple[str, Any]:
         if not name:
-            return default_id, None
-        if name in ids:
-            return name, ids[name]
-        if name in aliases:  # a bare size name, e.g. "E2B"
+            return self.default_id, None
+        if name in self.ids:
+            return name, self.ids[name]
+        if name in self.aliases:  # a bare size name, e.g. "E2B"
             return name, name
         raise APIError(
             404,
-            f"the model {name!r} does not exist; this server has: {', '.join(ids)}",
+            f"the model {name!r} does not exist; this server has: {', '.join(self.ids)}",
             param="model",
             code="model_not_found",
         )
 
+    def submit(self, inputs: list[dict[str, Any]], gen_kwargs: dict[str, Any]) -> Any:
+        """Into the running batch where the request allows it, else a job of its own."""
+        if self.batching and _batchable(inputs, gen_kwargs, self.server_draft):
+            plain = {k: v for k, v in gen_kwargs.items() if k != "draft"}  # only "none" gets here
+            return self.engine.submit(prepare=partial(BatchRequest.make, **inputs[0], **plain))
+        return self.engine.submit(_generation(inputs, gen_kwargs, self.server_draft))
+
     async def run(
-        request: Request, req: _Sampling, inputs: list[dict[str, Any]], kind: Literal["chat", "text"]
+        self, request: Request, req: _Sampling, inputs: list[dict[str, Any]], kind: Literal["chat", "text"]
     ) -> Response:
         """Generate for each input (a chat, or each prompt of a batch) and answer in OpenAI's form."""
-        model_name, size = resolve(req.model)
+        model_name, size = self.resolve(req.model)
         gen_kwargs = req.generation_kwargs()
         check_reply_form(gen_kwargs)  # what cannot be served is a 400 before the request queues
         if size is not None:
             gen_kwargs["size"] = size
         choices = _choices(kind, gen_kwargs)
-        if batching and _batchable(inputs, gen_kwargs, server_draft):
-            plain = {k: v for k, v in gen_kwargs.items() if k != "draft"}  # only "none" gets here
-            job = engine.submit(prepare=partial(BatchRequest.make, **inputs[0], **plain))
-        else:
-            job = engine.submit(_generation(inputs, gen_kwargs, server_draft))
+        job = self.submit(inputs, gen_kwargs)
         stamp = int(time.time())
-        head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": stamp}
-        head.update(model=model_name)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         streaming = False
         try:
             event = await _next_event(job, request)  # errors in the prompt surface here, as a 400
@@ -214,11 +273,8 @@ def create_app(
                 raise _from_exception(event)
             if req.stream:
                 streaming = True  # from here the response owns the job
-                chunk_head = {
-                    "id": head["id"],
-                    "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                }
-                chunk_head.update(created=stamp, model=model_name)
+                obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+                chunk_head = {"id": rid, "object": obj, "created": stamp, "model": model_name}
                 return _JobStream(sse_stream(job, event, choices, chunk_head, req.include_usage), job)
             while event is not _END:
                 if isinstance(event, BaseException):
@@ -232,38 +288,9 @@ def create_app(
                 job.cancel()
         obj = "chat.completion" if kind == "chat" else "text_completion"
         return JSONResponse(
-            {"id": head["id"], "object": obj, "created": stamp, "model": model_name}
+            {"id": rid, "object": obj, "created": stamp, "model": model_name}
             | {"choices": choices.response(), "usage": choices.usage()}
         )
-
-    add_speech_routes(app, engine, resolve, authorize, max_audio_bytes, max_audio_seconds)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": default_id, "queued": engine.admitted, "max_queue": max_queue}
-
-    def model_card(mid: str) -> dict[str, Any]:
-        return {"id": mid, "object": "model", "created": created, "owned_by": "gemma3n"}
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(mid) for mid in ids]}
-
-    @app.get("/v1/models/{mid:path}", dependencies=[Depends(authorize)])
-    async def get_model(mid: str) -> dict[str, Any]:
-        return model_card(resolve(mid)[0])
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(request: Request) -> Response:
-        req = await read_json(request, ChatCompletionRequest)
-        return await run(request, req, [{"messages": _convert_messages(req.messages, model)}], "chat")
-
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: Request) -> Response:
-        req = await read_json(request, CompletionRequest)
-        return await run(request, req, [{"prompt": p} for p in _completion_prompts(req)], "text")
-
-    return app
 
 
 def _choices(kind: str, gen_kwargs: dict[str, Any]) -> ChoiceSet:
