@@ -6,7 +6,6 @@ Errors a user can cause print one clear line (exit 2), never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 
 from .cache import PromptCache
 from .checkpoint import open_checkpoint
+from .config import read_json_file
 from .errors import Gemma3nError, InputError
 from .export import export_slice, quantize_checkpoint
 from .generate import check_max_tokens, sampling_params
@@ -80,15 +80,17 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _sampling_options(a: argparse.Namespace) -> dict:
+    """The sampling flags as `sampling_params` / `Model.stream` keywords."""
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    flags = (a.temp, a.top_p, a.top_k, a.min_p, a.repetition_penalty, a.seed)
+    return dict(zip(names, flags))
+
+
 def _sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(
         max_tokens=a.max_tokens,
-        temperature=a.temp,
-        top_p=a.top_p,
-        top_k=a.top_k,
-        min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
+        **_sampling_options(a),
         stop=a.stop,
         size=a.size,
         draft=a.draft,
@@ -160,15 +162,7 @@ def _check_args(a: argparse.Namespace) -> None:
     """Text options from argv before anything loads: bytes that are not UTF-8 arrive as lone
     surrogates (surrogateescape) and would fail deep in the tokenizer."""
     check_max_tokens(a.max_tokens)  # the sampling flags too, before the model loads
-    sampling_params(
-        {},
-        temperature=a.temp,
-        top_p=a.top_p,
-        top_k=a.top_k,
-        min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-    )
+    sampling_params({}, **_sampling_options(a))
     for flag, value in (("--prompt", getattr(a, "prompt", None)), ("--system-prompt", a.system_prompt)):
         if value is not None:
             check_text(value, flag)
@@ -194,14 +188,10 @@ def _response_format(a: argparse.Namespace) -> dict | None:
         return {"type": "json_object"}
     if not a.json_schema:
         return None
-    try:
-        schema = json.loads(Path(a.json_schema).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"--json-schema {a.json_schema}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"--json-schema {a.json_schema} is not JSON: {e}") from None
-    if not isinstance(schema, dict):
-        raise InputError(f"--json-schema {a.json_schema} must hold a JSON object (a schema)")
+    path = Path(a.json_schema)
+    if not path.is_file():
+        raise InputError(f"--json-schema {path}: no such file")
+    schema = read_json_file(path, error=InputError, shape="a JSON object (a schema)")
     fmt = {"type": "json_schema", "json_schema": {"name": Path(a.json_schema).stem, "schema": schema}}
     try:
         grammar_for(fmt)

@@ -205,14 +205,17 @@ def find_declared(name: str, declared: Mapping[str, Any] | None) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _items(text: str) -> list[str]:
+    """The items of a CLI list: comma- or space-separated, optionally in brackets."""
+    return [raw for raw in re.split(r"[,\s]+", str(text).strip().strip("[]")) if raw]
+
+
 def parse_ffn(text: str) -> list[int]:
     """`8192x20,16384x10` (width x count) or a plain list `8192,8192,16384` -> one width per kept layer."""
     if not isinstance(text, str) or not text.strip():
         raise InputError("--ffn is empty: give one FFN width per kept layer, e.g. 8192x20,16384x10")
     widths: list[int] = []
-    for raw in re.split(r"[,\s]+", text.strip().strip("[]")):
-        if not raw:
-            continue
+    for raw in _items(text):
         m = re.fullmatch(r"([\d_]+)(?:[xX]([\d_]+))?", raw)
         if not m:
             raise InputError(f"--ffn item {raw!r} is not WIDTH or WIDTHxCOUNT (e.g. 8192 or 8192x20) in {text!r}")
@@ -233,9 +236,7 @@ def parse_skip(text: str) -> list[int]:
     if text is None or not str(text).strip():
         return []
     out: set[int] = set()
-    for raw in re.split(r"[,\s]+", str(text).strip().strip("[]")):
-        if not raw:
-            continue
+    for raw in _items(text):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", raw)
         if not m:
             raise InputError(f"--skip item {raw!r} is not a layer index or range like 20-24 (in {text!r})")

@@ -2,9 +2,10 @@
 
 The server knows no tensors: it turns OpenAI requests into `model.stream(...)` calls and the
 text pieces back into OpenAI responses or server-sent events. The model is not thread-safe,
-so every generation runs on one worker thread; requests wait their turn in a bounded queue.
+so every generation runs on one worker thread; requests wait in a bounded queue, and plain
+generations join one running batch (continuous batching, gemma3n.batching).
 
-schemas.py: request bodies, validation and errors; engine.py: the worker and its queue;
+schemas.py: request bodies, validation and errors; engine.py: the worker, its queue and the batch;
 routes.py: the app; streaming.py: responses and server-sent events; run.py: serving it.
 """
 

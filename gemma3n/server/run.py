@@ -6,16 +6,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
 
-from gemma3n.batching import MAX_BATCH
 from gemma3n.model import load
 
-from .audio import DEFAULT_MAX_AUDIO_BYTES, DEFAULT_MAX_AUDIO_SECONDS
-from .routes import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_SLOTS, create_app
+from .routes import create_app
 
 log = logging.getLogger("gemma3n.server")
 
@@ -28,24 +25,13 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     *,
-    max_queue: int = DEFAULT_MAX_QUEUE,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    prompt_cache_slots: int = DEFAULT_PROMPT_CACHE_SLOTS,
-    prompt_cache_bytes: int | None = None,
-    max_audio_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
-    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
-    model_id: str | None = None,
-    sizes: Mapping[str, Any] | None = None,
     log_level: str = "info",
-    draft: Any = None,
-    draft_k: int | None = None,
-    draft_model: Any = None,
-    max_batch: int = MAX_BATCH,
-    max_kv_bytes: int | None = None,
+    **options: Any,
 ) -> None:
     """Serve until interrupted. `model` is a loaded model, or a path / hub id (None: embedded).
-    `draft` / `draft_k` / `draft_model`: speculative decoding by default; `max_batch` /
-    `max_kv_bytes`: continuous batching (see `create_app`)."""
+    `options`: `create_app`'s (limits, model ids, speculative decoding, continuous batching).
+    A loopback server answers only loopback Host names (DNS rebinding); any other warns when it
+    has no API key."""
     import uvicorn
 
     if model is None or isinstance(model, str):
@@ -53,19 +39,7 @@ def serve(
     loopback = host in LOOPBACK_HOSTS
     if not loopback and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this host can use it", host)
-    limits = {
-        "max_queue": max_queue,
-        "max_body_bytes": max_body_bytes,
-        "prompt_cache_slots": prompt_cache_slots,
-        "prompt_cache_bytes": prompt_cache_bytes,
-        "max_audio_bytes": max_audio_bytes,
-        "max_audio_seconds": max_audio_seconds,
-        "max_batch": max_batch,
-        "max_kv_bytes": max_kv_bytes,
-    }
-    hosts = LOOPBACK_HOSTS if loopback else None
-    drafts = {"draft": draft, "draft_k": draft_k, "draft_model": draft_model}
-    app = create_app(model, api_key=api_key, model_id=model_id, sizes=sizes, allowed_hosts=hosts, **limits, **drafts)
+    app = create_app(model, api_key=api_key, allowed_hosts=LOOPBACK_HOSTS if loopback else None, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
