@@ -1,0 +1,609 @@
+"""Give the embedded model ears and eyes: train a USM-shaped audio tower and a MobileNet-V5-shaped
+vision tower, with their multimodal embedders, onto the KJV-trained tiny text decoder, and write
+the result as a Gemma 3n checkpoint in the Hugging Face multimodal layout
+(`model.language_model.*`, `model.audio_tower.*`, `model.vision_tower.timm_model.*`,
+`model.embed_audio.*`, `model.embed_vision.*`; config.json with audio_config / vision_config).
+
+The towers are Gemma 3n's own architectures at toy size, built by the runtime's classes (the audio
+encoder `gemma3n.audio_encoder.AudioEncoder`) and by timm's MobileNet-V5 builder (the same
+`mobilenetv5_300m_enc` architecture with small block arguments), fed by the runtime's feature
+extractor (16 kHz, 128 mel bins, one soft token per 160 ms) and image processor.
+
+Data (tools/tiny_media_data.py): espeak-ng speech of KJV verses from the training chapters, noise
+and silence added on the fly; Pillow scenes with colour / shape / count questions, rendered on the
+fly at 256, 512 or 768 px.
+
+Every step sums three losses:
+- speech: the transcript's next-token loss after "Transcribe this audio:" and the clip, plus a CTC
+  loss on the audio tower's output tokens (a training-only head, not shipped: it teaches the tower
+  which words sit where long before the decoder's loss alone would);
+- images: the answer's next-token loss after the image and a question;
+- text: the KJV next-token loss of the full model and of the E2B-like sub-model (replay), so the
+  fine-tuned decoder keeps its text perplexity and its MatFormer sub-model.
+The decoder is fine-tuned at a lower learning rate than the new towers. The learning rate follows a
+cosine over a wall-clock budget (`--minutes`), so the same recipe runs longer where there is time.
+Checkpoints are written at every evaluation, so the run can be stopped at any time.
+
+    python tools/tiny_media_data.py --out /work/tiny-mm/speech
+    python tools/train_tiny_media.py --base /tmp/tiny --speech /work/tiny-mm/speech \\
+        --out /work/tiny-mm/run --minutes 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kjv_corpus import kjv_chapters, split, token_stream  # noqa: E402
+from tiny_media_data import QUESTIONS, SR, Clips, augment, normalize_words, render_scene  # noqa: E402
+from train_tiny import held_out_loss, loss_of, plans  # noqa: E402  (importing it patches AltUp for autograd)
+
+from gemma3n.audio import AudioFeatureExtractor  # noqa: E402
+from gemma3n.audio_encoder import AudioEncoder, AudioEncoderConfig, SSCPConvBlock  # noqa: E402
+from gemma3n.config import TextConfig  # noqa: E402
+from gemma3n.multimodal import MultimodalEmbedder  # noqa: E402
+from gemma3n.speech import speech_prompt  # noqa: E402
+from gemma3n.text import TextDecoder  # noqa: E402
+from gemma3n.vision import ImageProcessor  # noqa: E402
+
+
+def _sscp_forward_for_autograd(self: SSCPConvBlock, x: torch.Tensor) -> torch.Tensor:
+    """`SSCPConvBlock.forward` normalises the conv output in place, which autograd cannot
+    differentiate; the same operations out of place (training only: this script never serves)."""
+    x = F.pad(x, (0, 0, 1, 1, 0, self.time_pad))
+    x = F.conv2d(x.permute(0, 3, 1, 2), self.conv.weight.to(x.dtype), stride=self.conv.stride)
+    x = x.permute(0, 2, 3, 1).contiguous()
+    scale, shift = self.norm.scale_shift(x)
+    return torch.relu(x.float() * scale + shift).to(x.dtype)
+
+
+SSCPConvBlock.forward = _sscp_forward_for_autograd
+
+# --------------------------------------------------------------------------------------------
+# Tower shapes (audio-vision.md §B, §C at toy size)
+
+AUDIO_WINDOW_SAMPLES = 160_000  # 10 s: the longest clip the tiny encoder takes in one piece
+AUDIO_TOKENS = 63  # soft tokens of a 10 s window (§A.4); shorter clips are padded to it
+IMAGE_TOKENS = 16  # MSFA output 4 x 4
+AUDIO_CONFIG = {
+    "model_type": "gemma3n_audio",
+    "hidden_size": 128,
+    "input_feat_size": 128,
+    "conf_num_hidden_layers": 4,
+    "conf_num_attention_heads": 4,
+    "conf_attention_chunk_size": 12,
+    "conf_attention_context_left": 13,
+    "conf_attention_context_right": 0,
+    "conf_attention_logit_cap": 50.0,
+    "conf_conv_kernel_size": 5,
+    "conf_reduction_factor": 4,
+    "conf_residual_weight": 0.5,
+    "gradient_clipping": 1e10,
+    "rms_norm_eps": 1e-6,
+    "sscp_conv_channel_size": [32, 16],
+    "sscp_conv_group_norm_eps": 1e-3,
+    "sscp_conv_kernel_size": [[3, 3], [3, 3]],
+    "sscp_conv_stride_size": [[2, 2], [2, 2]],
+    "vocab_size": 128,
+    "vocab_offset": 4096 + 128,
+}
+# MobileNet-V5's stage pattern (ER stem stage; UIR with dw_start + dw_mid stride 2; UIR FFNs; mobile
+# MQA with kv_stride 2 in stage 2 and 1 in stage 3), narrow and shallow; MSFA fuses stages 2 and 3.
+VISION_ARCH = [
+    ["er_r1_k3_s2_e4_c16"],
+    ["uir_r1_a3_k5_s2_e4_c24", "uir_r1_a3_k0_s1_e4_c24"],
+    [
+        "uir_r1_a5_k5_s2_e4_c48",
+        "mqa_r1_k3_h4_v2_s1_d16_c48",
+        "uir_r1_a0_k0_s1_e2_c48",
+        "mqa_r1_k3_h4_v2_s1_d16_c48",
+        "uir_r1_a0_k0_s1_e2_c48",
+    ],
+    ["uir_r1_a5_k5_s2_e4_c64", "mqa_r1_k3_h4_s1_d16_c64", "uir_r1_a0_k0_s1_e2_c64"],
+]
+PREPROCESSOR = {
+    "processor_class": "Gemma3nProcessor",
+    "feature_extractor_type": "Gemma3nAudioFeatureExtractor",
+    "sampling_rate": SR,
+    "feature_size": 128,
+    "frame_length_ms": 32.0,
+    "hop_length_ms": 10.0,
+    "fft_overdrive": True,
+    "preemphasis": 0.97,
+    "preemphasis_htk_flavor": True,
+    "min_frequency": 125.0,
+    "max_frequency": 7600.0,
+    "mel_floor": 1e-5,
+    "dither": 0.0,
+    "input_scale_factor": 1.0,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "return_attention_mask": True,
+    "max_length": AUDIO_WINDOW_SAMPLES,
+    "image_processor_type": "SiglipImageProcessorFast",
+    "size": {"height": 768, "width": 768},
+    "resample": 2,
+    "do_resize": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": False,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_seq_length": IMAGE_TOKENS,
+    "audio_seq_length": AUDIO_TOKENS,
+}
+RESOLUTIONS = {256: 0.6, 512: 0.25, 768: 0.15}  # training share of each image size (768 costs 9x 256)
+IMAGES_PER_BATCH = {256: 8, 512: 4, 768: 2}
+
+
+def vision_config() -> dict:
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    return {
+        "model_type": "gemma3n_vision",
+        "architecture": "mobilenetv5_300m_enc",
+        "model_args": {
+            "block_args": json.loads(json.dumps(decode_arch_def(VISION_ARCH))),
+            "stem_size": 8,
+            "msfa_output_resolution": 4,
+        },
+        "do_pooling": False,
+        "hidden_size": 2048,  # timm's MobileNetV5Encoder fixes the MSFA width at 2048
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 128,
+        "vocab_offset": 4096,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def load_decoder(base: Path) -> tuple[TextDecoder, TextConfig, dict]:
+    """The text decoder of `base` (text-only `model.*` or multimodal `model.language_model.*`)."""
+    config = json.loads((base / "config.json").read_text())
+    text = config.get("text_config", config)
+    cfg = TextConfig.from_dict(text)
+    dec = TextDecoder(cfg)
+    state = {}
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            for prefix in ("model.language_model.", "model."):
+                if k.startswith(prefix) and not k.startswith(
+                    ("model.audio_tower", "model.vision_tower", "model.embed_audio", "model.embed_vision")
+                ):
+                    state[k[len(prefix) :]] = f.get_tensor(k).float()
+                    break
+    ple = state.pop("embed_tokens_per_layer.weight")
+    dec.load_state_dict(state, strict=True)
+    dec.embed_tokens_per_layer = nn.Parameter(ple)
+    return dec, cfg, text
+
+
+def init_audio_tower(seed: int) -> AudioEncoder:
+    torch.manual_seed(seed)
+    enc = AudioEncoder(AudioEncoderConfig.from_dict(AUDIO_CONFIG))
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if name.endswith("per_dim_scale"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            elif p.dim() == 2:
+                nn.init.xavier_uniform_(p)
+            else:
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+    return enc.train()
+
+
+def init_vision_tower(seed: int) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    args = copy.deepcopy(vision_config()["model_args"])
+    model = timm.create_model("mobilenetv5_300m_enc", pretrained=False, num_classes=0, **args)
+    with torch.no_grad():  # layer scales start at 1e-5 in timm: too timid for a short run
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.1)
+    return model.train()
+
+
+def init_embedder(hidden: int, text_hidden: int, offset: int, seed: int) -> MultimodalEmbedder:
+    torch.manual_seed(seed)
+    emb = MultimodalEmbedder(hidden, text_hidden, offset, 128, 1e-6)
+    with torch.no_grad():
+        emb.embedding.weight.normal_(0, 0.02)
+        nn.init.xavier_uniform_(emb.embedding_projection.weight)
+    return emb
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.Module], readme: str) -> None:
+    """The multimodal checkpoint, written aside and renamed into place (a reader never sees half)."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    dec = parts["decoder"]
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in dec.state_dict().items():
+        if k != "embed_tokens_per_layer":
+            tensors[f"model.language_model.{k}"] = v.detach().float().contiguous()
+    # the PLE table in bf16, as the text-only model stored it: it is only gathered row by row
+    tensors["model.language_model.embed_tokens_per_layer.weight"] = (
+        dec.embed_tokens_per_layer.detach().to(torch.bfloat16).contiguous()
+    )
+    for prefix, module in (
+        ("model.audio_tower.", parts["audio"]),
+        ("model.vision_tower.timm_model.", parts["vision"]),
+        ("model.embed_audio.", parts["embed_audio"]),
+        ("model.embed_vision.", parts["embed_vision"]),
+    ):
+        for k, v in module.state_dict().items():
+            tensors[prefix + k] = v.detach().float().contiguous()
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    text = dict(text_cfg, model_type="gemma3n_text")
+    text.pop("architectures", None)
+    text.pop("torch_dtype", None)
+    config = {
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "model_type": "gemma3n",
+        "text_config": text,
+        "audio_config": AUDIO_CONFIG,
+        "vision_config": vision_config(),
+        "audio_soft_tokens_per_image": AUDIO_TOKENS,
+        "vision_soft_tokens_per_image": IMAGE_TOKENS,
+        # the tokenizer's own ids: its media tokens sit inside the 4096-token text vocabulary
+        "boi_token_id": 7,
+        "eoi_token_id": 8,
+        "image_token_id": 9,
+        "boa_token_id": 10,
+        "eoa_token_id": 11,
+        "audio_token_id": 12,
+        "eos_token_id": text["eos_token_id"],
+        "torch_dtype": "float32",
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+    processor = {
+        "processor_class": "Gemma3nProcessor",
+        "image_seq_length": IMAGE_TOKENS,
+        "audio_seq_length": AUDIO_TOKENS,
+    }
+    (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    for name in ("tokenizer.json", "generation_config.json", "matformer_sizes.json"):
+        shutil.copy(base / name, tmp / name)
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    tok_cfg["extra_special_tokens"] = {
+        "image_token": "<image_soft_token>",
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "audio_token": "<audio_soft_token>",
+        "boa_token": "<start_of_audio>",
+        "eoa_token": "<end_of_audio>",
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (tmp / "README.md").write_text(readme)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def prompt_ids(ckpt: Path) -> tuple[list[int], dict[str, list[int]], int, int]:
+    """The runtime's own prompts (chat template and placeholder expansion) for transcription and for
+    each image question: what `gemma3n transcribe` and `generate --image` will send."""
+    from PIL import Image
+
+    import gemma3n
+
+    model = gemma3n.load(ckpt)
+    proc = model.processor
+    audio = proc.from_messages(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": speech_prompt()},
+                    {"type": "audio", "audio": np.zeros(SR * 5, np.float32)},
+                ],
+            }
+        ]
+    ).ids
+    img = Image.new("RGB", (64, 64))
+    images = {
+        task: proc.from_messages(
+            [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}]
+        ).ids
+        for task, q in QUESTIONS.items()
+    }
+    cfg = model.config
+    return audio, images, cfg.audio_token_id, cfg.image_token_id
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+
+
+def answer_loss(
+    dec: TextDecoder, plan, prompts: list[list[int]], answers: list[list[int]], soft: torch.Tensor, token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token loss of `answers` after `prompts` whose `token_id` placeholders take `soft`
+    [B, n, D] (in order). Returns (loss, greedy predictions at the answer positions, targets)."""
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    t = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    tgt = torch.full((len(seqs), t), -100, dtype=torch.long)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+        tgt[b, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
+    h0 = dec.embed(ids).clone()
+    mask = ids == token_id
+    h0[mask] = soft.reshape(-1, soft.shape[-1]).to(h0.dtype)
+    hidden = dec(ids, torch.arange(t), plan=plan, inputs_embeds=h0)
+    sel = tgt >= 0
+    logits = dec.lm_head(hidden[sel]).float()
+    return F.cross_entropy(logits, tgt[sel]), logits.argmax(-1), tgt[sel]
+
+
+def audio_soft(enc: AudioEncoder, emb: MultimodalEmbedder, waves: list[np.ndarray], fe: AudioFeatureExtractor):
+    """(soft tokens [B, AUDIO_TOKENS, D] as encode_audio builds them, encodings, padding)."""
+    feats, fmask = fe(waves)
+    encoded, padding = enc(feats, fmask)
+    pad = emb.embed_hard(torch.tensor([emb.vocab_offset + emb.vocab_size - 1]))[0]
+    soft = torch.where(padding[..., None], pad, emb.embed_soft(encoded))
+    extra = AUDIO_TOKENS - soft.shape[1]
+    if extra > 0:
+        soft = torch.cat([soft, pad.expand(soft.shape[0], extra, -1)], dim=1)
+    return soft[:, :AUDIO_TOKENS], encoded, padding
+
+
+def vision_soft(tower: nn.Module, emb: MultimodalEmbedder, pixels: torch.Tensor) -> torch.Tensor:
+    feats = tower.forward_features(pixels)  # [B, 2048, 4, 4]
+    tokens = feats.reshape(feats.shape[0], feats.shape[1], -1).permute(0, 2, 1) * feats.shape[1] ** 0.5
+    return emb.embed_soft(tokens)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="the trained text-only model (tools/train_tiny.py)")
+    ap.add_argument("--speech", type=Path, required=True, help="tools/tiny_media_data.py's output")
+    ap.add_argument("--out", type=Path, required=True, help="checkpoint directory (rewritten at each evaluation)")
+    ap.add_argument("--log", type=Path, default=ROOT / "docs" / "tiny-media-training.csv")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget; the LR schedule spans it")
+    ap.add_argument("--eval-minutes", type=float, default=8.0)
+    ap.add_argument("--audio-batch", type=int, default=8)
+    ap.add_argument("--text-batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3, help="towers, embedders, CTC head")
+    ap.add_argument("--decoder-lr", type=float, default=1.5e-4)
+    ap.add_argument(
+        "--frozen-share",
+        type=float,
+        default=0.5,
+        help="share of the budget during which the text decoder stays frozen (towers and embedders learn first)",
+    )
+    ap.add_argument("--ctc-weight", type=float, default=0.5)
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    nrng = np.random.default_rng(args.seed)
+    t_start = time.time()
+
+    dec, text_cfg_obj, text_cfg = load_decoder(args.base)
+    dec.train()
+    pl = plans(text_cfg_obj)
+    audio = init_audio_tower(args.seed)
+    vision = init_vision_tower(args.seed)
+    d = text_cfg_obj.hidden_size
+    emb_a = init_embedder(AUDIO_CONFIG["hidden_size"], d, AUDIO_CONFIG["vocab_offset"], args.seed + 1)
+    emb_v = init_embedder(2048, d, 4096, args.seed + 2)
+    vocab = text_cfg_obj.vocab_size
+    ctc_head = nn.Linear(AUDIO_CONFIG["hidden_size"], vocab + 1)  # + blank; training only
+    parts = {"decoder": dec, "audio": audio, "vision": vision, "embed_audio": emb_a, "embed_vision": emb_v}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    print("parameters", counts, flush=True)
+
+    readme = (args.base / "README.md").read_text()
+    write_checkpoint(args.out, args.base, text_cfg, parts, readme)
+    audio_prompt, image_prompts, audio_id, image_id = prompt_ids(args.out)
+    print(
+        f"audio prompt {len(audio_prompt)} tokens; image prompts {[len(v) for v in image_prompts.values()]}", flush=True
+    )
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(args.base / "tokenizer.json"))
+    eot = tok.token_to_id("<end_of_turn>")
+    train_texts, held_texts = split(kjv_chapters())
+    train_ids, held_ids = token_stream(tok, train_texts), token_stream(tok, held_texts)
+    w = 129
+    held_windows = held_ids[: 64 * w].view(64, w)
+
+    clips = Clips.load(args.speech / "train")
+    held_clips = Clips.load(args.speech / "heldout")
+    fe = AudioFeatureExtractor.from_dict(PREPROCESSOR)
+    improc = ImageProcessor.from_dict(PREPROCESSOR)
+    enc_text = [tok.encode(t, add_special_tokens=False).ids for t in clips.texts]
+
+    tower_params = [p for k in ("audio", "vision", "embed_audio", "embed_vision") for p in parts[k].parameters()]
+    tower_params += list(ctc_head.parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": tower_params, "lr": args.lr, "weight_decay": 0.01, "peak": args.lr},
+            {"params": list(dec.parameters()), "lr": args.decoder_lr, "weight_decay": 0.0, "peak": args.decoder_lr},
+        ],
+        betas=(0.9, 0.98),
+    )
+    budget = args.minutes * 60
+    frozen_until = args.frozen_share * budget
+    dec.requires_grad_(False)
+    decoder_steps = 0
+
+    # fixed evaluation sets
+    eval_clips = list(range(min(24, len(held_clips))))
+    eval_scenes = [render_scene(random.Random(10_000 + i), 384) for i in range(24)]
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        dec.eval()
+        audio.eval()
+        vision.eval()
+        row: dict = {}
+        row["text_ppl_full"] = round(math.exp(held_out_loss(dec, held_windows, pl["full"], 16)), 2)
+        row["text_ppl_sub"] = round(math.exp(held_out_loss(dec, held_windows, pl["sub"], 16)), 2)
+        waves = [held_clips.wave(i) for i in eval_clips]
+        answers = [tok.encode(held_clips.texts[i], add_special_tokens=False).ids + [eot] for i in eval_clips]
+        soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
+        loss, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
+        row["heldout_speech_loss"] = round(loss.item(), 4)
+        row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
+        # CTC greedy transcript WER: what the tower alone hears
+        import jiwer
+
+        best = ctc_head(encoded).argmax(-1)
+        hyps = []
+        for b in range(best.shape[0]):
+            seq = [int(x) for x, valid in zip(best[b], ~padding[b]) if valid]
+            out = [x for j, x in enumerate(seq) if x != vocab and (j == 0 or x != seq[j - 1])]
+            hyps.append(normalize_words(tok.decode(out)))
+        refs = [normalize_words(held_clips.texts[i]) for i in eval_clips]
+        row["heldout_ctc_wer"] = round(jiwer.wer(refs, [h or "-" for h in hyps]), 4)
+        for res in (256, 768):
+            pixels = improc([im for im, _ in eval_scenes], size=res)
+            soft_v = vision_soft(vision, emb_v, pixels)
+            for task in ("colour", "shape", "count"):
+                ans = [tok.encode(sc.answer(task), add_special_tokens=False).ids + [eot] for _, sc in eval_scenes]
+                _, pred, tgt = answer_loss(dec, pl["full"], [image_prompts[task]] * len(ans), ans, soft_v, image_id)
+                # exact when every answer token (and the end of turn) is the argmax
+                ok, k = 0, 0
+                for a in ans:
+                    ok += bool((pred[k : k + len(a)] == tgt[k : k + len(a)]).all())
+                    k += len(a)
+                row[f"img{res}_{task}"] = round(ok / len(ans), 3)
+        dec.train()
+        audio.train()
+        vision.train()
+        return row
+
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    ema: dict[str, float] = {}
+    step, last_eval = 0, -1e9
+    t0 = time.time()
+    print(f"setup {t0 - t_start:.0f} s", flush=True)
+    while True:
+        elapsed = time.time() - t0
+        done = elapsed >= budget
+        if done or elapsed - last_eval >= args.eval_minutes * 60:
+            last_eval = elapsed
+            row = {"step": step, "minutes": round(elapsed / 60, 2)}
+            row.update({f"train_{k}": round(v, 4) for k, v in ema.items()})
+            row.update(evaluate())
+            rows.append(row)
+            print(row, flush=True)
+            fields = list(dict.fromkeys(k for r in rows for k in r))
+            with args.log.open("w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=fields)
+                wr.writeheader()
+                wr.writerows(rows)
+            write_checkpoint(args.out, args.base, text_cfg, parts, readme)
+            (args.out.parent / (args.out.name + "-step.json")).write_text(json.dumps(row))
+        if done:
+            break
+        frac = min(1.0, elapsed / budget)
+        tune_decoder = elapsed >= frozen_until
+        if tune_decoder and decoder_steps == 0:
+            # the frozen phase's last checkpoint: text perplexity exactly the base model's
+            frozen_copy = args.out.with_name(args.out.name + "-frozen")
+            if frozen_copy.exists():
+                shutil.rmtree(frozen_copy)
+            shutil.copytree(args.out, frozen_copy)
+            dec.requires_grad_(True)
+        decoder_steps += tune_decoder
+        towers_g, dec_g = opt.param_groups
+        towers_g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        dec_g["lr"] = (
+            args.decoder_lr * min(1.0, decoder_steps / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        )
+
+        losses: dict[str, torch.Tensor] = {}
+        # speech
+        idx = [rng.randrange(len(clips)) for _ in range(args.audio_batch)]
+        waves, answers = [], []
+        for i in idx:
+            if rng.random() < 0.03:  # noise only: an empty transcript
+                waves.append(augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng))
+                answers.append([eot])
+            else:
+                waves.append(augment(clips.wave(i), nrng))
+                answers.append(enc_text[i] + [eot])
+        soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
+        losses["speech"], _, _ = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
+        logp = F.log_softmax(ctc_head(encoded).float(), -1).transpose(0, 1)  # [S, B, V+1]
+        targets = [torch.tensor(a[:-1]) for a in answers]
+        lengths = torch.tensor([len(t) for t in targets])
+        flat = torch.cat([t for t in targets if len(t)]) if lengths.sum() else torch.zeros(0, dtype=torch.long)
+        losses["ctc"] = args.ctc_weight * F.ctc_loss(
+            logp, flat, (~padding).sum(1), lengths, blank=vocab, zero_infinity=True
+        )
+        # images
+        res = rng.choices(list(RESOLUTIONS), weights=list(RESOLUTIONS.values()))[0]
+        scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(IMAGES_PER_BATCH[res])]
+        pixels = improc([im for im, _ in scenes], size=res)
+        soft_v = vision_soft(vision, emb_v, pixels)
+        tasks = [rng.choice(list(QUESTIONS)) for _ in scenes]
+        ans = [tok.encode(sc.answer(t), add_special_tokens=False).ids + [eot] for (_, sc), t in zip(scenes, tasks)]
+        losses["image"], _, _ = answer_loss(dec, pl["full"], [image_prompts[t] for t in tasks], ans, soft_v, image_id)
+        if tune_decoder:  # text replay: the decoder keeps its perplexity and its MatFormer sub-model
+            starts = torch.randint(0, len(train_ids) - w, (args.text_batch,))
+            batch = torch.stack([train_ids[s : s + w] for s in starts])
+            losses["text_full"] = loss_of(dec, batch, pl["full"])
+            losses["text_sub"] = loss_of(dec, batch, pl["sub"])
+
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        torch.nn.utils.clip_grad_norm_(tower_params, 1.0)
+        if tune_decoder:
+            torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+        opt.step()
+        for k, v in losses.items():
+            ema[k] = v.item() if k not in ema else 0.95 * ema[k] + 0.05 * v.item()
+        if step % 10 == 0:
+            print(
+                f"step {step} {time.time() - t0:.0f}s res {res} "
+                + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items()),
+                flush=True,
+            )
+        step += 1
+    print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
