@@ -18,7 +18,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused, kernels
 from .errors import CheckpointError, ConfigError, InputError
-from .hardware import choose_compute_dtype
+from .hardware import tower_compute_dtype
 
 # ---------------------------------------------------------------------------------------------------
 # Image input
@@ -299,34 +300,27 @@ class ImageProcessor:
 # ---------------------------------------------------------------------------------------------------
 
 
-_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
-
-
-def _gelu_tanh_(x: Tensor) -> Tensor:
-    """In-place GELU(approximate='tanh') as x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3):
-    0.5 (1 + tanh z) == sigmoid(2z). Same function; torch's CPU tanh is ~3x slower than sigmoid."""
-    u = torch.addcmul(x.new_tensor(_GELU_K), x, x, value=_GELU_K * 0.044715)
-    return x.mul_(u.mul_(x).sigmoid_())
-
-
-def _act_fn(mod: nn.Module, where: str) -> Callable[[Tensor], Tensor] | None:
-    """The block's activation as an in-place function on a tensor we own."""
+def _act_name(mod: nn.Module, where: str) -> str | None:
+    """The block's activation as a `fused.ACTS` name ("gelu" for the exact GELU, which has no
+    fused form)."""
     if isinstance(mod, nn.Identity):
         return None
     if isinstance(mod, nn.GELU):  # timm >= 1.0.17: tanh approximation everywhere (§C.1)
-        return _gelu_tanh_ if mod.approximate == "tanh" else (lambda x: F.gelu(x))
+        return "gelu_tanh" if mod.approximate == "tanh" else "gelu"
     if isinstance(mod, nn.ReLU):
-        return torch.relu_
+        return "relu"
     raise ConfigError(f"vision tower: unsupported activation {type(mod).__name__} at {where}")
 
 
-def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """timm RmsNorm2d over the channel (last) dim: x * rsqrt(mean_c(x^2) + eps) * w.
-    The sum of squares comes from one vector_norm reduction (F.rms_norm is ~10x slower on CPU)."""
-    ss = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32)
-    inv = ss.square_().div_(x.shape[-1]).add_(eps).rsqrt_().to(x.dtype)
-    y = x * inv
-    return y if weight is None else y.mul_(weight)
+def _rms(
+    x: Tensor, weight: Tensor | None, eps: float, act: str | None = None, residual: Tensor | None = None
+) -> Tensor:
+    """timm RmsNorm2d over the channel (last) dim, x * rsqrt(mean_c(x^2) + eps) * w, then the
+    activation, then + residual: one pass over the rows (`fused.norm_act`), statistics in fp32."""
+    if act == "gelu":
+        y = F.gelu(fused.norm_act(x, weight, eps).float()).to(x.dtype)
+        return y if residual is None else y.add_(residual)
+    return fused.norm_act(x, weight, eps, act=act, residual=residual)
 
 
 class _Conv(nn.Module):
@@ -423,11 +417,10 @@ class _ConvNormAct(nn.Module):
         w = _norm_weight(ld, name + ".bn", cna.bn)
         self.norm_w = None if w is None else _param(ld.out(w))
         self.eps = cna.bn.eps
-        self.act = _act_fn(getattr(cna.bn, "act", nn.Identity()), name)
+        self.act = _act_name(getattr(cna.bn, "act", nn.Identity()), name)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _rms(self.conv(x), self.norm_w, self.eps)
-        return self.act(x) if self.act is not None else x
+        return _rms(self.conv(x), self.norm_w, self.eps, self.act)
 
 
 class _EdgeResidual(nn.Module):
@@ -440,17 +433,15 @@ class _EdgeResidual(nn.Module):
             raise ConfigError(f"vision tower: block {name}: only 1x1 conv_pwl is supported")
         self.conv_exp = _Conv(blk.conv_exp, ld.out(ld.get(name + ".conv_exp.weight")), None)
         self.n1 = _param(ld.out(ld.get(name + ".bn1.weight")))
-        self.act = _act_fn(blk.bn1.act, name)
+        self.act = _act_name(blk.bn1.act, name)
         self.pwl = _param(ld.out(ld.get(name + ".conv_pwl.weight").flatten(1)))
         self.n2 = _param(ld.out(ld.get(name + ".bn2.weight")))
         self.eps1, self.eps2 = blk.bn1.eps, blk.bn2.eps
         self.has_skip = blk.has_skip
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _rms(self.conv_exp(x), self.n1, self.eps1)
-        y = self.act(y) if self.act is not None else y
-        y = _rms(F.linear(y, self.pwl), self.n2, self.eps2)
-        return y.add_(x) if self.has_skip else y
+        y = _rms(self.conv_exp(x), self.n1, self.eps1, self.act)
+        return _rms(F.linear(y, self.pwl), self.n2, self.eps2, residual=x if self.has_skip else None)
 
 
 class _UIR(nn.Module):
@@ -466,7 +457,7 @@ class _UIR(nn.Module):
         w_exp = w_exp.flatten(1)
         if not isinstance(blk.dw_start, nn.Identity):
             w_dw, n_dw, bn_dw = _conv_norm(ld, name + ".dw_start", blk.dw_start)
-            if _act_fn(getattr(bn_dw, "act", nn.Identity()), name) is not None:
+            if _act_name(getattr(bn_dw, "act", nn.Identity()), name) is not None:
                 raise ConfigError(f"vision tower: block {name}: dw_start with an activation is not supported")
             self.dw_start = _Conv(blk.dw_start.conv, ld.out(w_dw), None)
             self.eps_start = bn_dw.eps
@@ -475,14 +466,14 @@ class _UIR(nn.Module):
         self.pw_exp = _param(ld.out(w_exp))
         self.n_exp = None if n_exp is None else _param(ld.out(n_exp))
         self.eps_exp = bn.eps
-        self.act = _act_fn(getattr(bn, "act", nn.Identity()), name)
+        self.act = _act_name(getattr(bn, "act", nn.Identity()), name)
         self.dw_mid = None
         if not isinstance(blk.dw_mid, nn.Identity):
             w_mid, n_mid, bn_mid = _conv_norm(ld, name + ".dw_mid", blk.dw_mid)
             self.dw_mid = _Conv(blk.dw_mid.conv, ld.out(w_mid), None)
             self.n_mid = None if n_mid is None else _param(ld.out(n_mid))
             self.eps_mid = bn_mid.eps
-            self.act_mid = _act_fn(getattr(bn_mid, "act", nn.Identity()), name)
+            self.act_mid = _act_name(getattr(bn_mid, "act", nn.Identity()), name)
         w_proj, n_proj, bn_proj = _conv_norm(ld, name + ".pw_proj", blk.pw_proj)
         self.pw_proj = _param(ld.out(w_proj.flatten(1)))
         n = _mul(n_proj, _layer_scale(ld, name, blk))
@@ -494,13 +485,10 @@ class _UIR(nn.Module):
         y = x
         if self.dw_start is not None:
             y = _rms(self.dw_start(y), None, self.eps_start)
-        y = _rms(F.linear(y, self.pw_exp), self.n_exp, self.eps_exp)
-        y = self.act(y) if self.act is not None else y
+        y = _rms(F.linear(y, self.pw_exp), self.n_exp, self.eps_exp, self.act)
         if self.dw_mid is not None:
-            y = _rms(self.dw_mid(y), self.n_mid, self.eps_mid)
-            y = self.act_mid(y) if self.act_mid is not None else y
-        y = _rms(F.linear(y, self.pw_proj), self.n_proj, self.eps_proj)
-        return y.add_(x) if self.has_skip else y
+            y = _rms(self.dw_mid(y), self.n_mid, self.eps_mid, self.act_mid)
+        return _rms(F.linear(y, self.pw_proj), self.n_proj, self.eps_proj, residual=x if self.has_skip else None)
 
 
 class _MobileMQA(nn.Module):
@@ -592,7 +580,7 @@ class _MSFA(nn.Module):
         self.pw_exp = nn.ParameterList([_param(ld.out(c)) for c in chunks])
         self.n_exp = None if n_exp is None else _param(ld.out(n_exp))
         self.eps_exp = bn.eps
-        self.act = _act_fn(getattr(bn, "act", nn.Identity()), "msfa.ffn")
+        self.act = _act_name(getattr(bn, "act", nn.Identity()), "msfa.ffn")
         w_proj, n_proj, bn_proj = _conv_norm(ld, "msfa.ffn.pw_proj", ffn.pw_proj)
         self.pw_proj = _param(ld.out(w_proj.flatten(1)))
         n = _mul(n_proj, _layer_scale(ld, "msfa.ffn", ffn))
@@ -619,8 +607,7 @@ class _MSFA(nn.Module):
                 z = F.interpolate(z.permute(0, 3, 1, 2), size=(H, W), mode="nearest").permute(0, 2, 3, 1)
             y = z if y is None else y + z
         assert y is not None
-        y = _rms(y, self.n_exp, self.eps_exp)
-        y = self.act(y) if self.act is not None else y
+        y = _rms(y, self.n_exp, self.eps_exp, self.act)
         y = _rms(F.linear(y, self.pw_proj), self.n_proj, self.eps_proj)
         R0, R1 = self.out_res
         if (H, W) != (R0, R1):
@@ -678,8 +665,11 @@ class VisionTower(nn.Module):
     The output is exactly what transformers' `get_image_features` passes to
     `embed_vision(inputs_embeds=...)`: `timm forward_features` [N, C, R, R] -> reshape [N, C, R*R] ->
     permute [N, R*R, C] (token k = row k // R, column k % R) -> `*= vision_config.hidden_size ** 0.5`.
-    Computes in `placement.choose_compute_dtype` (fp32 on a CPU for half-precision weights: no fast
-    bf16 GEMM on AVX2); the output is cast to `dtype`."""
+    Computes in `hardware.tower_compute_dtype`: for half-precision weights on a CPU, bf16 where the
+    CPU has bf16 units (AVX512-BF16, AMX: there the convolutions and 1x1 GEMMs run several times
+    faster than in fp32; the norms take their statistics in fp32, as timm does), fp32 elsewhere;
+    the output is cast to `dtype`. Each norm, its activation and the block's residual add are one
+    pass over the activations (`fused.norm_act`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -692,12 +682,16 @@ class VisionTower(nn.Module):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | str | None = None,
     ) -> VisionTower:
-        """`sd`: the checkpoint's `model.vision_tower.*` tensors with that prefix stripped."""
+        """`sd`: the checkpoint's `model.vision_tower.*` tensors with that prefix stripped;
+        `compute_dtype` overrides the policy (e.g. fp32 to reproduce the reference's fp32 path)."""
         skeleton = _build_timm_skeleton(vision_config)
         _check_coverage(sd, skeleton)
         device = torch.device(device)
-        compute = choose_compute_dtype(device, dtype)  # fp32 on a CPU for half-precision weights
+        if device.type == "cpu":
+            kernels.get(build=False)  # the fused norm epilogues, if this machine has built the kernels
+        compute = tower_compute_dtype(device, dtype, compute_dtype)
         ld = _Loader(sd, device, compute)
         hidden = int(vision_config.get("hidden_size", 2048))
         if skeleton.msfa is None or skeleton.msfa.out_channels != hidden:
@@ -706,6 +700,7 @@ class VisionTower(nn.Module):
 
         self = cls()
         self.dtype, self.compute_dtype, self.hidden_size = dtype, compute, hidden
+        self.gemm_dtype = compute  # every conv and 1x1 conv runs in the activations' dtype
         self.stem = _ConvNormAct(ld, "conv_stem", skeleton.conv_stem)
         blocks: list[nn.Module] = []
         for si, stage in enumerate(skeleton.blocks):
