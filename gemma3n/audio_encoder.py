@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused, kernels, layers
 from .checkpoint import check_coverage
 from .errors import ConfigError
 from .hardware import choose_compute_dtype
@@ -65,10 +66,27 @@ class AudioEncoderConfig:
         return math.prod(s[0] for s in self.sscp_conv_stride_size)
 
 
-def _clip(x: torch.Tensor, limit: float) -> torch.Tensor:
+def _limit(x: torch.Tensor, limit: float) -> float:
     # `gradient_clipping` (1e10) is a no-op in fp32/bf16; in fp16 HF caps it at the dtype max.
-    limit = min(limit, torch.finfo(x.dtype).max)
-    return x.clamp(-limit, limit)
+    return min(limit, torch.finfo(x.dtype).max)
+
+
+def _norm(
+    x: torch.Tensor,
+    norm: RMSNorm,
+    *,
+    clip: float | None = None,
+    act: str | None = None,
+    residual: torch.Tensor | None = None,
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """act(norm(clamp(x, ±clip))) · scale + residual in one pass over the rows (`fused.norm_act`),
+    written in `out_dtype`: the dtype of the matmul it feeds, or of the residual stream."""
+    limit = None if clip is None else _limit(x, clip)
+    return fused.norm_act(
+        x, norm.weight, norm.eps, act=act, clip=limit, residual=residual, scale=scale, out_dtype=out_dtype
+    )
 
 
 class CumulativeGroupNorm(nn.Module):
@@ -160,10 +178,12 @@ class FeedForward(nn.Module):
         self.ffw_layer_2 = Linear(4 * d, d, bias=False)
         self.post_layer_norm = RMSNorm(d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.pre_layer_norm(_clip(x, self.clip))
+    def forward(self, x: torch.Tensor, gemm: torch.dtype) -> torch.Tensor:
+        # the normed input goes to ffw_layer_1 in the matmul's dtype and its output stays in it
+        # (a bf16 GEMM rounds its output to bf16 either way)
+        h = _norm(x, self.pre_layer_norm, clip=self.clip, out_dtype=gemm)
         h = self.ffw_layer_2(F.silu(self.ffw_layer_1(h)))
-        return x + self.post_layer_norm(_clip(h, self.clip)) * self.residual_weight
+        return _norm(h, self.post_layer_norm, clip=self.clip, residual=x, scale=self.residual_weight, out_dtype=x.dtype)
 
 
 class RelativePositionEmbedding(nn.Module):
@@ -214,14 +234,17 @@ class LocalRelPosAttention(nn.Module):
         self.v_proj = Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """x: the normed input, in the projections' matmul dtype; the attention itself runs in
+        the activations' dtype (`ctx.dtype`): logits near the cap need more than bf16's 8 bits."""
         b, t, d = x.shape
         n, hd, w, c, u = self.num_heads, self.head_dim, ctx.chunk, ctx.context, ctx.num_blocks
-        q = self.q_proj(x) * self.q_scale * F.softplus(self.per_dim_scale.to(x.dtype)).repeat(n)
+        dt = ctx.dtype
+        q = self.q_proj(x).to(dt) * self.q_scale * F.softplus(self.per_dim_scale.to(dt)).repeat(n)
         q = F.pad(q, (0, 0, 0, u * w - t)).view(b, u, w, n, hd).permute(0, 3, 1, 2, 4)  # [B,N,U,W,D]
-        k = ctx.blocks(self.k_proj(x)).view(b, u, n, hd, c).transpose(1, 2)  # [B,N,U,D,C]
-        v = ctx.blocks(self.v_proj(x)).view(b, u, n, hd, c).permute(0, 2, 1, 4, 3)  # [B,N,U,C,D]
+        k = ctx.blocks(self.k_proj(x).to(dt)).view(b, u, n, hd, c).transpose(1, 2)  # [B,N,U,D,C]
+        v = ctx.blocks(self.v_proj(x).to(dt)).view(b, u, n, hd, c).permute(0, 2, 1, 4, 3)  # [B,N,U,C,D]
 
-        pos = self.relative_position_embedding.pos_proj(ctx.timing.to(x.dtype))  # [F, N*D]
+        pos = self.relative_position_embedding.pos_proj(ctx.timing.to(dt))  # [F, N*D]
         pos = pos.view(-1, n, hd).permute(1, 2, 0)  # [N, D, F]
         bd = torch.matmul(q.reshape(b, n, u * w, hd), pos).view(b, n, u, w, -1)
         logits = torch.matmul(q, k) + relative_shift(bd, c)  # [B,N,U,W,C]
@@ -243,8 +266,9 @@ class ConformerAttention(nn.Module):
         self.post_norm = RMSNorm(d)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        h = self.attn(self.pre_attn_norm(_clip(x, self.clip)), ctx)
-        return x + self.post_norm(_clip(self.post(h), self.clip))  # residual is the unclamped x
+        h = self.attn(_norm(x, self.pre_attn_norm, clip=self.clip, out_dtype=ctx.gemm_dtype), ctx)
+        h = self.post(h.to(ctx.gemm_dtype))
+        return _norm(h, self.post_norm, clip=self.clip, residual=x, out_dtype=x.dtype)  # residual: the unclamped x
 
 
 class LightConv1d(nn.Module):
@@ -260,13 +284,14 @@ class LightConv1d(nn.Module):
         self.conv_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.linear_end = Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.glu(self.linear_start(self.pre_layer_norm(x)), dim=-1)
+    def forward(self, x: torch.Tensor, gemm: torch.dtype) -> torch.Tensor:
+        h = self.linear_start(_norm(x, self.pre_layer_norm, out_dtype=gemm))
+        h = F.glu(h.to(x.dtype), dim=-1)  # the gate and the conv in the activations' dtype
         conv = self.depthwise_conv1d
         h = F.pad(h.transpose(1, 2), (conv.kernel_size[0] - 1, 0))  # causal: left pad only
         h = F.conv1d(h, conv.weight.to(h.dtype), groups=conv.groups).transpose(1, 2)
-        h = self.linear_end(F.silu(self.conv_norm(_clip(h, self.clip))))
-        return h + x
+        h = self.linear_end(_norm(h, self.conv_norm, clip=self.clip, act="silu", out_dtype=gemm))
+        return x + h
 
 
 class ConformerBlock(nn.Module):
@@ -280,15 +305,17 @@ class ConformerBlock(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = self.attention(self.ffw_layer_start(x), ctx)
-        x = self.lconv1d(x * ctx.step_valid)  # padded steps are zeroed before the conv (and its residual)
-        return self.norm(_clip(self.ffw_layer_end(x), self.clip))
+        x = self.attention(self.ffw_layer_start(x, ctx.gemm_dtype), ctx)
+        # padded steps are zeroed before the conv (and its residual)
+        x = self.lconv1d(x * ctx.step_valid, ctx.gemm_dtype)
+        return _norm(self.ffw_layer_end(x, ctx.gemm_dtype), self.norm, clip=self.clip)
 
 
 class AttentionContext:
     """Per-forward constants shared by all conformer layers: block windows, masks, timing signal."""
 
-    def __init__(self, cfg: AudioEncoderConfig, padding: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, cfg: AudioEncoderConfig, padding: torch.Tensor, dtype: torch.dtype, gemm_dtype: torch.dtype):
+        self.dtype, self.gemm_dtype = dtype, gemm_dtype  # the activations'; the inputs of the projections
         self.chunk = cfg.conf_attention_chunk_size
         self.past = max(0, cfg.conf_attention_context_left - 1)
         self.future = cfg.conf_attention_context_right
@@ -346,8 +373,19 @@ class AudioEncoder(nn.Module):
         weights = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
         model.load_state_dict(weights, assign=True)
         weight = next(model.parameters())
+        if weight.device.type == "cpu":
+            kernels.get(build=False)  # the fused norm epilogues, if this machine has built the kernels
         model.compute_dtype = choose_compute_dtype(weight.device, weight.dtype, compute_dtype)
         return model.eval().requires_grad_(False)
+
+    @property
+    def gemm_dtype(self) -> torch.dtype:
+        """The dtype the linear layers multiply in (`layers.matmul`'s choice for these weights);
+        the norms before them write their output in it, so that no cast runs in between."""
+        if self.compute_dtype != torch.float32:
+            return self.compute_dtype
+        w = self.subsample_conv_projection.input_proj_linear.weight
+        return layers.gemm_dtype(w.device, w.dtype)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [N, T, n_mels], mask [N, T] bool (True = valid frame, as the extractor returns).
@@ -360,7 +398,7 @@ class AudioEncoder(nn.Module):
         # each step takes the mask of the first mel frame of its receptive field (§B.2)
         idx = (torch.arange(x.shape[1], device=mask.device) * cfg.time_stride).clamp(max=mask.shape[1] - 1)
         padding = ~mask[:, idx].bool()
-        ctx = AttentionContext(cfg, padding, x.dtype)
+        ctx = AttentionContext(cfg, padding, x.dtype, self.gemm_dtype)
         for block in self.conformer:
             x = block(x, ctx)
         r = cfg.conf_reduction_factor
