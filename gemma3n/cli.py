@@ -9,6 +9,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from .checkpoint import open_checkpoint
 from .config import read_json_file
 from .errors import Gemma3nError, InputError
 from .export import export_slice, quantize_checkpoint
-from .generate import check_max_tokens, sampling_params
+from .generate import TextPiece, check_max_tokens, sampling_params
 from .info import describe, hardware_lines, list_sizes
 from .matformer import SIZES_FILE, parse_ffn, parse_skip
 from .model import default_model_path, load
@@ -114,10 +115,10 @@ def _load(a: argparse.Namespace):
     return model
 
 
-def _print_stream(pieces, verbose: bool) -> None:
+def _print_stream(pieces: Iterator[TextPiece], verbose: bool) -> None:
     last = None
     for piece in pieces:
-        sys.stdout.write(piece)
+        sys.stdout.write(piece.text)
         sys.stdout.flush()
         last = piece
     sys.stdout.write("\n")
@@ -256,7 +257,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
         reply = []
         last = None
         for piece in model.stream(messages=history, prompt_cache=conversation, **_sampling_kwargs(a)):
-            sys.stdout.write(piece)
+            sys.stdout.write(piece.text)
             sys.stdout.flush()
             reply.append(str(piece))
             last = piece

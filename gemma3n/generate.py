@@ -403,25 +403,23 @@ def check_logits(logits: torch.Tensor, step: int | None = None) -> None:
         )
 
 
-class TextPiece(str):
-    """A piece of generated text; the last piece of a stream carries `finish_reason`."""
+@dataclass
+class TextPiece:
+    """A piece of generated text (`str(piece)` is the text); the last piece of a continuation
+    carries `finish_reason` and `stats`."""
 
+    text: str
+    token_ids: list[int] = field(default_factory=list)  # the tokens this text came from
     finish_reason: str | None = None
-    token_ids: list[int]
     logprobs: list | None = None  # TokenLogprob of each of token_ids, when asked for
-    choice: int = 0  # which of n continuations it belongs to (str.index is a method)
+    choice: int = 0  # which of n continuations it belongs to
     prompt_logprobs: list | None = None  # on a continuation's first piece, when asked for
     prompt_tokens: int = 0
     generated_tokens: int = 0
     stats: dict | None = None
 
-    @classmethod
-    def make(cls, text: str, **attrs) -> TextPiece:
-        piece = cls(text)
-        piece.token_ids = []
-        for k, v in attrs.items():
-            setattr(piece, k, v)
-        return piece
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass
@@ -454,7 +452,7 @@ class TextStream:
         self.done = self.by_string = False
 
     def _piece(self, upto: int, **attrs) -> TextPiece:
-        return TextPiece.make(
+        return TextPiece(
             self.text[self.emitted : upto],
             token_ids=list(self.ids),
             prompt_tokens=self.stats.prompt_tokens,

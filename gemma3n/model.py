@@ -335,7 +335,7 @@ class Model:
             result.token_ids.extend(piece.token_ids)
             if piece.logprobs is not None:
                 result.logprobs = (result.logprobs or []) + piece.logprobs
-            result.prompt_logprobs = getattr(piece, "prompt_logprobs", None) or result.prompt_logprobs
+            result.prompt_logprobs = piece.prompt_logprobs or result.prompt_logprobs
             if piece.finish_reason is not None:
                 result.finish_reason, result.prompt_tokens = piece.finish_reason, piece.prompt_tokens
                 result.stats = piece.stats or {}

@@ -57,7 +57,7 @@ def test_streaming_detokenizer_never_breaks_characters(model):
     ids = model.tokenizer.encode(text)
     detok = StreamingDetokenizer(model.tokenizer)
     pieces = [detok.add(t) for t in ids] + [detok.flush()]
-    assert "".join(pieces) == text
+    assert "".join(map(str, pieces)) == text
     assert not any("\ufffd" in p for p in pieces)
     assert len([p for p in pieces if p]) > 5  # it really streamed
 
@@ -66,7 +66,7 @@ def test_stream_pieces_and_result_agree(model):
     kw = dict(max_tokens=12, seed=7, temperature=0.8)
     pieces = list(model.stream("The sky", **kw))
     result = model.generate("The sky", **kw)
-    assert "".join(pieces) == result.text
+    assert "".join(map(str, pieces)) == result.text
     assert all(p.finish_reason is None for p in pieces[:-1]) and pieces[-1].finish_reason == result.finish_reason
     assert sum(len(p.token_ids) for p in pieces) == len(result.token_ids)
     assert pieces[-1].stats["prompt_tokens"] == result.prompt_tokens > 0
@@ -88,7 +88,7 @@ def test_finish_reasons_and_stop_strings(model):
     stop = full[5:8]
     cut = model.generate("Once", max_tokens=20, temperature=0, stop=[stop, "zzzz-never"])
     assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
-    streamed = "".join(model.stream("Once", max_tokens=20, temperature=0, stop=stop))
+    streamed = "".join(map(str, model.stream("Once", max_tokens=20, temperature=0, stop=stop)))
     assert streamed == cut.text
 
 

@@ -19,15 +19,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from gemma3n.errors import InputError  # noqa: E402
+from gemma3n.generate import TextPiece  # noqa: E402
 from gemma3n.server import BackgroundServer, create_app  # noqa: E402
 
 KEY = "sk-test-key"
-
-
-class Piece(str):
-    finish_reason: str | None = None
-    prompt_tokens = 0
-    generated_tokens = 0
 
 
 class FakeModel:
@@ -76,7 +71,7 @@ class FakeModel:
                     time.sleep(0.05)
                 if "fail-midway" in text and i == 1:
                     raise RuntimeError("the fake broke down")
-                p = Piece(piece)
+                p = TextPiece(piece)
                 p.prompt_tokens, p.generated_tokens = len(words), i + 1
                 if reason == "stop" or i == max_tokens - 1:
                     p.finish_reason = reason

@@ -104,7 +104,7 @@ def test_quantized_target_and_a_quantized_draft_model(model, passage):
 def test_stop_strings_streaming_and_n(model, passage):
     base = list(model.stream(passage, max_tokens=80, temperature=0, stop=" LORD"))
     pieces = list(model.stream(passage, max_tokens=80, temperature=0, stop=" LORD", draft="E2B-like", draft_k=6))
-    assert "".join(pieces) == "".join(base) and pieces[-1].finish_reason == base[-1].finish_reason
+    assert "".join(map(str, pieces)) == "".join(map(str, base)) and pieces[-1].finish_reason == base[-1].finish_reason
     assert pieces[-1].stats["verifications"] > 0
     results = model.generate(passage, max_tokens=24, temperature=0, n=2, draft="ngram", draft_k=3)
     assert [r.token_ids for r in results] == [_greedy(model, passage, max_tokens=24).token_ids] * 2

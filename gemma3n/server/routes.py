@@ -325,7 +325,7 @@ def _generation(
             # closed here however the consumer stops: generation ends, the cache goes back
             with closing(model.stream(**given, **kwargs, prompt_cache=prompt_cache)) as pieces:
                 for piece in pieces:
-                    yield number * n + getattr(piece, "choice", 0), number, piece
+                    yield number * n + piece.choice, number, piece
 
     return work
 

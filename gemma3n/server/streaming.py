@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
+from gemma3n.generate import TextPiece
 from gemma3n.tools import CallDelta, CallStreamer
 
 from .engine import _END, _Job
@@ -85,16 +86,16 @@ class Choice:
         self.completion_tokens = 0
         self.started = False
 
-    def add(self, piece: Any) -> list[dict[str, Any]]:
+    def add(self, piece: TextPiece) -> list[dict[str, Any]]:
         out = []
-        prompt = getattr(piece, "prompt_logprobs", None)
+        prompt = piece.prompt_logprobs
         if prompt is not None:  # echo: the prompt first, as its own text
             text = b"".join(e.bytes for e in prompt).decode("utf-8", "replace")
             out.append(self._text_chunk(text, prompt))
-        self.completion_tokens = getattr(piece, "generated_tokens", None) or self.completion_tokens
-        self._pending += getattr(piece, "logprobs", None) or []
-        parts = list(self.calls.feed(str(piece))) if self.calls else [str(piece)]
-        if getattr(piece, "finish_reason", None) is not None:
+        self.completion_tokens = piece.generated_tokens or self.completion_tokens
+        self._pending += piece.logprobs or []
+        parts = list(self.calls.feed(piece.text)) if self.calls else [piece.text]
+        if piece.finish_reason is not None:
             self.finish_reason = piece.finish_reason
             if self.calls:
                 parts += list(self.calls.finish())
@@ -170,11 +171,10 @@ class Tally:
         self.prompt_tokens: dict[int, int] = {}
         self.cached_tokens: dict[int, int] = {}
 
-    def add(self, prompt_no: int, piece: Any) -> None:
-        self.prompt_tokens[prompt_no] = getattr(piece, "prompt_tokens", None) or self.prompt_tokens.get(prompt_no, 0)
-        stats = getattr(piece, "stats", None)
-        if stats:
-            self.cached_tokens[prompt_no] = stats.get("cached_prompt_tokens", 0)
+    def add(self, prompt_no: int, piece: TextPiece) -> None:
+        self.prompt_tokens[prompt_no] = piece.prompt_tokens or self.prompt_tokens.get(prompt_no, 0)
+        if piece.stats:
+            self.cached_tokens[prompt_no] = piece.stats.get("cached_prompt_tokens", 0)
 
     def usage(self, choices: dict[int, Choice]) -> dict[str, Any]:
         completion = sum(c.completion_tokens for c in choices.values())
