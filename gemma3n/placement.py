@@ -52,13 +52,17 @@ def load_text_decoder(
 ) -> TextDecoder:
     """Build the decoder on the meta device, check coverage strictly, then assign mapped tensors.
     Quantization (a stored scheme, or `quantize` at load) swaps modules first (quantize.py)."""
-    cfg = ckpt.config.text
-    with torch.device("meta"):
-        decoder = TextDecoder(cfg)
-    prefix = ckpt.text_prefix
+    cfg, prefix = ckpt.config.text, ckpt.text_prefix
     qc, stored = q.resolve(ckpt, quantize, device)
+    quantized_ple = q.ple_table(ckpt, prefix, qc) if stored else None
+    ple = quantized_ple
+    if ple is None and prefix + PLE_TABLE in ckpt:
+        ple = ckpt.tensor(prefix + PLE_TABLE)  # host, mapped (its absence is reported below)
+    norm = prefix + "norm.weight"  # norms are never quantized: the stored dtype
+    weight_dtype = dtype or (ckpt.dtype(norm) if norm in ckpt else torch.float32)
+    with torch.device("meta"):
+        decoder = TextDecoder(cfg, ple, choose_compute_dtype(device, weight_dtype, compute_dtype))
     covered = q.install(decoder, ckpt, qc, stored, prefix) if qc is not None else set()
-    ple = q.ple_table(ckpt, prefix, qc) if stored else None
     expected = {n: tuple(t.shape) for n, t in decoder.state_dict().items()}
     expected[PLE_TABLE] = (
         cfg.vocab_size_per_layer_input,
@@ -73,7 +77,7 @@ def load_text_decoder(
         for w in ("k_proj", "v_proj", "k_norm")
     }
     unused |= covered | (set(q.stored_names(ckpt, prefix)) if stored else set())
-    if ple is not None:
+    if quantized_ple is not None:
         del expected[PLE_TABLE]
     check_coverage(expected, found, where=str(ckpt.path), ignore_unexpected=unused)
     if "lm_head.weight" in ckpt and not cfg.tie_word_embeddings:
@@ -88,8 +92,6 @@ def load_text_decoder(
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
     decoder.load_state_dict(state, strict=True, assign=True)
     decoder.requires_grad_(False)
-    decoder.embed_tokens_per_layer = ple if ple is not None else ckpt.tensor(prefix + PLE_TABLE)  # host, mapped
-    decoder.compute_dtype = choose_compute_dtype(device, decoder.dtype, compute_dtype)
     if device.type == "cpu":
         kernels.get(build=True, notify=_notice)  # decode products and the fused step (built once per machine)
         make_resident(decoder)

@@ -167,7 +167,12 @@ def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
 class Laurel(nn.Module):
     """LAuReL, learned augmented residual of rank r (docs/text-decoder.md#laurel): x + norm(R(L(x)))."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(
+        self, cfg: TextConfig, ple_table: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        """`ple_table`: the per-layer embeddings [Vp, L*P], kept on the host (memory-mapped by the
+        loader; None only while training or testing pieces); `compute_dtype`: the activations'
+        dtype (None: the weights'), chosen by the loader's policy (hardware.py)."""
         super().__init__()
         self.linear_left = Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
         self.linear_right = Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
@@ -180,7 +185,12 @@ class Laurel(nn.Module):
 class AltUp(nn.Module):
     """Alternating updates over N streams (docs/text-decoder.md#altup): predict before a layer, correct after it."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(
+        self, cfg: TextConfig, ple_table: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        """`ple_table`: the per-layer embeddings [Vp, L*P], kept on the host (memory-mapped by the
+        loader; None only while training or testing pieces); `compute_dtype`: the activations'
+        dtype (None: the weights'), chosen by the loader's policy (hardware.py)."""
         super().__init__()
         n = cfg.altup_num_inputs
         self.n = n
@@ -289,7 +299,12 @@ class DecoderLayer(nn.Module):
 class TextDecoder(nn.Module):
     """Embeddings -> AltUp expand -> layers of the plan -> AltUp collapse -> norm -> logits."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(
+        self, cfg: TextConfig, ple_table: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        """`ple_table`: the per-layer embeddings [Vp, L*P], kept on the host (memory-mapped by the
+        loader; None only while training or testing pieces); `compute_dtype`: the activations'
+        dtype (None: the weights'), chosen by the loader's policy (hardware.py)."""
         super().__init__()
         self.config = cfg
         d, p, n_layers = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
@@ -302,10 +317,8 @@ class TextDecoder(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(n_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        # Host-resident, memory-mapped [Vp, L*P] table; set by the loader (placement.py).
-        self.embed_tokens_per_layer: torch.Tensor | None = None
-        # Activations' dtype; weights stay as stored. placement.py decides (see its policy).
-        self.compute_dtype: torch.dtype | None = None
+        self.embed_tokens_per_layer = ple_table  # a plain attribute: never a parameter, never moved
+        self.compute_dtype = compute_dtype  # weights stay as stored
 
     @property
     def dtype(self) -> torch.dtype:
