@@ -73,3 +73,24 @@ def test_bf16_towers_follow_the_policy_and_stay_close_to_fp32(mm_checkpoint):
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
         max_rel, min_cos = limits[kind]
         assert rel < max_rel and cos > min_cos, (kind, rel, cos)
+
+
+def test_frames_go_through_the_tower_in_batches(mm_checkpoint, monkeypatch):
+    """Images beyond VISION_BATCH are encoded in several calls, with the same soft tokens."""
+    from gemma3n import multimodal
+
+    _, _, path = mm_checkpoint
+    model = gemma3n.load(path)
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)) for _ in range(3)]
+    messages = [
+        {"role": "user", "content": [*({"type": "image", "image": f} for f in frames), {"type": "text", "text": "?"}]}
+    ]
+    _, whole = model.prepare(messages=messages)
+    calls = []
+    tower = model.towers.vision_tower()
+    monkeypatch.setattr(multimodal, "VISION_BATCH", 2)
+    monkeypatch.setattr(tower, "forward", lambda x, f=tower.forward: calls.append(x.shape[0]) or f(x))
+    _, batched = model.prepare(messages=messages)
+    assert calls == [2, 1]
+    torch.testing.assert_close(batched, whole, rtol=1e-5, atol=1e-5)
