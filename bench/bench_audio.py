@@ -1,13 +1,17 @@
-"""Real-time factor of audio feature extraction + the audio tower on CPU: ours vs transformers.
+"""Real-time factor of the USM audio encoder on CPU: ours vs transformers in fp32 and in bf16.
 
-Real E2B/E4B audio shapes (hidden 1536, 12 conformer layers, 681M parameters), random weights,
-fp32. The tower is GEMM-bound (~34 GFLOP per second of audio), so the table also shows the
-ceiling this CPU allows right now: RTF if every FLOP ran at the measured fp32 GEMM rate.
-Both towers run on the very same weight tensors (ours loads HF's state dict without a copy),
-so the outputs are compared too. RTF = seconds of audio / seconds of wall time.
+Real E2B/E4B audio shapes (hidden 1536, 12 conformer layers, 681M parameters), random weights
+rounded to bf16 as a checkpoint stores them. Ours is `AudioEncoder` built from those bf16 tensors
+with the compute policy of this CPU (what `gemma3n.load` of a bf16 checkpoint gives: fp32
+activations, matmuls in `hardware.gemm_dtype`); transformers' `Gemma3nAudioEncoder` runs the
+same values in fp32 and in bf16. The encoder alone is timed (mel features made beforehand;
+their cost is reported apart). Calls alternate between the engines so that all see the same
+load on a shared machine; best and median of `--repeats`. RTF = seconds of audio / seconds of
+encoder time. GFLOP/s uses torch's flop counter (matmuls, convolutions); "of GEMM" compares it
+with this CPU's measured GEMM rate in the dtype the engine multiplies in.
 
-    python bench/bench_audio.py                  # 10 s and 30 s clips
-    python bench/bench_audio.py --layers 2 --repeats 1   # quick smoke run
+    python bench/bench_audio.py --threads 2                 # 10 s and 30 s clips
+    python bench/bench_audio.py --layers 2 --repeats 1      # quick smoke run
 """
 
 from __future__ import annotations
@@ -17,169 +21,95 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine_info, peak_rss_gb, print_table, write_json  # noqa: E402
-from gemma3n.audio import AudioEncoder, AudioFeatureExtractor  # noqa: E402
-
-
-def synthetic_speechlike(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
-    """Amplitude-modulated harmonics plus noise: stands in for speech, values do not affect timing."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.5 * t)
-    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / sr) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
-    return (0.1 * envelope * voiced + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
-
-
-def encoder_gflop(model: AudioEncoder, frames: int) -> float:
-    """Multiply-adds x 2 of one clip: SSCP convs + every linear at its sequence length."""
-    cfg, sscp = model.config, model.subsample_conv_projection
-    t1 = -(-frames // 2)
-    t2 = -(-t1 // 2)
-    f1 = (cfg.input_feat_size + 2 - 3) // 2 + 1
-    f2 = (f1 + 2 - 3) // 2 + 1
-    conv = t1 * f1 * sscp.conv_0.conv.weight.numel() + t2 * f2 * sscp.conv_1.conv.weight.numel()
-    linear = sum(m.weight.numel() for m in model.conformer.modules() if isinstance(m, torch.nn.Linear))
-    return 2 * (conv + t2 * (linear + sscp.input_proj_linear.weight.numel())) / 1e9
-
-
-def gemm_gflops(rows: int, d: int, repeats: int = 3) -> float:
-    """fp32 throughput of the encoder's dominant GEMM shape right now (the compute ceiling)."""
-    x, w = torch.randn(rows, d), torch.randn(4 * d, d)
-    torch.nn.functional.linear(x, w)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - t)
-    return 2 * rows * d * 4 * d / best / 1e9
-
-
-def timed_pair(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
-    """Best wall and CPU time of each fn over `repeats` runs after one warm-up, alternating between
-    them so that both see the same load on a shared machine. CPU time (all threads) is the fairer
-    comparison when other work competes for the cores. Returns (wall s, cpu s, last outputs)."""
-    outs = {k: fn() for k, fn in fns.items()}
-    wall = dict.fromkeys(fns, float("inf"))
-    cpu = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            outs[k] = fn()
-            wall[k] = min(wall[k], time.perf_counter() - t)
-            cpu[k] = min(cpu[k], time.process_time() - c)
-    return wall, cpu, outs
+from bench.profile_towers import block_flops  # noqa: E402
+from bench.towers import hf_audio, hf_in, load_note, ours_audio, rel_err, speechlike, timed  # noqa: E402
+from gemma3n import kernels  # noqa: E402
+from gemma3n.audio import AudioFeatureExtractor  # noqa: E402
+from gemma3n.hardware import cpu_info, measure  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, nargs="+", default=[10.0, 30.0])
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (best is kept)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", default="10,30", help="clip lengths (s), comma-separated")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per engine and clip (after 1 warm-up)")
     ap.add_argument("--layers", type=int, default=12, help="conformer layers (12 = real; fewer for a smoke run)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--engines", default="ours,hf-bf16,hf-fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    engines = args.engines.split(",")
+    kernels.get(build=False)  # the fused epilogues, as `gemma3n.load` would have them
+    info, probe = cpu_info(), measure()
+    print(f"{info.model} ({', '.join(info.notable())}); GEMM fp32 {probe.fp32_gflops:.0f}, "
+          f"bf16 {probe.bf16_gflops:.0f} GFLOP/s; {args.threads} threads; {load_note()}")
 
-    from transformers import Gemma3nAudioConfig, Gemma3nAudioFeatureExtractor
-    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioEncoder
+    from transformers import Gemma3nAudioFeatureExtractor
 
-    torch.manual_seed(0)
-    config = Gemma3nAudioConfig(conf_num_hidden_layers=args.layers)
-    t = time.perf_counter()
-    hf = Gemma3nAudioEncoder(config).eval()
-    ours = AudioEncoder.from_state_dict(hf.state_dict(), config.to_dict())  # shares HF's tensors
-    n_params = sum(p.numel() for p in ours.parameters())
-    build_s = time.perf_counter() - t
-    print(f"built a {n_params / 1e6:.1f}M-parameter audio tower ({args.layers} layers) in {build_s:.1f}s")
-    hf_fe, our_fe = Gemma3nAudioFeatureExtractor(), AudioFeatureExtractor()
+    hf, cfg = hf_audio(args.layers)
+    t0 = time.perf_counter()
+    ours = ours_audio(hf, cfg)
+    build_s = time.perf_counter() - t0
+    hf32, hf16 = hf_in(hf, torch.float32), hf_in(hf, torch.bfloat16)
+    del hf
+    rate = {torch.float32: probe.fp32_gflops, torch.bfloat16: probe.bf16_gflops}
+    gemm_of = {"ours": rate[ours.gemm_dtype], "hf-fp32": rate[torch.float32], "hf-bf16": rate[torch.bfloat16]}
+    our_fe, hf_fe = AudioFeatureExtractor(), Gemma3nAudioFeatureExtractor()
 
-    def run_hf(wave):
-        batch = hf_fe([wave], return_tensors="pt")
-        out = hf(batch["input_features"], ~batch["input_features_mask"])
-        return out.last_hidden_state
+    def one_clip(seconds: float) -> list[dict]:
+        wave = speechlike(seconds)
+        fe_best, _, _, _ = timed(
+            {"ours": lambda: our_fe([wave]), "hf": lambda: hf_fe([wave], return_tensors="pt")}, args.repeats
+        )
+        feats, mask = our_fe([wave])
+        ref_in = hf_fe([wave], return_tensors="pt")
+        mel, padded = ref_in["input_features"], ~ref_in["input_features_mask"]
+        fns = {}
+        if "ours" in engines:
+            fns["ours"] = lambda: ours(feats, mask)[0]
+        if "hf-bf16" in engines:
+            fns["hf-bf16"] = lambda: hf16(mel.bfloat16(), padded).last_hidden_state
+        if "hf-fp32" in engines:
+            fns["hf-fp32"] = lambda: hf32(mel, padded).last_hidden_state
+        gflop = block_flops(lambda: ours(feats, mask), {"all": ours}, ours)["all"] / 1e9
+        load = os.getloadavg()[0]
+        best, median, peaks, outs = timed(fns, args.repeats)
+        ref = outs["hf-fp32"] if "hf-fp32" in outs else hf32(mel, padded).last_hidden_state
+        fastest_hf = min((best[k] for k in best if k.startswith("hf")), default=None)
+        print(f"{seconds:g} s ({gflop:.0f} GFLOP): " + ", ".join(f"{k} {best[k]:.2f} s" for k in fns)
+              + f" ({load_note()})", flush=True)
+        return [{
+            "engine": k, "audio_s": seconds, "best_s": best[k], "median_s": median[k],
+            "rtf": seconds / best[k], "rtf_median": seconds / median[k], "gflops": gflop / best[k],
+            "of_gemm": gflop / best[k] / gemm_of[k], "vs_fastest_hf": fastest_hf / best[k] if fastest_hf else None,
+            "features_ms": 1e3 * fe_best["ours" if k == "ours" else "hf"],
+            "rel_err_vs_hf_fp32": rel_err(outs[k], ref), "act_peak_gb": peaks[k], "load": load,
+        } for k in fns]  # fmt: skip
 
-    def run_ours(wave):
-        features, mask = our_fe([wave])
-        return ours(features, mask)[0]
-
-    rows, load_before = [], os.getloadavg()[0]
     with torch.inference_mode():
-        for seconds in args.seconds:
-            wave = synthetic_speechlike(seconds)
-            frames = our_fe.num_frames(len(wave))
-            gflop = encoder_gflop(ours, frames)
-            ceiling = gemm_gflops(-(-frames // 4), config.hidden_size)
-            fe_s, _, _ = timed_pair(
-                {"ours": lambda w=wave: our_fe([w]), "hf": lambda w=wave: hf_fe([w], return_tensors="pt")},
-                args.repeats,
-            )
-            total_s, cpu_s, outs = timed_pair(
-                {"ours": lambda w=wave: run_ours(w), "hf": lambda w=wave: run_hf(w)}, args.repeats
-            )
-            out, ref = outs["ours"], outs["hf"]
-            hf_s = total_s["hf"]
-            rel = ((out - ref).abs().max() / ref.abs().max()).item()
-            for impl, key in (("ours", "ours"), ("transformers", "hf")):
-                total, feat = total_s[key], fe_s[key]
-                rows.append(
-                    {
-                        "impl": impl,
-                        "audio_s": seconds,
-                        "tokens": out.shape[1],
-                        "features_ms": feat * 1e3,
-                        "total_s": total,
-                        "rtf": seconds / total,
-                        "gflops": gflop / total,
-                        "speedup_vs_hf": hf_s / total,
-                        "cpu_s": cpu_s[key],
-                        "cpu_speedup_vs_hf": cpu_s["hf"] / cpu_s[key],
-                        "max_rel_diff": rel,
-                        "rel_diff": f"{rel:.1e}",
-                        "gemm_gflops": ceiling,
-                        "rtf_ceiling": seconds * ceiling / gflop,
-                    }
-                )
-            print(f"{seconds:g}s done ({gflop:.0f} GFLOP per clip, fp32 GEMM at {ceiling:.0f} GFLOP/s)", flush=True)
+        rows = [row for seconds in args.seconds.split(",") for row in one_clip(float(seconds))]
 
     print()
     print_table(
         rows,
-        [
-            ("impl", "impl"),
-            ("audio_s", "audio s"),
-            ("tokens", "tokens"),
-            ("features_ms", "features ms"),
-            ("total_s", "features+encoder s"),
-            ("rtf", "RTF (x real time)"),
-            ("gflops", "GFLOP/s"),
-            ("speedup_vs_hf", "vs HF"),
-            ("cpu_s", "CPU s"),
-            ("cpu_speedup_vs_hf", "vs HF (CPU s)"),
-            ("rel_diff", "max rel diff vs HF"),
-            ("gemm_gflops", "GEMM GFLOP/s now"),
-            ("rtf_ceiling", "RTF ceiling"),
-        ],
-    )
+        [("engine", "engine"), ("audio_s", "audio s"), ("best_s", "best s"), ("median_s", "median s"),
+         ("rtf", "x real time"), ("gflops", "GFLOP/s"), ("of_gemm", "of GEMM rate"),
+         ("vs_fastest_hf", "vs fastest HF"), ("features_ms", "features ms"),
+         ("rel_err_vs_hf_fp32", "max rel err vs HF fp32"), ("act_peak_gb", "activation peak GB"), ("load", "load")],
+    )  # fmt: skip
     path = write_json(
         "bench_audio",
         {
-            "rows": rows,
-            "layers": args.layers,
-            "params": n_params,
-            "threads": args.threads,
-            "dtype": "float32",
-            "peak_rss_gb": peak_rss_gb(),
-            "loadavg_1min": [load_before, os.getloadavg()[0]],  # others' work on a shared machine
-            "machine": machine_info(),
+            "machine": machine_info(), "cpu": info.model, "cpu_flags": info.notable(), "threads": args.threads,
+            "probe": vars(probe), "layers": args.layers, "ours_compute": str(ours.compute_dtype),
+            "ours_gemm": str(ours.gemm_dtype), "native_kernels": kernels.status(), "build_s": build_s,
+            "repeats": args.repeats, "peak_rss_gb": peak_rss_gb(), "loadavg_end": os.getloadavg(), "rows": rows,
         },
-    )
-    load_after = os.getloadavg()[0]
-    print(f"\n1-min load average before/after: {load_before:.1f}/{load_after:.1f} on {os.cpu_count()} CPUs")
+    )  # fmt: skip
     print(f"wrote {path}")
 
 
