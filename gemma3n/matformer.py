@@ -1,6 +1,6 @@
 """MatFormer: Mix-n-Match slice specs, effective parameters, elastic views.
 
-Gemma 3n E4B nests smaller models (shared/reference/matformer.md §1): a sub-model keeps a subset of
+Gemma 3n E4B nests smaller models (docs/matformer.md#what-is-nested): a sub-model keeps a subset of
 the layers and, in each kept layer, a prefix of the FFN (`gate_proj[:w]`, `up_proj[:w]`,
 `down_proj[:, :w]`). A slice is *data*: the official Mix-n-Match table ships in
 `gemma3n/data/mix-n-match-configs.csv` and is parsed at run time.
@@ -11,9 +11,10 @@ the layers and, in each kept layer, a prefix of the FFN (`gate_proj[:w]`, `up_pr
 - `read_declared_sizes()`: the sizes a checkpoint declares for itself in `matformer_sizes.json`
   (`{"sizes": {"NAME": {"ffn": [...], "skip": [...]}}}`), for models the official table (written for
   E4B's 35 layers) does not fit, e.g. the embedded tiny model. Declared names take precedence.
-- `sliced_text_config()`: the config of the sub-model (§2.5). The decoder builds its per-size layer
-  plan from it, and the exporter writes it, so an elastic view equals an exported slice.
-- `effective_params()`: Google's "effective parameters" (§2; text-decoder.md §6.2).
+- `sliced_text_config()`: the config of the sub-model (docs/matformer.md#sliced-config). The decoder
+  builds its per-size layer plan from it, and the exporter writes it, so an elastic view equals an
+  exported slice.
+- `effective_params()`: Google's "effective parameters" (docs/matformer.md#effective-parameters).
 The streamed slice export (`export_slice()`) lives in export.py.
 """
 
@@ -38,7 +39,7 @@ TABLE_FILE = "mix-n-match-configs.csv"
 # A checkpoint's own Mix-n-Match sizes (optional): {"sizes": {"NAME": {"ffn": [...], "skip": [...]}}}.
 SIZES_FILE = "matformer_sizes.json"
 # Gemma 3n trained its FFNs at two granularities, 4x and 8x the hidden size (8192 and 16384 for
-# D=2048, matformer.md §1); any other width is allowed but its quality is unknown.
+# D=2048, docs/matformer.md#what-is-nested); any other width is allowed but its quality is unknown.
 TRAINED_FFN_MULTIPLES = (4, 8)
 
 
@@ -73,7 +74,7 @@ class SliceSpec:
 
 @dataclass(frozen=True)
 class Preset:
-    """One row of the official Mix-n-Match table (matformer.md §3)."""
+    """One row of the official Mix-n-Match table (docs/matformer.md#the-official-table)."""
 
     name: str  # short canonical name: E4B, E2B, E1.96B-layer, E2.49B-block, ...
     table_name: str  # the row's `name` as written in the table
@@ -511,8 +512,8 @@ def _declared_entry(file: Path, name: str, entry: Any, text_config: TextConfig) 
 
 
 def sliced_fields(text_config: TextConfig, spec: SliceSpec) -> dict[str, Any]:
-    """The config fields a slice rewrites (matformer.md §2.5); every per-layer list is filtered
-    by the kept original indices, which also gives the §2.5 sparsity rule (sparse = originally < 10)."""
+    """The config fields a slice rewrites (docs/matformer.md#sliced-config); every per-layer list is
+    filtered by the kept original indices, which also gives the sparsity rule (sparse = originally < 10)."""
     n = text_config.num_hidden_layers
     first_shared = n - text_config.num_kv_shared_layers
     layers = list(spec.layers)
@@ -534,7 +535,8 @@ def sliced_text_config(text_config: TextConfig, spec: SliceSpec | None) -> TextC
 
 def effective_params(text_config: TextConfig) -> int:
     """Text decoder parameters minus the main embedding and the PLE table, counting the stored
-    (unused) K/V weights of shared layers (text-decoder.md §6.2; matches the table's column)."""
+    (unused) K/V weights of shared layers (docs/text-decoder.md#parameter-counts; matches the table's
+    column)."""
     c = text_config
     d, p, n = c.hidden_size, c.hidden_size_per_layer_input, c.num_hidden_layers
     q = c.num_attention_heads * c.head_dim
