@@ -1,11 +1,11 @@
 """Native decode kernels (decode.cpp), compiled once per machine and cached, with a fallback.
 
 Decode multiplies a few activation rows by every weight of the model, so it runs at the speed
-weights stream from memory. PyTorch's own CPU paths for this shape read bf16 at 55-80 % of the
-bandwidth, and its int8 / int4 kernels are compute bound or wrong on some CPUs (an int8 weight
-that is not 16-byte aligned crashes `_weight_int8pack_mm` on AVX-512, K not a multiple of 16
-gives garbage). decode.cpp widens bf16 / int8 / int4 codes in registers and accumulates in fp32,
-with AVX-512 and AVX2 bodies chosen at run time.
+weights stream from memory. PyTorch's own CPU paths for this shape read bf16 well below the
+bandwidth (bench/README.md, "Decode products"), and its int8 / int4 kernels are compute bound
+or wrong on some CPUs (an int8 weight that is not 16-byte aligned crashes `_weight_int8pack_mm`
+on AVX-512, K not a multiple of 16 gives garbage). decode.cpp widens bf16 / int8 / int4 codes in
+registers and accumulates in fp32, with AVX-512 and AVX2 bodies chosen at run time.
 
 Built with `torch.utils.cpp_extension` (a C++ compiler and ninja) the first time it is needed,
 into a cache keyed by the source, torch and Python versions: `scripts/setup.sh` builds it at
