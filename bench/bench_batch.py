@@ -40,7 +40,7 @@ def run(a: argparse.Namespace) -> dict:
     greedy = sampling_params({}, temperature=0.0)
 
     def start(ids: list[int], tag: int) -> Sequence:
-        cache = Cache(plan.config, plan.key)
+        cache = Cache(plan.config, plan.spec)
         logits = prefill(model.decoder, torch.tensor([ids]), cache, plan)
         stats = StepStats()
         text = TextStream(model.tokenizer, stop_ids=set(), stop=None, max_tokens=a.decode + 1, stats=stats)

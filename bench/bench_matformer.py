@@ -112,7 +112,7 @@ def elastic_worker(ckpt: str, sizes: list[Any], prompt: int, decode: int, repeat
 
         rows.append(
             {
-                "size": size if isinstance(size, str) else (plan.key if size else "full"),
+                "size": size if isinstance(size, str) else (plan.spec.name if plan.spec else "full"),
                 "layers": len(plan.layers),
                 "effective_b": effective_params(plan.config) / 1e9,
                 "switch_cold_ms": cold_ms,

@@ -59,7 +59,7 @@ def target_without_fused_step(enabled: bool) -> Iterator[None]:
         yield
         return
     original = gen_mod.fused_step
-    gen_mod.fused_step = lambda decoder, plan: None if plan.key == "full" else original(decoder, plan)
+    gen_mod.fused_step = lambda decoder, plan: None if plan.spec is None else original(decoder, plan)
     try:
         yield
     finally:
@@ -263,7 +263,7 @@ def part_e2b(args: argparse.Namespace) -> dict[str, Any]:
     prompt = torch.arange(100, 100 + args.prompt_tokens).view(1, -1)
 
     def prefilled(p):
-        cache = Cache(p.config, p.key)
+        cache = Cache(p.config, p.spec)
         prefill(decoder, prompt, cache, p)
         return cache
 

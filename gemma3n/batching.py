@@ -192,9 +192,9 @@ class BatchRequest:
         stats = StepStats(start=time.perf_counter())
         reuse = prompt_cache is not None and prompt.inputs_embeds is None
         if reuse:
-            cache, done = prompt_cache.take(plan.config, plan.key, prompt.ids)
+            cache, done = prompt_cache.take(plan.config, plan.spec, prompt.ids)
         else:
-            cache, done = Cache(plan.config, plan.key), 0
+            cache, done = Cache(plan.config, plan.spec), 0
         ids = torch.tensor([prompt.ids], device=decoder.device)
         logits = None
         for a in range(done, len(prompt.ids), slice_tokens):

@@ -15,6 +15,7 @@ import copy
 import torch
 
 from .config import TextConfig
+from .matformer import SliceSpec
 
 # Entries a sliding cache keeps beyond its window, so that a follow-up prompt may rewrite up to
 # this many of the last tokens (a chat template re-rendering the previous reply) and still reuse
@@ -126,8 +127,8 @@ class LayerKV:
 class Cache:
     """The caches of one plan: one `LayerKV` per KV-owning layer (plan indices)."""
 
-    def __init__(self, config: TextConfig, plan_key: str = "full"):
-        self.plan_key = plan_key
+    def __init__(self, config: TextConfig, size: SliceSpec | None = None):
+        self.size = size  # the MatFormer size whose layers these are (None: the full model)
         self.layers: dict[int, LayerKV] = {}
         for j in range(config.num_hidden_layers):
             if config.kv_source(j) is None:
@@ -186,12 +187,12 @@ class PromptCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def take(self, config: TextConfig, plan_key: str, prompt_ids: list[int]) -> tuple[Cache, int]:
+    def take(self, config: TextConfig, size: SliceSpec | None, prompt_ids: list[int]) -> tuple[Cache, int]:
         """A cache to continue from and how many of `prompt_ids` it already holds. The cache is
         the caller's until it gives it back with `keep` (a half-written one must not be reused)."""
         best, common = None, 0
         for i, (cache, ids) in enumerate(self._entries):
-            n = common_prefix(ids, prompt_ids[:-1]) if cache.plan_key == plan_key else 0
+            n = common_prefix(ids, prompt_ids[:-1]) if cache.size == size else 0
             if n > common:
                 best, common = i, n
         if best is not None:
@@ -206,7 +207,7 @@ class PromptCache:
                     return cache, common
         while len(self._entries) >= self.slots:  # make room now: the new cache comes back in `keep`
             del self._entries[0]
-        return Cache(config, plan_key), 0
+        return Cache(config, size), 0
 
     def release(self, prompt_ids: list[int]) -> None:
         """Drop the caches `prompt_ids` continues (a multimodal turn: they won't be reused)."""

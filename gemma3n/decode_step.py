@@ -157,7 +157,7 @@ def build(decoder: TextDecoder, plan: LayerPlan) -> Any:
 def fused_step(decoder: TextDecoder, plan: LayerPlan) -> Any | None:
     """The decoder's Step for `plan`, built once and kept on the decoder (None: not applicable)."""
     steps = decoder.__dict__.setdefault("_fused_steps", {})
-    key = (plan.key, plan.layers, tuple(plan.config.intermediate_size))
+    key = (plan.spec, plan.layers, tuple(plan.config.intermediate_size))
     if key not in steps:
         try:
             steps[key] = build(decoder, plan)

@@ -125,9 +125,9 @@ class ModelDrafter:
         """The prompt through the draft (what the prompt cache does not already hold)."""
         ids, done = self.prompt.ids, 0
         if self.prompt_cache is not None:
-            self.cache, done = self.prompt_cache.take(self.plan.config, self.plan.key, ids)
+            self.cache, done = self.prompt_cache.take(self.plan.config, self.plan.spec, ids)
         else:
-            self.cache = Cache(self.plan.config, self.plan.key)
+            self.cache = Cache(self.plan.config, self.plan.spec)
         embeds = self.prompt.inputs_embeds
         self.logits = prefill(
             self.decoder,

@@ -332,11 +332,11 @@ def prefill_prompt(
     prompt.room(plan.config)
     done = 0
     if prompt.reuses_cache:
-        cache, done = prompt.prompt_cache.take(plan.config, plan.key, prompt.ids)
+        cache, done = prompt.prompt_cache.take(plan.config, plan.spec, prompt.ids)
     else:
         if prompt.prompt_cache is not None:  # nothing to reuse or keep for this prompt
             prompt.prompt_cache.release(prompt.ids)
-        cache = Cache(plan.config, plan.key)
+        cache = Cache(plan.config, plan.spec)
     ids = torch.tensor([prompt.ids[done:]], device=decoder.device)
     stats.start = time.perf_counter()
     logits = prefill(

@@ -30,7 +30,14 @@ from .generate import (
     stream_generate,
 )
 from .logprobs import LogprobRecorder, PromptScorer, TokenTable, check_top_logprobs
-from .matformer import find_declared, fitting_presets, read_declared_sizes, resolve_size, sliced_text_config
+from .matformer import (
+    SliceSpec,
+    find_declared,
+    fitting_presets,
+    read_declared_sizes,
+    resolve_size,
+    sliced_text_config,
+)
 from .multimodal import Towers, merge_embeddings
 from .placement import load_text_decoder, placement_report, resolve_device, resolve_dtype
 from .processing import Processor, PromptInputs
@@ -76,7 +83,7 @@ class Model:
         self.processor = Processor(self.tokenizer, self.config, ckpt.path)
         self.towers = Towers(ckpt, decoder.device, decoder.dtype, self.config.text.hidden_size)
         self.generation_config = _read_generation_config(ckpt.path)
-        self._plans: dict[str, LayerPlan] = {}
+        self._plans: dict[SliceSpec | None, LayerPlan] = {}
         # the sizes the checkpoint declares in matformer_sizes.json ({} if none): {name: {"ffn", "skip"}}
         self.declared_sizes: dict[str, dict] = read_declared_sizes(ckpt.path, self.config.text)
 
@@ -95,16 +102,13 @@ class Model:
     # --- sizes (MatFormer views) ----------------------------------------------------------
     def plan(self, size: Any = None) -> LayerPlan:
         """The layer plan of a size: None = the full model; else a MatFormer view (no copy)."""
-        if size is None:
-            return self._plans.setdefault("full", LayerPlan.full(self.config.text))
-        spec = resolve_size(size, self.config.text, self.declared_sizes)
-        if spec is None:
-            return self.plan(None)
-        key = f"{spec.layers}:{spec.ffn_widths}"  # the same slice by name or by dict: one plan, one cache
-        if key not in self._plans:
-            cfg = sliced_text_config(self.config.text, spec)
-            self._plans[key] = LayerPlan(config=cfg, layers=tuple(spec.layers), key=key)
-        return self._plans[key]
+        spec = None if size is None else resolve_size(size, self.config.text, self.declared_sizes)
+        if spec not in self._plans:  # the same slice by name or by dict is one spec: one plan, one cache
+            full = LayerPlan.full(self.config.text)
+            self._plans[spec] = (
+                full if spec is None else LayerPlan(sliced_text_config(full.config, spec), spec.layers, spec)
+            )
+        return self._plans[spec]
 
     def sizes(self) -> list[str]:
         """Names of the elastic sizes this checkpoint can serve: its declared sizes

@@ -431,7 +431,7 @@ def drafting(model: Any, plan: LayerPlan, draft: Any, draft_k: Any = None, draft
     draft_plan = source.plan(draft)
     if source is model:
         _check_smaller(draft, draft_plan, plan)
-    name = draft if isinstance(draft, str) else draft_plan.key
+    name = draft if isinstance(draft, str) else (draft_plan.spec.name if draft_plan.spec else "full")
     if source is not model:
         name = f"{source.name}" + (f":{name}" if draft is not None else "")
     return Drafting(name, k, source.decoder, draft_plan, source.embed_ids)
@@ -440,7 +440,7 @@ def drafting(model: Any, plan: LayerPlan, draft: Any, draft_k: Any = None, draft
 def _check_smaller(draft: Any, draft_plan: LayerPlan, plan: LayerPlan) -> None:
     """A MatFormer draft must cost less than the size it drafts for, or it only adds work."""
     ours, theirs = effective_params(draft_plan.config), effective_params(plan.config)
-    if draft_plan.key == plan.key or ours >= theirs:
+    if draft_plan.spec == plan.spec or ours >= theirs:
         raise InputError(
             f"draft size {draft!r} ({format_params(ours)} effective parameters) is not smaller than the size "
             f"it drafts for ({format_params(theirs)}); pick a smaller size (model.sizes() lists them) or 'ngram'"

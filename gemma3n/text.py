@@ -21,6 +21,7 @@ from torch import nn
 from .cache import Cache
 from .config import TextConfig
 from .layers import Embedding, Linear, RMSNorm, as_dtype, gelu_tanh
+from .matformer import SliceSpec
 
 # Φ⁻¹(0.95) as transformers computes it in fp32 (docs/text-decoder.md#activation-sparsity); cast per dtype below.
 _ICDF_CACHE: dict[float, float] = {}
@@ -65,7 +66,7 @@ class LayerPlan:
 
     config: TextConfig
     layers: tuple[int, ...]
-    key: str = "full"
+    spec: SliceSpec | None = None  # the size it runs, its identity (caches, batches); None: the full model
 
     @classmethod
     def full(cls, config: TextConfig) -> LayerPlan:

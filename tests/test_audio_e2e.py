@@ -79,7 +79,7 @@ def test_decoding_a_media_range_id_uses_its_hard_embedding(checkpoint):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([[*prompt, media_id]])).logits[0, -1]
     plan = model.plan()
-    cache = Cache(plan.config, plan.key)
+    cache = Cache(plan.config, plan.spec)
     prefill(model.decoder, torch.tensor([prompt]), cache, plan)
     ours = decode_one(model.decoder, media_id, cache, plan, model.embed_ids)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4

@@ -24,7 +24,7 @@ def _decode_both(model, prompt: list[int], steps: int, size=None, feed: list[int
     assert fused_step(model.decoder, plan) is not None, "the fused step should apply here"
     runs = {}
     for fused in (False, True):
-        cache = Cache(plan.config, plan.key)
+        cache = Cache(plan.config, plan.spec)
         logits = prefill(model.decoder, torch.tensor([prompt]), cache, plan)
         out, tokens = [], []
         for i in range(steps):
@@ -135,7 +135,7 @@ def test_several_tokens_in_one_call(small, monkeypatch):
     prompt, more = list(range(3, 15)), [20, 21, 22, 23, 24]
     results = {}
     for fused in (False, True):
-        cache = Cache(plan.config, plan.key)
+        cache = Cache(plan.config, plan.spec)
         prefill(small.decoder, torch.tensor([prompt]), cache, plan)
         if fused:
             logits = decode_tokens(fused_step(small.decoder, plan), small.decoder, plan, more, cache, None)

@@ -535,7 +535,7 @@ def test_kv_caches_are_per_size(ours_parent):
                 got[k] += piece.token_ids
     assert got == {"a": alone_a, "b": alone_b, "full": alone_full}
     pa, pb = m.plan(size_a), m.plan(size_b)
-    assert pa.key != pb.key != m.plan(None).key
+    assert pa.spec != pb.spec != m.plan(None).spec
 
 
 def test_cli_helpers(tiny_ckpt, tmp_path, capsys):

@@ -100,7 +100,7 @@ def decode_perplexity(model: gemma3n.Model, windows: torch.Tensor) -> float:
     plan = model.plan()
     total, count = 0.0, 0
     for w in windows:
-        cache = Cache(plan.config, plan.key)
+        cache = Cache(plan.config, plan.spec)
         logits = prefill(model.decoder, w[None, :1], cache, plan)
         for t in range(1, len(w)):
             total += F.cross_entropy(logits[None], w[t : t + 1], reduction="sum").item()

@@ -22,6 +22,7 @@ from fastapi import Request
 
 from gemma3n.batching import MAX_BATCH, Batch, BatchRequest, Sequence
 from gemma3n.cache import ROLLBACK, PromptCache
+from gemma3n.matformer import SliceSpec
 
 from .schemas import APIError
 
@@ -57,7 +58,7 @@ class _Admission:
 
     job: _Job
     steps: Iterator[Sequence | None]  # BatchRequest.admit: None per prefilled slice, then the sequence
-    plan_key: str
+    size: SliceSpec | None
     kv_bytes: int
 
 
@@ -173,8 +174,8 @@ class _Engine:
                 job.emit(exc)
                 self._finish(job)
                 continue
-            batch = running.batches.get(request.plan.key)
-            room = (len(batch) if batch else 0) + sum(a.plan_key == request.plan.key for a in running.admitting)
+            batch = running.batches.get(request.plan.spec)
+            room = (len(batch) if batch else 0) + sum(a.size == request.plan.spec for a in running.admitting)
             in_use = sum(running.kv_bytes.values())
             if room >= self.max_batch or (
                 self.max_kv_bytes is not None and in_use and in_use + need > self.max_kv_bytes
@@ -184,8 +185,8 @@ class _Engine:
                 self._queue.popleft()
             running.kv_bytes[job] = need
             steps = request.admit(tag=job, prompt_cache=self._prompt_cache)
-            running.admitting.append(_Admission(job, steps, request.plan.key, need))
-            running.batches.setdefault(request.plan.key, Batch(self.model.decoder, request.plan, self.model.embed_ids))
+            running.admitting.append(_Admission(job, steps, request.plan.spec, need))
+            running.batches.setdefault(request.plan.spec, Batch(self.model.decoder, request.plan, self.model.embed_ids))
 
     def _prefill_slice(self, running: _Running, adm: _Admission) -> None:
         job = adm.job
@@ -205,7 +206,7 @@ class _Engine:
             return
         if seq is not None:
             running.admitting.remove(adm)
-            running.batches[adm.plan_key].add(seq)
+            running.batches[adm.size].add(seq)
 
     def _step(self, running: _Running, batch: Batch) -> None:
         for seq in [s for s in batch.active if s.tag.cancelled.is_set()]:  # clients that went away
