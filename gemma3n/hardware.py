@@ -178,10 +178,12 @@ def choose_compute_dtype(device: torch.device, weight_dtype: torch.dtype, reques
 
 
 def tower_compute_dtype(device: torch.device, weight_dtype: torch.dtype, requested=None) -> torch.dtype:
-    """The activations' dtype of the vision tower (and of the audio encoder's matmul branches):
-    on a CPU with half-precision weights, the GEMM dtype, so that bf16 activations feed the bf16
-    GEMMs and convolutions with no cast between them (bf16 where the CPU has bf16 units, fp32
-    elsewhere); fp32 weights stay fp32; GPUs and explicit requests as `choose_compute_dtype`."""
+    """The activations' dtype of the vision tower: on a CPU with half-precision weights, the GEMM
+    dtype, so that bf16 activations feed the bf16 GEMMs and convolutions with no cast between
+    them (bf16 where the CPU has bf16 units, fp32 elsewhere); fp32 weights stay fp32; GPUs and
+    explicit requests as `choose_compute_dtype`. (The audio encoder keeps fp32 activations and
+    writes only its matmuls' inputs in `gemm_dtype`, so that its chunked attention, with logits
+    up to the cap of 50, and its cumulative group norm keep fp32 precision.)"""
     if requested in (None, "auto") and device.type == "cpu" and weight_dtype in (torch.bfloat16, torch.float16):
         return cpu_half_gemm_dtype()
     return choose_compute_dtype(device, weight_dtype, requested)
