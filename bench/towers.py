@@ -5,6 +5,7 @@ store them (the path users take: `gemma3n.load` of a bf16 checkpoint)."""
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 import statistics
 import time
@@ -88,12 +89,13 @@ def _status_kb(field: str) -> int | None:
 
 def call_peak_gb(fn: Callable[[], object]) -> float | None:
     """Peak resident memory one call adds above what is resident before it (its activations and
-    scratch), in GB: the peak (VmHWM) is reset through /proc/self/clear_refs first. None where
-    the OS offers no such reset."""
+    scratch), in GB: freed heap pages are handed back to the OS (glibc's malloc_trim) and the
+    peak (VmHWM) is reset through /proc/self/clear_refs first. None where the OS offers neither."""
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:
+    except (OSError, AttributeError):  # not Linux, or not glibc
         return None
     before = _status_kb("VmRSS")
     fn()
