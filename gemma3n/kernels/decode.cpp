@@ -48,28 +48,11 @@ constexpr int MAX_M = 8;  // activation rows per pass (more rows: several passes
 // 128 steps stay below 2^30 (int4 codes are smaller still).
 constexpr int64_t FLUSH_STEPS = 128;
 
-enum Isa : int64_t { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3, AVX512_BF16 = 4 };
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // round to nearest even (as torch.round), clamped to ±32767: adding and subtracting 1.5·2^23
 // rounds any |v| < 2^22 in plain float arithmetic (no libm call, vectorizable)
 inline int16_t quantize_int16(float v) {
   v = v < -32767.f ? -32767.f : v > 32767.f ? 32767.f : v;
   return static_cast<int16_t>((v + 12582912.f) - 12582912.f);
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
 }
 
 // What the row bodies need. `x` is prepared per call in the form the body multiplies (see
@@ -197,7 +180,7 @@ inline void row_pointers(const Job& j, int64_t i, int64_t elem_bytes, const uint
   for (int r = 0; r < R; ++r) w[r] = static_cast<const uint8_t*>(j.w) + row_of(j, i + r) * j.ld * elem_bytes;
 }
 
-// --- bf16 weights ----------------------------------------------------------------------------
+// --- bf16 and fp32 weights -------------------------------------------------------------------
 // AVX512-BF16: x rounded to bf16 (zero-padded to xld); one vdpbf16ps per 32 weights and row.
 template <int R, int M>
 struct Bf16Dp {
@@ -223,114 +206,87 @@ struct Bf16Dp {
   }
 };
 
-// AVX-512 without BF16 units: weights widened to fp32, x stays fp32.
-template <int R, int M>
-struct Bf16Avx512 {
-  TARGET_AVX512 static void block(const Job& j, int64_t i) {
-    const float* xs = static_cast<const float*>(j.x);
-    const uint8_t* w[R];
-    row_pointers<R>(j, i, 2, w);
-    __m512 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    const int64_t K = j.K;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-      __m512 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, xs + m * j.xld + k);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = widen_bf16_512(_mm256_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(w[r]) + k));
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) j.y[m * j.N + i + r] = _mm512_reduce_add_ps(acc[r][m]);
+// fp32 activations against bf16 weights (widened to fp32 in registers: AVX-512 without BF16
+// units, AVX2) or fp32 weights (small models stored in fp32, such as the embedded one). One body
+// per vector width; `W` says how a weight row's elements load as fp32 lanes.
+struct Bf16Weights {
+  static constexpr int64_t bytes = 2;
+  TARGET_AVX512 static __m512 load16(const uint8_t* row, int64_t k, __mmask16 mask) {
+    return widen_bf16_512(_mm256_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(row) + k));
   }
+  TARGET_AVX2 static __m256 load8(const uint8_t* row, int64_t k) {
+    return widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
+  }
+  static float at(const uint8_t* row, int64_t k) { return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]); }
 };
 
-template <int R, int M>
-struct Bf16Avx2 {
-  TARGET_AVX2 static void block(const Job& j, int64_t i) {
-    const float* xs = static_cast<const float*>(j.x);
-    const uint8_t* w[R];
-    row_pointers<R>(j, i, 2, w);
-    __m256 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-    const int64_t K = j.K, K8 = K & ~int64_t(7);
-    int64_t k = 0;
-    for (; k < K8; k += 8) {
-      __m256 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(xs + m * j.xld + k);
-      for (int r = 0; r < R; ++r) {
-        const __m256 wv = widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + 2 * k)));
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const uint16_t* wr = reinterpret_cast<const uint16_t*>(w[r]);
-      for (int m = 0; m < M; ++m) {
-        float tail = 0.f;
-        for (int64_t t = k; t < K; ++t) tail += bf16_to_float(wr[t]) * xs[m * j.xld + t];
-        j.y[m * j.N + i + r] = hsum256(acc[r][m]) + tail;
-      }
-    }
+struct F32Weights {
+  static constexpr int64_t bytes = 4;
+  TARGET_AVX512 static __m512 load16(const uint8_t* row, int64_t k, __mmask16 mask) {
+    return _mm512_maskz_loadu_ps(mask, reinterpret_cast<const float*>(row) + k);
   }
+  TARGET_AVX2 static __m256 load8(const uint8_t* row, int64_t k) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
+  }
+  static float at(const uint8_t* row, int64_t k) { return reinterpret_cast<const float*>(row)[k]; }
 };
 
-// --- fp32 weights (small models stored in fp32, such as the embedded one) ---------------------
-template <int R, int M>
-struct F32Avx512 {
-  TARGET_AVX512 static void block(const Job& j, int64_t i) {
-    const float* xs = static_cast<const float*>(j.x);
-    const uint8_t* w[R];
-    row_pointers<R>(j, i, 4, w);
-    __m512 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    const int64_t K = j.K;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-      __m512 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, xs + m * j.xld + k);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = _mm512_maskz_loadu_ps(mask, reinterpret_cast<const float*>(w[r]) + k);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+template <class W>
+struct Fp32x512 {
+  template <int R, int M>
+  struct Body {
+    TARGET_AVX512 static void block(const Job& j, int64_t i) {
+      const float* xs = static_cast<const float*>(j.x);
+      const uint8_t* w[R];
+      row_pointers<R>(j, i, W::bytes, w);
+      __m512 acc[R][M];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+      const int64_t K = j.K;
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+        __m512 xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, xs + m * j.xld + k);
+        for (int r = 0; r < R; ++r) {
+          const __m512 wv = W::load16(w[r], k, mask);
+          for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
       }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) j.y[m * j.N + i + r] = _mm512_reduce_add_ps(acc[r][m]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) j.y[m * j.N + i + r] = _mm512_reduce_add_ps(acc[r][m]);
-  }
+  };
 };
 
-template <int R, int M>
-struct F32Avx2 {
-  TARGET_AVX2 static void block(const Job& j, int64_t i) {
-    const float* xs = static_cast<const float*>(j.x);
-    const uint8_t* w[R];
-    row_pointers<R>(j, i, 4, w);
-    __m256 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-    const int64_t K = j.K, K8 = K & ~int64_t(7);
-    int64_t k = 0;
-    for (; k < K8; k += 8) {
-      __m256 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(xs + m * j.xld + k);
-      for (int r = 0; r < R; ++r) {
-        const __m256 wv = _mm256_loadu_ps(reinterpret_cast<const float*>(w[r]) + k);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+template <class W>
+struct Fp32x256 {
+  template <int R, int M>
+  struct Body {
+    TARGET_AVX2 static void block(const Job& j, int64_t i) {
+      const float* xs = static_cast<const float*>(j.x);
+      const uint8_t* w[R];
+      row_pointers<R>(j, i, W::bytes, w);
+      __m256 acc[R][M];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+      const int64_t K = j.K, K8 = K & ~int64_t(7);
+      int64_t k = 0;
+      for (; k < K8; k += 8) {
+        __m256 xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(xs + m * j.xld + k);
+        for (int r = 0; r < R; ++r) {
+          const __m256 wv = W::load8(w[r], k);
+          for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
       }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) {
+          float tail = 0.f;
+          for (int64_t t = k; t < K; ++t) tail += W::at(w[r], t) * xs[m * j.xld + t];
+          j.y[m * j.N + i + r] = hsum256(acc[r][m]) + tail;
+        }
     }
-    for (int r = 0; r < R; ++r) {
-      const float* wr = reinterpret_cast<const float*>(w[r]);
-      for (int m = 0; m < M; ++m) {
-        float tail = 0.f;
-        for (int64_t t = k; t < K; ++t) tail += wr[t] * xs[m * j.xld + t];
-        j.y[m * j.N + i + r] = hsum256(acc[r][m]) + tail;
-      }
-    }
-  }
+  };
 };
 
 // --- int8 weights x int16 activations --------------------------------------------------------
@@ -639,16 +595,19 @@ RowFn pick_256(int64_t M) {
 
 RowFn pick(Kind kind, int64_t isa, int64_t M) {
 #ifdef GEMMA3N_X86
-  if (kind == F32 && isa >= AVX512) return pick_512<F32Avx512>(M);
-  if (kind == F32 && isa == AVX2) return pick_256<F32Avx2>(M);
+  if (kind == F32 && isa >= AVX512) return pick_512<Fp32x512<F32Weights>::Body>(M);
+  if (kind == F32 && isa == AVX2) return pick_256<Fp32x256<F32Weights>::Body>(M);
   switch (isa) {
     case AVX512_BF16:
       return kind == BF16 ? pick_512<Bf16Dp>(M) : kind == INT8 ? pick_512<Int8Avx512>(M) : pick_512<Int4Avx512>(M);
     case AVX512:
-      return kind == BF16 ? pick_512<Bf16Avx512>(M) : kind == INT8 ? pick_512<Int8Avx512>(M)
-                                                                    : pick_512<Int4Avx512>(M);
+      return kind == BF16   ? pick_512<Fp32x512<Bf16Weights>::Body>(M)
+             : kind == INT8 ? pick_512<Int8Avx512>(M)
+                            : pick_512<Int4Avx512>(M);
     case AVX2:
-      return kind == BF16 ? pick_256<Bf16Avx2>(M) : kind == INT8 ? pick_256<Int8Avx2>(M) : pick_256<Int4Avx2>(M);
+      return kind == BF16   ? pick_256<Fp32x256<Bf16Weights>::Body>(M)
+             : kind == INT8 ? pick_256<Int8Avx2>(M)
+                            : pick_256<Int4Avx2>(M);
     default:
       break;
   }
@@ -731,153 +690,6 @@ int64_t row_bytes(Kind kind, int64_t K) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Argument checks for the Python entry points: a kernel reads raw memory, so every shape, stride
-// and index is checked here (the fused step checks its weights once, when it is built).
-// ---------------------------------------------------------------------------------------------
-torch::Tensor checked_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "gemma3n kernels: x must be [M, ", K, "], got ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), "gemma3n kernels: x must be on the CPU");
-  return x.to(torch::kFloat32).contiguous();
-}
-
-void check_weight(const torch::Tensor& w, torch::ScalarType dtype, const char* what) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype && w.dim() == 2, "gemma3n kernels: ", what,
-              " must be a 2-D CPU tensor of ", c10::toString(dtype), ", got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(w.size(1) == 0 || w.stride(1) == 1, "gemma3n kernels: ", what, " rows must be contiguous");
-  TORCH_CHECK(w.size(0) <= 1 || w.stride(0) >= w.size(1), "gemma3n kernels: ", what, " rows overlap");
-}
-
-// (pointer to the row list or nullptr, number of outputs)
-std::pair<const int64_t*, int64_t> checked_rows(const c10::optional<torch::Tensor>& rows, int64_t n_rows,
-                                                torch::Tensor& keep) {
-  if (!rows.has_value()) return {nullptr, n_rows};
-  keep = rows->to(torch::kInt64).contiguous();
-  TORCH_CHECK(keep.dim() == 1, "gemma3n kernels: rows must be 1-D");
-  const int64_t* idx = keep.data_ptr<int64_t>();
-  bool inside = true;
-  for (int64_t i = 0; i < keep.numel(); ++i) inside &= idx[i] >= 0 && idx[i] < n_rows;
-  TORCH_CHECK(inside, "gemma3n kernels: row index out of range [0, ", n_rows, ")");
-  return {idx, keep.numel()};
-}
-
-torch::Tensor call(const Weight& w, int64_t n_rows, int64_t K, const torch::Tensor& x,
-                   const c10::optional<torch::Tensor>& rows, int64_t isa) {
-  auto xf = checked_x(x, K);
-  torch::Tensor keep;
-  auto [row_ptr, N] = checked_rows(rows, n_rows, keep);
-  auto y = torch::empty({xf.size(0), N}, xf.options());
-  product(w, xf.data_ptr<float>(), xf.size(0), K, y.data_ptr<float>(), row_ptr, N, resolve_isa(isa));
-  return y;
-}
-
-torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> rows, int64_t isa) {
-  check_weight(w, torch::kFloat32, "fp32 weight");
-  return call({F32, w.data_ptr(), w.stride(0)}, w.size(0), w.size(1), x, rows, isa);
-}
-
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> rows, int64_t isa) {
-  check_weight(w, torch::kBFloat16, "bf16 weight");
-  return call({BF16, w.data_ptr(), w.stride(0)}, w.size(0), w.size(1), x, rows, isa);
-}
-
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> rows,
-                          int64_t isa) {
-  check_weight(q, torch::kInt8, "int8 weight");
-  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.dim() == 1 && scale.size(0) == q.size(0) &&
-                  scale.stride(0) == 1,
-              "gemma3n kernels: int8 scales must be bf16 [", q.size(0), "]");
-  return call({INT8, q.data_ptr(), q.stride(0), scale.data_ptr()}, q.size(0), q.size(1), x, rows, isa);
-}
-
-torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group,
-                          c10::optional<torch::Tensor> rows, int64_t isa) {
-  check_weight(q, torch::kUInt8, "int4 weight");
-  TORCH_CHECK(group > 0 && group % 32 == 0, "gemma3n kernels: int4 group must be a multiple of 32, got ", group);
-  const int64_t K = q.size(1) * 2;
-  TORCH_CHECK(K % group == 0, "gemma3n kernels: int4 width ", K, " is not a multiple of the group ", group);
-  TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.dim() == 3 && sz.size(0) == q.size(0) &&
-                  sz.size(1) == K / group && sz.size(2) == 2 && sz.stride(2) == 1 && sz.stride(1) == 2,
-              "gemma3n kernels: int4 scales must be bf16 [", q.size(0), ", ", K / group, ", 2], got ", sz.sizes());
-  return call({INT4, q.data_ptr(), q.stride(0), sz.data_ptr(), sz.stride(0) / 2, group}, q.size(0), K, x, rows,
-              isa);
-}
-
-// The weights of a prefill, dequantized into a caller's buffer [N, K] (fp32 or bf16): a prefill
-// multiplies many activation rows, so it runs a GEMM over dequantized blocks. int8 codes are
-// written as they are (the caller scales the GEMM's output per row); int4 as (q - 8)·scale + zero.
-void check_out(const torch::Tensor& out, int64_t N, int64_t K) {
-  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == K &&
-                  (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16),
-              "gemma3n kernels: out must be a contiguous fp32 or bf16 [", N, ", ", K, "] tensor");
-}
-
-template <typename Store>
-void codes_to(const torch::Tensor& q, bool nibbles, const uint16_t* sz, int64_t sld, int64_t group, int64_t N,
-              int64_t K, Store store) {
-  const int64_t ld = q.stride(0);
-  const uint8_t* base = static_cast<const uint8_t*>(q.data_ptr());
-  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K)), [&](int64_t a, int64_t b) {
-    std::vector<float> row(K);
-    for (int64_t n = a; n < b; ++n) {
-      const uint8_t* src = base + n * ld;
-      if (!nibbles) {
-        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(static_cast<int8_t>(src[k]));
-      } else {
-        const uint16_t* pairs = sz + 2 * n * sld;
-        for (int64_t g = 0; g < K / group; ++g) {
-          const float s = bf16_to_float(pairs[2 * g]), z = bf16_to_float(pairs[2 * g + 1]);
-          for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
-            const uint8_t byte = src[k / 2];
-            row[k] = (static_cast<float>(byte & 15) - 8.f) * s + z;
-            row[k + 1] = (static_cast<float>(byte >> 4) - 8.f) * s + z;
-          }
-        }
-      }
-      store(n, row.data());
-    }
-  });
-}
-
-void dequantize_into(const torch::Tensor& q, bool nibbles, const uint16_t* sz, int64_t sld, int64_t group,
-                     torch::Tensor out) {
-  const int64_t N = out.size(0), K = out.size(1);
-  if (out.scalar_type() == torch::kFloat32) {
-    float* dst = out.data_ptr<float>();
-    codes_to(q, nibbles, sz, sld, group, N, K, [&](int64_t n, const float* row) { std::copy(row, row + K, dst + n * K); });
-  } else {
-    uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-    codes_to(q, nibbles, sz, sld, group, N, K, [&](int64_t n, const float* row) {
-      for (int64_t k = 0; k < K; ++k) dst[n * K + k] = float_to_bf16(row[k]);
-    });
-  }
-}
-
-void dequantize_int8(torch::Tensor q, torch::Tensor out) {
-  check_weight(q, torch::kInt8, "int8 weight");
-  check_out(out, q.size(0), q.size(1));
-  dequantize_into(q, false, nullptr, 0, 0, out);
-}
-
-void dequantize_int4(torch::Tensor q, torch::Tensor sz, int64_t group, torch::Tensor out) {
-  check_weight(q, torch::kUInt8, "int4 weight");
-  const int64_t K = 2 * q.size(1);
-  TORCH_CHECK(group > 0 && K % group == 0 && sz.scalar_type() == torch::kBFloat16 && sz.dim() == 3 &&
-                  sz.size(0) == q.size(0) && sz.size(1) == K / group && sz.stride(2) == 1 && sz.stride(1) == 2,
-              "gemma3n kernels: bad int4 scales");
-  check_out(out, q.size(0), K);
-  dequantize_into(q, true, reinterpret_cast<const uint16_t*>(sz.data_ptr()), sz.stride(0) / 2, group, out);
-}
-
-std::string isa_name(int64_t isa) {
-  switch (resolve_isa(isa)) {
-    case AVX512_BF16: return "avx512bf16";
-    case AVX512: return "avx512";
-    case AVX2: return "avx2";
-    default: return "generic";
-  }
-}
-
 }  // namespace
 
 int64_t resolve_isa(int64_t isa) {
@@ -908,25 +720,3 @@ void product(const Weight& w, const float* x, int64_t M, int64_t K, float* y, co
 }
 
 }  // namespace gemma3n
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using namespace gemma3n;
-  m.doc() = "gemma3n decode kernels: weight-streaming y = x W^T for bf16, int8 and int4 weights";
-  m.def("linear_f32", &linear_f32, "y [M, N] = x [M, K] @ W[rows]^T, W fp32 (strided view)");
-  m.def("linear_bf16", &linear_bf16, "y [M, N] fp32 = x [M, K] @ W[rows]^T, W bf16 (strided view)");
-  m.def("linear_int8", &linear_int8, "y = x @ (q * scale[:, None])[rows]^T, q int8, one bf16 scale per row");
-  m.def("linear_int4", &linear_int4, "y = x @ dequant_int4(q, sz)[rows]^T, groups of `group` input columns");
-  m.def("dequantize_int8", &dequantize_int8, "out[N, K] (fp32 or bf16) = q as numbers (scales not applied)");
-  m.def("dequantize_int4", &dequantize_int4, "out[N, K] (fp32 or bf16) = (q - 8) * scale + zero by groups");
-  m.def("isa_name", &isa_name, "the body a given ISA level (0 = the best) runs on this CPU");
-  m.def(
-      "activation_form",
-      [](const std::string& kind, int64_t isa) -> std::string {
-        const int64_t level = resolve_isa(isa);
-        if (level == GENERIC || kind == "f32") return "fp32";
-        if (kind == "bf16") return level == AVX512_BF16 ? "bf16" : "fp32";
-        return "int16";
-      },
-      "how a body at this level sees x: fp32 as given, rounded to bf16, or int16 with a per-row scale");
-  register_step(m);
-}

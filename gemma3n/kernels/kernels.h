@@ -1,13 +1,33 @@
-// What decode.cpp (the weight-streaming products) offers step.cpp (the fused decode step).
+// What decode.cpp (the weight-streaming products) offers the other native files: step.cpp (the
+// fused decode step), ops.cpp (the Python entry points) and towers.cpp.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace gemma3n {
 
 enum Kind : int { BF16 = 0, INT8 = 1, INT4 = 2, F32 = 3 };
+
+// ISA levels of the bodies (0: the best this CPU has).
+enum Isa : int64_t { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3, AVX512_BF16 = 4 };
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 
 // A [N, K] weight as the kernels read it, in place: `data` is element [0, 0] of a view whose rows
 // are `ld` elements apart (int4: bytes); int8 has a bf16 scale per row (`scale`), int4 bf16
