@@ -168,12 +168,7 @@ def gaussian_topk(gate: torch.Tensor, sparsity: float) -> torch.Tensor:
 class Laurel(nn.Module):
     """LAuReL, learned augmented residual of rank r (docs/text-decoder.md#laurel): x + norm(R(L(x)))."""
 
-    def __init__(
-        self, cfg: TextConfig, ple_table: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
-    ) -> None:
-        """`ple_table`: the per-layer embeddings [Vp, L*P], kept on the host (memory-mapped by the
-        loader; None only while training or testing pieces); `compute_dtype`: the activations'
-        dtype (None: the weights'), chosen by the loader's policy (hardware.py)."""
+    def __init__(self, cfg: TextConfig):
         super().__init__()
         self.linear_left = Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
         self.linear_right = Linear(cfg.laurel_rank, cfg.hidden_size, bias=False)
@@ -186,12 +181,7 @@ class Laurel(nn.Module):
 class AltUp(nn.Module):
     """Alternating updates over N streams (docs/text-decoder.md#altup): predict before a layer, correct after it."""
 
-    def __init__(
-        self, cfg: TextConfig, ple_table: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
-    ) -> None:
-        """`ple_table`: the per-layer embeddings [Vp, L*P], kept on the host (memory-mapped by the
-        loader; None only while training or testing pieces); `compute_dtype`: the activations'
-        dtype (None: the weights'), chosen by the loader's policy (hardware.py)."""
+    def __init__(self, cfg: TextConfig):
         super().__init__()
         n = cfg.altup_num_inputs
         self.n = n
