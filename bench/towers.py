@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma3n.audio import AudioEncoder
+from gemma3n.audio_encoder import AudioEncoder
 from gemma3n.vision import VisionTower
 
 

@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma3n.audio_encoder import AudioEncoder, AudioEncoderConfig
+from gemma3n.audio_encoder import AudioEncoderConfig
 from gemma3n.config import read_json_file
 from gemma3n.errors import ConfigError, InputError
 
 __all__ = [
-    "AudioEncoder",
-    "AudioEncoderConfig",
     "AudioFeatureExtractor",
     "encoder_windows",
     "header_seconds",

@@ -122,7 +122,7 @@ class Towers:
         return self._tower("vision", VisionTower, "images")
 
     def audio_tower(self):
-        from .audio import AudioEncoder
+        from .audio_encoder import AudioEncoder
 
         return self._tower("audio", AudioEncoder, "audio")
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from gemma3n.audio import AudioEncoder, AudioFeatureExtractor, soft_tokens_for_duration
+from gemma3n.audio import AudioFeatureExtractor, soft_tokens_for_duration
+from gemma3n.audio_encoder import AudioEncoder
 from gemma3n.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
