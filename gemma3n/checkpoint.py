@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, load_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 
 ST_DTYPES = {
     "F32": torch.float32,
@@ -155,11 +155,7 @@ class Checkpoint:
 
 def open_checkpoint(path_or_id: str | Path) -> Checkpoint:
     path = resolve_model_path(path_or_id)
-    try:
-        config = load_config(path)
-    except ConfigError:
-        raise
-    return Checkpoint(path, config)
+    return Checkpoint(path, load_config(path))
 
 
 def check_coverage(
