@@ -6,9 +6,12 @@ transformers in test_vision*.py and test_audio*.py."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gemma3n
 from gemma3n import hardware
@@ -60,19 +63,39 @@ def test_bf16_towers_follow_the_policy_and_stay_close_to_fp32(mm_checkpoint):
 
     ids = torch.tensor(inputs.ids)
     config = fp32.config
-    # bf16 weights alone move the soft tokens by < 1 % of their largest value; bf16 activations
-    # through the vision tower's 2-3 roundings per block by a few % (transformers' tower in bf16
-    # lands about 3x farther from its fp32 output on these weights)
+    hf_rel, hf_cos = _hf_bf16_image_error(mm_checkpoint, messages)
+    # bf16 weights alone move the soft tokens by < 2 % of their largest value. bf16 activations
+    # through this small random vision tower move them by several %, depending on the image;
+    # what is reasonable is what the reference's own bf16 path does on the same weights.
     bf16_vision = vision.compute_dtype == torch.bfloat16
-    limits = {"image": (0.1, 0.99) if bf16_vision else (0.02, 0.9995), "audio": (0.02, 0.9995)}
+    limits = {
+        "image": (max(1.5 * hf_rel, 0.02), 1 - 1.5 * (1 - hf_cos)) if bf16_vision else (0.02, 0.9995),
+        "audio": (0.02, 0.9995),
+    }
     for kind, token in (("image", config.image_token_id), ("audio", config.audio_token_id)):
         at = ids == token
         assert at.sum() > 0
-        a, b = got[0, at].float(), ref[0, at].float()
-        rel = ((a - b).abs().max() / b.abs().max()).item()
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+        rel, cos = _errors(got[0, at], ref[0, at])
         max_rel, min_cos = limits[kind]
-        assert rel < max_rel and cos > min_cos, (kind, rel, cos)
+        assert rel < max_rel and cos > min_cos, (kind, rel, cos, "transformers bf16:", hf_rel, hf_cos)
+
+
+def _errors(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |got - ref| / max |ref|, the smallest cosine similarity of a token's two vectors)."""
+    a, b = got.float().flatten(0, -2), ref.float().flatten(0, -2)
+    return ((a - b).abs().max() / b.abs().max()).item(), F.cosine_similarity(a, b, dim=-1).min().item()
+
+
+def _hf_bf16_image_error(mm_checkpoint, messages) -> tuple[float, float]:
+    """How far transformers' bf16 model puts the image's soft tokens from its fp32 ones."""
+    hf, processor, _ = mm_checkpoint
+    pixels = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        ref = hf.model.get_image_features(pixels).pooler_output
+        got = copy.deepcopy(hf).to(torch.bfloat16).model.get_image_features(pixels.bfloat16()).pooler_output
+    return _errors(got, ref)
 
 
 def test_frames_go_through_the_tower_in_batches(mm_checkpoint, monkeypatch):
