@@ -139,8 +139,8 @@ class Towers:
 
 
 # Images (video frames) through the vision tower at once: larger batches make its small late-stage
-# GEMMs more efficient, and the cap bounds the activations of a long clip (one 768 px image's
-# early feature maps are 10s of MB).
+# GEMMs more efficient, and the cap bounds the activations of a long clip (at 768 px one image's
+# early feature maps take about a hundred MB).
 VISION_BATCH = 8
 
 # Audio windows encoded at once: bounds the encoder's activations however long the prompt's
