@@ -299,7 +299,8 @@ def cmd_transcribe(a: argparse.Namespace) -> None:
     fmt = {"txt": "text", "json": "verbose_json"}.get(a.format, a.format)
     sys.stdout.write(render(result, fmt) + ("\n" if fmt == "verbose_json" else ""))
     n = len(result.segments)
-    print(f"({n} segment{'s' if n != 1 else ''} of speech, at most 30 s each)", file=sys.stderr)
+    window = model.processor.audio_window_seconds
+    print(f"({n} segment{'s' if n != 1 else ''} of speech, at most {window:g} s each)", file=sys.stderr)
 
 
 def cmd_serve(a: argparse.Namespace) -> None:

@@ -1,8 +1,9 @@
 """Speech recognition and speech translation of any length, segment by segment.
 
-The model hears at most 30 s at a time. Long audio is cut where a voice-activity detector
-(gemma3n.vad) finds pauses: consecutive stretches of speech are grouped into windows of up to
-30 s (silence around the windows is never sent), and only a single stretch of speech longer than that
+The model hears at most 30 s at a time (its feature extractor's `max_length`; 10 s for the
+embedded model). Long audio is cut where a voice-activity detector (gemma3n.vad) finds pauses:
+consecutive stretches of speech are grouped into windows of up to that length (silence around the
+windows is never sent), and only a single stretch of speech longer than that
 is cut inside, at its quietest points with an overlap (audio.plan_windows) whose repeated words
 are removed (audio.stitch_transcripts). Each window is one model call and one segment, with its
 start and end times. Prompt format: vLLM's fixed ASR/AST prompt (audio-vision.md §D.3).
@@ -101,13 +102,18 @@ def transcribe_segments(
     prompt: str | None = None,
     temperature: float = 0.0,
     max_tokens_per_window: int = 256,
-    max_seconds: float = 30.0,
+    max_seconds: float | None = None,
     wave: np.ndarray | None = None,
     **sampling: Any,
 ) -> Iterator[Segment]:
-    """Segments of `audio` (path, bytes or a 16 kHz array), as each window is transcribed."""
+    """Segments of `audio` (path, bytes or a 16 kHz array), as each window is transcribed.
+
+    `max_seconds` (default: the longest clip the model's encoder takes in one piece, 30 s for
+    Gemma 3n) bounds a window: a longer one would reach the model as several encoder windows."""
     if not model.has_audio:
         raise InputError(f"{model.path} has no audio tower: it cannot transcribe")
+    if max_seconds is None:
+        max_seconds = model.processor.audio_window_seconds
     if wave is None:
         from .audio import load_audio
 

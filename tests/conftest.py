@@ -121,6 +121,42 @@ def tiny_model_dir() -> Path:
     return default_model_path()
 
 
+TOWER_PREFIXES = ("model.audio_tower.", "model.vision_tower.", "model.embed_audio.", "model.embed_vision.")
+
+
+def text_only_copy(src: Path, dst: Path) -> Path:
+    """The text decoder of the embedded model as a text-only checkpoint (`gemma3n_text` config,
+    `model.*` names, no towers): what tests that edit text fields or tensor names, or that need a
+    model without ears and eyes, start from."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True)
+    config = json.loads((src / "config.json").read_text())
+    text = dict(config.get("text_config", config), architectures=["Gemma3nForCausalLM"], model_type="gemma3n_text")
+    (dst / "config.json").write_text(json.dumps(text, indent=2))
+    state = {}
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            if k.startswith("model.language_model."):
+                state["model." + k.removeprefix("model.language_model.")] = f.get_tensor(k)
+            elif not k.startswith(TOWER_PREFIXES):
+                state[k] = f.get_tensor(k)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "matformer_sizes.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The embedded model's text decoder alone (see text_only_copy); do not modify it."""
+    return text_only_copy(tiny_model_dir, tmp_path_factory.mktemp("tiny-text") / "ckpt")
+
+
 # --- a small text + audio + vision checkpoint, saved by transformers with its processor ------------
 MEDIA_TOKENS = {
     "image_token": "<image_soft_token>",

@@ -14,9 +14,9 @@ from gemma3n.cli import main
 
 
 @pytest.fixture()
-def ckpt(tiny_model_dir, tmp_path):
+def ckpt(tiny_text_dir, tmp_path):
     dst = tmp_path / "ckpt"
-    shutil.copytree(tiny_model_dir, dst)
+    shutil.copytree(tiny_text_dir, dst)
     return dst
 
 
@@ -162,8 +162,8 @@ def test_bad_logits_input(tiny_model_dir):
             model.logits(ids)
 
 
-def test_text_only_checkpoint_refuses_media(tiny_model_dir):
-    model = gemma3n.load(tiny_model_dir)
+def test_text_only_checkpoint_refuses_media(tiny_text_dir):
+    model = gemma3n.load(tiny_text_dir)
     for part in ({"type": "image", "image": "x.png"}, {"type": "audio", "audio": "x.wav"}):
         with pytest.raises(InputError, match="text-only checkpoint"):
             model.generate(messages=[{"role": "user", "content": [part, {"type": "text", "text": "?"}]}])

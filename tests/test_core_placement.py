@@ -8,6 +8,7 @@ import torch
 
 import gemma3n
 from gemma3n.checkpoint import Checkpoint
+from tests.conftest import text_only_copy
 from tests.test_vision_e2e import _image, _messages
 
 pytest.importorskip("timm")
@@ -67,12 +68,10 @@ def test_unavailable_device_is_refused():
 
 
 def test_checkpoint_without_per_layer_table(tiny_model_dir, tmp_path):
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
-    dst = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, dst)
+    dst = text_only_copy(tiny_model_dir, tmp_path / "m")
     state = load_file(dst / "model.safetensors")
     del state["model.embed_tokens_per_layer.weight"]
     save_file(state, dst / "model.safetensors")

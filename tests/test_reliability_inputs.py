@@ -60,8 +60,14 @@ def model():
 
 
 @pytest.fixture
-def ckpt(tmp_path) -> Path:
-    return Path(shutil.copytree(default_model_path(), tmp_path / "ckpt"))
+def ckpt(tiny_text_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_text_dir, tmp_path / "ckpt"))
+
+
+def _text_config() -> dict:
+    """The embedded model's text_config."""
+    config = json.loads((default_model_path() / "config.json").read_text())
+    return config.get("text_config", config)
 
 
 def _edit_config(path: Path, edit) -> None:
@@ -137,7 +143,7 @@ def test_multimodal_config_fields(ckpt, capsys):
 def test_huge_layer_count_is_refused_at_once_with_bounded_memory():
     """10**12 layers with scalar per-layer fields: refused while parsing, before a single
     per-layer list exists (peak traced memory below what even 100 built layers would take)."""
-    base = json.loads((default_model_path() / "config.json").read_text())
+    base = _text_config()
     for n in (10**6, 10**9, 10**12):
         c = dict(base)
         _scalar_layers(c, n)
@@ -152,7 +158,7 @@ def test_huge_layer_count_is_refused_at_once_with_bounded_memory():
 
 
 def test_memory_check_compares_the_lower_bound_with_the_machine(monkeypatch):
-    base = json.loads((default_model_path() / "config.json").read_text())
+    base = _text_config()
     n = base["num_hidden_layers"]
     fields = {k: v for k, v in base.items() if k in cfgmod._SCALAR_RULES}
     need = cfgmod._min_load_bytes(TextConfig, fields, n, base["intermediate_size"])

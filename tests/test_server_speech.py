@@ -149,10 +149,10 @@ def test_json_body_is_415(served):
     assert r.status_code == 415
 
 
-def test_a_text_only_model_cannot_transcribe(tiny_model_dir):
+def test_a_text_only_model_cannot_transcribe(tiny_text_dir):
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(gemma3n.load())) as c:
+    with TestClient(create_app(gemma3n.load(tiny_text_dir))) as c:
         r = c.post("/v1/audio/transcriptions", files={"file": ("a.wav", _wav(_speech()))})
     assert r.status_code == 400 and "audio tower" in r.json()["error"]["message"]
 
