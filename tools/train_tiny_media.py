@@ -408,6 +408,9 @@ def main() -> None:
     )
     ap.add_argument("--ctc-weight", type=float, default=0.5)
     ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument(
+        "--init", type=Path, default=None, help="start the towers and embedders from this checkpoint's (a resumed run)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -427,6 +430,18 @@ def main() -> None:
     vocab = text_cfg_obj.vocab_size
     ctc_head = nn.Linear(AUDIO_CONFIG["hidden_size"], vocab + 1)  # + blank; training only
     parts = {"decoder": dec, "audio": audio, "vision": vision, "embed_audio": emb_a, "embed_vision": emb_v}
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(args.init / "model.safetensors")
+        for name, prefix in (
+            ("audio", "model.audio_tower."),
+            ("vision", "model.vision_tower.timm_model."),
+            ("embed_audio", "model.embed_audio."),
+            ("embed_vision", "model.embed_vision."),
+        ):
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            parts[name].load_state_dict(sub, strict=True)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     print("parameters", counts, flush=True)
 
