@@ -29,7 +29,6 @@ __all__ = [
     "load_audio",
     "plan_windows",
     "soft_tokens_for_duration",
-    "stitch_transcripts",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -488,33 +487,3 @@ def encoder_windows(wave: np.ndarray, feature_extractor: AudioFeatureExtractor) 
     fe = feature_extractor
     bounds = plan_windows(wave, fe.sampling_rate, max_seconds=fe.max_length / fe.sampling_rate, overlap_seconds=0.0)
     return [wave[start:end] for start, end in bounds]
-
-
-def _norm_word(word: str) -> str:
-    return re.sub(r"[^\w']", "", word.lower())
-
-
-def stitch_transcripts(texts: Sequence[str], max_overlap_words: int = 16) -> str:
-    """Join per-window transcripts, dropping words repeated across a window boundary.
-
-    For each boundary the longest run of words (case and punctuation ignored) that ends the
-    text so far and starts the next text - allowing one or two clipped words at the very start
-    of the next window - is kept once. Single-word matches count only for words of 4+ letters.
-    """
-    words: list[str] = []
-    for text in texts:
-        new = text.split()
-        if not new:
-            continue
-        tail = [_norm_word(w) for w in words[-max_overlap_words:]]
-        head = [_norm_word(w) for w in new[: max_overlap_words + 2]]
-        drop = 0
-        for k in range(min(len(tail), max_overlap_words), 0, -1):
-            if k == 1 and len(tail[-1]) < 4:
-                break
-            skip = next((j for j in range(3) if head[j : j + k] == tail[-k:]), None)
-            if skip is not None:
-                drop = skip + k
-                break
-        words.extend(new[drop:])
-    return " ".join(words)

@@ -5,7 +5,7 @@ embedded model). Long audio is cut where a voice-activity detector (gemma3n.vad)
 consecutive stretches of speech are grouped into windows of up to that length (silence around the
 windows is never sent), and only a single stretch of speech longer than that
 is cut inside, at its quietest points with an overlap (audio.plan_windows) whose repeated words
-are removed (audio.stitch_transcripts). Each window is one model call and one segment, with its
+are removed (stitch_transcripts). Each window is one model call and one segment, with its
 start and end times. Prompt format: vLLM's fixed ASR/AST prompt (audio-vision.md §D.3).
 
 Formats (CLI `--format`, the server's `response_format`): text, json, verbose_json (segments),
@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -135,10 +136,38 @@ def transcribe_segments(
 
 
 def _new_words(previous: list[str], text: str) -> str:
-    from .audio import stitch_transcripts
-
     before = stitch_transcripts(previous).split()
     return " ".join(stitch_transcripts([*previous, text]).split()[len(before) :])
+
+
+def _norm_word(word: str) -> str:
+    return re.sub(r"[^\w']", "", word.lower())
+
+
+def stitch_transcripts(texts: Sequence[str], max_overlap_words: int = 16) -> str:
+    """Join per-window transcripts, dropping words repeated across a window boundary.
+
+    For each boundary the longest run of words (case and punctuation ignored) that ends the
+    text so far and starts the next text - allowing one or two clipped words at the very start
+    of the next window - is kept once. Single-word matches count only for words of 4+ letters.
+    """
+    words: list[str] = []
+    for text in texts:
+        new = text.split()
+        if not new:
+            continue
+        tail = [_norm_word(w) for w in words[-max_overlap_words:]]
+        head = [_norm_word(w) for w in new[: max_overlap_words + 2]]
+        drop = 0
+        for k in range(min(len(tail), max_overlap_words), 0, -1):
+            if k == 1 and len(tail[-1]) < 4:
+                break
+            skip = next((j for j in range(3) if head[j : j + k] == tail[-k:]), None)
+            if skip is not None:
+                drop = skip + k
+                break
+        words.extend(new[drop:])
+    return " ".join(words)
 
 
 def _segment(number: int, window: Window, text: str, result: Any, temperature: float) -> Segment:

@@ -12,9 +12,9 @@ from gemma3n.audio import (
     load_audio,
     plan_windows,
     soft_tokens_for_duration,
-    stitch_transcripts,
 )
 from gemma3n.errors import InputError
+from gemma3n.speech import stitch_transcripts
 
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("soxr")
