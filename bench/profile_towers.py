@@ -160,7 +160,8 @@ def vision_blocks(tower: nn.Module) -> tuple[dict[str, nn.Module], Callable[[str
     return blocks, kind
 
 
-AUDIO_PARTS = ("ffw_layer_start", "attention", "lconv1d", "ffw_layer_end", "norm")
+# each conformer layer's final norm runs fused (fused.norm_act), outside any module call
+AUDIO_PARTS = ("ffw_layer_start", "attention", "lconv1d", "ffw_layer_end")
 
 
 def audio_blocks(enc: nn.Module) -> tuple[dict[str, nn.Module], Callable[[str], str]]:
