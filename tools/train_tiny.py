@@ -122,8 +122,7 @@ def plan_of(cfg: TextConfig, size: dict | None) -> LayerPlan:
         spec = resolve_size(size, cfg)
     if spec is None:
         return LayerPlan.full(cfg)
-    key = f"{spec.name}:{spec.layers}:{spec.ffn_widths}"
-    return LayerPlan(config=sliced_text_config(cfg, spec), layers=tuple(spec.layers), key=key)
+    return LayerPlan(config=sliced_text_config(cfg, spec), layers=tuple(spec.layers), spec=spec)
 
 
 def plans(cfg: TextConfig) -> dict[str, LayerPlan]:

@@ -53,7 +53,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kjv_corpus import kjv_chapters, split, token_stream  # noqa: E402
-from tiny_media_data import QUESTIONS, SR, Clips, augment, normalize_words, render_scene  # noqa: E402
+from tiny_media_data import (  # noqa: E402
+    COLOURS,
+    COUNTS,
+    QUESTIONS,
+    SHAPES,
+    SR,
+    Clips,
+    augment,
+    normalize_words,
+    render_scene,
+)
 from train_tiny import held_out_loss, loss_of, plans  # noqa: E402  (importing it patches AltUp for autograd)
 
 from gemma3n.audio import AudioFeatureExtractor  # noqa: E402
@@ -411,6 +421,7 @@ def main() -> None:
     ap.add_argument(
         "--init", type=Path, default=None, help="start the towers and embedders from this checkpoint's (a resumed run)"
     )
+    ap.add_argument("--init-decoder", action="store_true", help="with --init: its text decoder too")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -429,11 +440,24 @@ def main() -> None:
     emb_v = init_embedder(2048, d, 4096, args.seed + 2)
     vocab = text_cfg_obj.vocab_size
     ctc_head = nn.Linear(AUDIO_CONFIG["hidden_size"], vocab + 1)  # + blank; training only
+    # training only, like the CTC head: colour, shape and count read linearly off the 16 soft tokens,
+    # so the vision tower learns what the scene holds before the decoder has learnt to look at it
+    attr_head = nn.Linear(IMAGE_TOKENS * d, len(COLOURS) + len(SHAPES) + len(COUNTS))
     parts = {"decoder": dec, "audio": audio, "vision": vision, "embed_audio": emb_a, "embed_vision": emb_v}
     if args.init is not None:
         from safetensors.torch import load_file
 
         state = load_file(args.init / "model.safetensors")
+        if args.init_decoder:
+            text = {
+                k.removeprefix("model.language_model."): v.float()
+                for k, v in state.items()
+                if k.startswith("model.language_model.")
+            }
+            with torch.no_grad():
+                dec.embed_tokens_per_layer.copy_(text.pop("embed_tokens_per_layer.weight"))
+            result = dec.load_state_dict(text, strict=False)
+            assert result.missing_keys == ["embed_tokens_per_layer"] and not result.unexpected_keys, result
         for name, prefix in (
             ("audio", "model.audio_tower."),
             ("vision", "model.vision_tower.timm_model."),
@@ -468,7 +492,9 @@ def main() -> None:
     enc_text = [tok.encode(t, add_special_tokens=False).ids for t in clips.texts]
 
     tower_params = [p for k in ("audio", "vision", "embed_audio", "embed_vision") for p in parts[k].parameters()]
-    tower_params += list(ctc_head.parameters())
+    tower_params += list(ctc_head.parameters()) + list(attr_head.parameters())
+    audio_side = [p for m in (audio, emb_a, ctc_head) for p in m.parameters()]
+    vision_side = [p for m in (vision, emb_v, attr_head) for p in m.parameters()]
     opt = torch.optim.AdamW(
         [
             {"params": tower_params, "lr": args.lr, "weight_decay": 0.01, "peak": args.lr},
@@ -593,6 +619,13 @@ def main() -> None:
         scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(IMAGES_PER_BATCH[res])]
         pixels = improc([im for im, _ in scenes], size=res)
         soft_v = vision_soft(vision, emb_v, pixels)
+        logits = attr_head(soft_v.flatten(1))
+        nc, ns = len(COLOURS), len(SHAPES)
+        losses["attr"] = (
+            F.cross_entropy(logits[:, :nc], torch.tensor([list(COLOURS).index(sc.colour) for _, sc in scenes]))
+            + F.cross_entropy(logits[:, nc : nc + ns], torch.tensor([SHAPES.index(sc.shape) for _, sc in scenes]))
+            + F.cross_entropy(logits[:, nc + ns :], torch.tensor([sc.count - 1 for _, sc in scenes]))
+        ) / 3
         tasks = [rng.choice(list(QUESTIONS)) for _ in scenes]
         ans = [tok.encode(sc.answer(t), add_special_tokens=False).ids + [eot] for (_, sc), t in zip(scenes, tasks)]
         losses["image"], _, _ = answer_loss(dec, pl["full"], [image_prompts[t] for t in tasks], ans, soft_v, image_id)
@@ -604,7 +637,8 @@ def main() -> None:
 
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        torch.nn.utils.clip_grad_norm_(tower_params, 1.0)
+        torch.nn.utils.clip_grad_norm_(audio_side, 1.0)  # each tower its own budget: CTC spikes
+        torch.nn.utils.clip_grad_norm_(vision_side, 1.0)  # must not starve the vision tower
         if tune_decoder:
             torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
         opt.step()
