@@ -6,7 +6,7 @@ consecutive stretches of speech are grouped into windows of up to that length (s
 windows is never sent), and only a single stretch of speech longer than that
 is cut inside, at its quietest points with an overlap (audio.plan_windows) whose repeated words
 are removed (stitch_transcripts). Each window is one model call and one segment, with its
-start and end times. Prompt format: vLLM's fixed ASR/AST prompt (audio-vision.md §D.3).
+start and end times. Prompt format: vLLM's fixed ASR/AST prompt (docs/audio-vision.md#speech-prompts).
 
 Formats (CLI `--format`, the server's `response_format`): text, json, verbose_json (segments),
 srt (the `srt` library), vtt (`webvtt-py`).
