@@ -8,7 +8,7 @@ tower (timm, NCHW, plus `get_image_features`' reshape / permute / x sqrt(2048)) 
 values in fp32 and in bf16. Calls alternate between the engines so that all see the same load on a
 shared machine; the best of `--repeats` is kept. Errors are against transformers fp32.
 
-    python bench/bench_vision.py --threads 2                      # 256, 512, 768 px; batches 1, 8
+    python bench/bench_vision.py --threads 2                      # 256, 512, 768 px; batches 1, auto, 8
     python bench/bench_vision.py --sizes 256 --repeats 1 --batches 1
 """
 
@@ -27,6 +27,7 @@ from bench.common import machine_info, peak_rss_gb, print_table, write_json  # n
 from bench.towers import hf_in, hf_vision, load_note, ours_vision, rel_err, timed  # noqa: E402
 from gemma3n import kernels  # noqa: E402
 from gemma3n.hardware import cpu_info, measure  # noqa: E402
+from gemma3n.multimodal import vision_batch  # noqa: E402
 
 
 def tower_gflop(tower: torch.nn.Module, size: int) -> float:
@@ -40,7 +41,10 @@ def tower_gflop(tower: torch.nn.Module, size: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="256,512,768", help="comma-separated square input sizes")
-    ap.add_argument("--batches", default="1,8", help="images per call; >1 is the video path (ours only)")
+    ap.add_argument(
+        "--batches", default="1,auto,8",
+        help="images per call; >1 is the video path (ours only); auto: what the runtime uses at that size",
+    )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per engine and size (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--engines", default="ours,hf-bf16,hf-fp32")
@@ -70,7 +74,8 @@ def main() -> None:
     with torch.inference_mode():
         for size in [int(s) for s in args.sizes.split(",")]:
             gflop = tower_gflop(ours, size)
-            for batch in [int(b) for b in args.batches.split(",")]:
+            batches = [vision_batch(size, size) if b == "auto" else int(b) for b in args.batches.split(",")]
+            for batch in dict.fromkeys(batches):  # in order, once each
                 x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
                 fns = {"ours": lambda x=x: ours(x)}
                 if batch == 1:  # transformers per image; the video path is ours

@@ -138,10 +138,16 @@ class Towers:
         )
 
 
-# Images (video frames) through the vision tower at once: larger batches make its small late-stage
-# GEMMs more efficient, and the cap bounds the activations of a long clip (at 768 px one image's
-# early feature maps take about a hundred MB).
-VISION_BATCH = 8
+# Pixels (images x height x width) through the vision tower in one call: at 256 px several frames
+# together make its small late-stage GEMMs more efficient, while at 768 px one image's early
+# feature maps already take about a hundred MB and a batch ran slower per image (bench/README.md).
+VISION_BATCH_PIXELS = 8 * 256 * 256
+
+
+def vision_batch(height: int, width: int) -> int:
+    """Images per vision-tower call at this resolution (8 at 256 px, 2 at 512, 1 at 768)."""
+    return max(1, VISION_BATCH_PIXELS // (height * width))
+
 
 # Audio windows encoded at once: bounds the encoder's activations however long the prompt's
 # audio (a 30 s window is 750 conformer steps of 1536 features, 6144 in the feed-forward).
@@ -201,10 +207,9 @@ def merge_embeddings(
         mask = (ids >= lo) & (ids < hi)
         h0[mask] = towers.embedder(kind).embed_hard(ids[mask]).to(h0.dtype)
     if pixel_values is not None:
-        tower = towers.vision_tower()
+        tower, n = towers.vision_tower(), vision_batch(*pixel_values.shape[-2:])
         features = torch.cat([
-            tower(pixel_values[i : i + VISION_BATCH].to(towers.device))
-            for i in range(0, pixel_values.shape[0], VISION_BATCH)
+            tower(pixel_values[i : i + n].to(towers.device)) for i in range(0, pixel_values.shape[0], n)
         ])  # fmt: skip
         soft = towers.embedder("vision").embed_soft(features)
         h0 = _scatter(h0, ids == cfg.image_token_id, soft, "image")

@@ -99,7 +99,7 @@ def _hf_bf16_image_error(mm_checkpoint, messages) -> tuple[float, float]:
 
 
 def test_frames_go_through_the_tower_in_batches(mm_checkpoint, monkeypatch):
-    """Images beyond VISION_BATCH are encoded in several calls, with the same soft tokens."""
+    """Images beyond the batch for their size are encoded in several calls, with the same soft tokens."""
     from gemma3n import multimodal
 
     _, _, path = mm_checkpoint
@@ -109,11 +109,13 @@ def test_frames_go_through_the_tower_in_batches(mm_checkpoint, monkeypatch):
     messages = [
         {"role": "user", "content": [*({"type": "image", "image": f} for f in frames), {"type": "text", "text": "?"}]}
     ]
-    _, whole = model.prepare(messages=messages)
+    assert [multimodal.vision_batch(s, s) for s in (256, 512, 768)] == [8, 2, 1]
     calls = []
     tower = model.towers.vision_tower()
-    monkeypatch.setattr(multimodal, "VISION_BATCH", 2)
     monkeypatch.setattr(tower, "forward", lambda x, f=tower.forward: calls.append(x.shape[0]) or f(x))
+    monkeypatch.setattr(multimodal, "vision_batch", lambda h, w: 3)
+    _, whole = model.prepare(messages=messages)
+    monkeypatch.setattr(multimodal, "vision_batch", lambda h, w: 2)
     _, batched = model.prepare(messages=messages)
-    assert calls == [2, 1]
+    assert calls == [3, 2, 1]
     torch.testing.assert_close(batched, whole, rtol=1e-5, atol=1e-5)
