@@ -217,7 +217,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     else:
         content: list[dict] = [{"type": "image", "image": p} for p in a.image or []]
         if a.video:
-            from .vision import video_message_parts
+            from .image import video_message_parts
 
             content += video_message_parts(a.video, fps=a.fps, max_frames=a.max_frames)
         content += [{"type": "audio", "audio": p} for p in a.audio or []]

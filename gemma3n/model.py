@@ -150,7 +150,7 @@ class Model:
         ids = torch.tensor([inputs.ids], device=self.decoder.device)
         pixel_values = audio_extractor = None
         if inputs.images:
-            from .vision import ImageProcessor, load_image
+            from .image import ImageProcessor, load_image
 
             self.towers.vision_tower()  # a text-only checkpoint fails here, before any decoding
             images = [load_image(img) for img in inputs.images]

@@ -16,13 +16,8 @@ import torch
 
 from gemma3n.errors import CheckpointError, ConfigError, InputError
 from gemma3n.hardware import tower_compute_dtype
-from gemma3n.vision import (
-    ImageProcessor,
-    VisionTower,
-    load_image,
-    sample_video_frames,
-    video_message_parts,
-)
+from gemma3n.image import ImageProcessor, load_image, sample_video_frames, video_message_parts
+from gemma3n.vision import VisionTower
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402

@@ -37,8 +37,8 @@ from tiny_media_data import (  # noqa: E402
 )
 
 import gemma3n  # noqa: E402
+from gemma3n.image import ImageProcessor  # noqa: E402
 from gemma3n.speech import speech_prompt, transcribe  # noqa: E402
-from gemma3n.vision import ImageProcessor  # noqa: E402
 
 EVAL_SEED = 1_000_000  # scenes drawn from seeds the training stream never uses
 

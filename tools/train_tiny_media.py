@@ -69,10 +69,10 @@ from train_tiny import held_out_loss, loss_of, plans  # noqa: E402  (importing i
 from gemma3n.audio import AudioFeatureExtractor  # noqa: E402
 from gemma3n.audio_encoder import AudioEncoder, AudioEncoderConfig, SSCPConvBlock  # noqa: E402
 from gemma3n.config import TextConfig  # noqa: E402
+from gemma3n.image import ImageProcessor  # noqa: E402
 from gemma3n.multimodal import MultimodalEmbedder  # noqa: E402
 from gemma3n.speech import speech_prompt  # noqa: E402
 from gemma3n.text import TextDecoder  # noqa: E402
-from gemma3n.vision import ImageProcessor  # noqa: E402
 
 
 def _sscp_forward_for_autograd(self: SSCPConvBlock, x: torch.Tensor) -> torch.Tensor:
