@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused, kernels
-from .errors import CheckpointError, ConfigError, InputError
+from .checkpoint import check_coverage
+from .errors import ConfigError, InputError
 from .hardware import tower_compute_dtype
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,20 +374,11 @@ def _build_timm_skeleton(vision_config: Mapping[str, Any]) -> nn.Module:
 
 
 def _check_coverage(sd: Mapping[str, Tensor], skeleton: nn.Module) -> None:
-    expected = {"timm_model." + k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} != expected {expected[k]}"
-        for k in set(expected) & set(sd)
-        if tuple(sd[k].shape) != expected[k]
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if items:
-                parts.append(f"{len(items)} {title}: " + ", ".join("model.vision_tower." + i for i in items))
-        raise CheckpointError("vision tower weights do not match vision_config: " + "; ".join(parts))
+    """The checkpoint's tower tensors against the module tree `vision_config` describes (strict)."""
+    prefix = "model.vision_tower."
+    expected = {f"{prefix}timm_model.{k}": tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {prefix + k: tuple(v.shape) for k, v in sd.items()}
+    check_coverage(expected, found, where="vision tower (model.vision_tower.*, as vision_config describes it)")
 
 
 class VisionTower(nn.Module):

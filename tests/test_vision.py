@@ -147,7 +147,7 @@ def test_tower_checkpoint_errors(hf_and_ours):
     msg = str(ei.value)
     assert "model.vision_tower.timm_model.blocks.2.2.attn.query.proj.weight" in msg
     assert "model.vision_tower.timm_model.blocks.9.0.foo" in msg
-    assert "msfa.norm.weight: checkpoint (7,) != expected (2048,)" in msg
+    assert "msfa.norm.weight: checkpoint [7], expected [2048]" in msg
     with pytest.raises(ConfigError, match="not_a_timm_model"):
         VisionTower.from_state_dict(sd, dict(vc, architecture="not_a_timm_model"), device="cpu")
     with pytest.raises(ConfigError, match="hidden_size 1024"):
