@@ -6,8 +6,6 @@ The tower that encodes them is vision.py.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import warnings
@@ -20,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, InputError
+from .inline import decode_data_uri
 
 # ---------------------------------------------------------------------------------------------------
 # Image input
@@ -114,13 +113,7 @@ def load_image(src: Any) -> Any:
 
     name = _describe(src)
     if isinstance(src, str) and src.startswith("data:"):
-        header, _, payload = src.partition(",")
-        if ";base64" not in header:
-            raise InputError(f"{name}: only base64 data URIs are supported")
-        try:
-            src = base64.b64decode(payload, validate=False)
-        except (binascii.Error, ValueError) as e:
-            raise InputError(f"{name}: invalid base64 payload") from e
+        src = decode_data_uri(src, name, "image")
     if isinstance(src, (bytearray, memoryview)):
         src = bytes(src)
     if isinstance(src, bytes):

@@ -3,8 +3,6 @@ request models, OpenAI content parts, and errors in OpenAI's `{"error": {...}}` 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import re
@@ -15,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gemma3n.errors import Gemma3nError
+from gemma3n.errors import Gemma3nError, InputError
+from gemma3n.inline import decode_base64, decode_data_uri
 from gemma3n.logprobs import MAX_TOP_LOGPROBS
 from gemma3n.model import MAX_N
 from gemma3n.speculative import MAX_K
@@ -318,12 +317,9 @@ def check_reply_form(kwargs: dict[str, Any]) -> None:
 
 def _b64decode(data: str, param: str) -> bytes:
     try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise APIError(400, f"{param} is not valid base64: {exc}", param=param) from None
-    if not raw:
-        raise APIError(400, f"{param} is empty", param=param)
-    return raw
+        return decode_base64(data, param)
+    except InputError as e:
+        raise APIError(400, str(e), param=param) from None
 
 
 def _image_bytes(url: str, param: str) -> bytes:
@@ -337,13 +333,10 @@ def _image_bytes(url: str, param: str) -> bytes:
             param=param,
             code="unsupported_image_url",
         )
-    header, sep, data = url[5:].partition(",")
-    mediatype = header.split(";")[0]
-    if not sep or ";base64" not in header:
-        raise APIError(400, f"{param}: the data: URI must be base64 (data:image/png;base64,...)", param=param)
-    if mediatype and not mediatype.startswith("image/"):
-        raise APIError(400, f"{param}: media type {mediatype!r} is not an image", param=param)
-    return _b64decode(data, param)
+    try:
+        return decode_data_uri(url, param, "image")
+    except InputError as e:
+        raise APIError(400, str(e), param=param) from None
 
 
 def _convert_part(part: dict[str, Any], param: str, model: Any) -> dict[str, Any]:
