@@ -1,4 +1,4 @@
-"""The Gemma 3n audio tower: a USM-style conformer (spec: audio-vision.md §B).
+"""The Gemma 3n audio tower: a USM-style conformer (docs/audio-vision.md#audio-encoder).
 
 Module and parameter names equal the checkpoint names under `model.audio_tower.`, so loading
 is a dict walk. Derived constants (query scale, local causal band, sinusoid timing signal) are
@@ -90,7 +90,8 @@ def _norm(
 
 
 class CumulativeGroupNorm(nn.Module):
-    """Group norm over (freq, channel) with statistics accumulated causally over time (§B.2.3).
+    """Group norm over (freq, channel) with statistics accumulated causally over time
+    (docs/audio-vision.md#cumulative-group-norm).
 
     Input [B, T, F, C]. The variance sums each past step's squared deviation from that step's
     own running mean mu_tau, as the reference does. Per step that sum is
@@ -160,7 +161,7 @@ class SubSampleConvProjection(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = self.conv_1(self.conv_0(mel.unsqueeze(-1)))  # [B, T2, F2, C]
-        # flatten index f*C + c, as the converter reshaped the JAX kernel (§B.5)
+        # flatten index f*C + c, as the converter reshaped the JAX kernel (docs/audio-vision.md#audio-tower-tensors)
         return self.input_proj_linear(x.reshape(*x.shape[:2], -1))
 
 
@@ -195,7 +196,8 @@ class RelativePositionEmbedding(nn.Module):
 
 
 def timing_signal(distances: torch.Tensor, channels: int) -> torch.Tensor:
-    """[sin(d*inv), cos(d*inv)] concatenated, inv_i = 1e4^(-i/(channels/2 - 1)) (§B.3 step 7)."""
+    """[sin(d*inv), cos(d*inv)] concatenated, inv_i = 1e4^(-i/(channels/2 - 1))
+    (docs/audio-vision.md#local-attention)."""
     n = channels // 2
     inv = torch.exp(torch.arange(n, dtype=torch.float32) * -(math.log(1.0e4) / max(n - 1, 1)))
     scaled = distances.float().unsqueeze(-1) * inv.to(distances.device)
@@ -213,7 +215,7 @@ def relative_shift(bd: torch.Tensor, context: int) -> torch.Tensor:
 
 
 class LocalRelPosAttention(nn.Module):
-    """Chunked local self-attention with relative positions and a tanh logit cap (§B.3).
+    """Chunked local self-attention with relative positions and a tanh logit cap (docs/audio-vision.md#local-attention).
 
     Queries are cut into blocks of W = chunk; each block attends to a context of
     C = W + past + future keys; a band mask keeps `past` steps back and `future` ahead.
@@ -395,12 +397,12 @@ class AudioEncoder(nn.Module):
         """
         cfg = self.config
         x = self.subsample_conv_projection(features.to(self.compute_dtype))  # [N, T2, hidden]
-        # each step takes the mask of the first mel frame of its receptive field (§B.2)
+        # each step takes the mask of the first mel frame of its receptive field (docs/audio-vision.md#sscp)
         idx = (torch.arange(x.shape[1], device=mask.device) * cfg.time_stride).clamp(max=mask.shape[1] - 1)
         padding = ~mask[:, idx].bool()
         ctx = AttentionContext(cfg, padding, x.dtype, self.gemm_dtype)
         for block in self.conformer:
             x = block(x, ctx)
         r = cfg.conf_reduction_factor
-        x, padding = x[:, ::r], padding[:, ::r]  # decimation, not pooling (§B.4)
+        x, padding = x[:, ::r], padding[:, ::r]  # decimation, not pooling (docs/audio-vision.md#output-reduction)
         return x.masked_fill(padding.unsqueeze(-1), 0.0), padding

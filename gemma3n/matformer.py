@@ -325,7 +325,7 @@ def _validate(
             readers = sources[i]
             raise InputError(
                 f"{name}: layer {i} cannot be skipped: it is the KV source of the shared "
-                f"{text_config.layer_types[i]} layers {format_skip(readers)} (matformer.md §2.1)"
+                f"{text_config.layer_types[i]} layers {format_skip(readers)} (docs/matformer.md#slicing-rules)"
             )
     first_shared = n - text_config.num_kv_shared_layers
     low = [i for i in skipped if i < first_shared]
