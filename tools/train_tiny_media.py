@@ -422,6 +422,9 @@ def main() -> None:
         "--init", type=Path, default=None, help="start the towers and embedders from this checkpoint's (a resumed run)"
     )
     ap.add_argument("--init-decoder", action="store_true", help="with --init: its text decoder too")
+    ap.add_argument(
+        "--fresh-vision", action="store_true", help="with --init: a new vision tower and embedder (a collapsed one)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -464,6 +467,8 @@ def main() -> None:
             ("embed_audio", "model.embed_audio."),
             ("embed_vision", "model.embed_vision."),
         ):
+            if args.fresh_vision and name in ("vision", "embed_vision"):
+                continue
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             parts[name].load_state_dict(sub, strict=True)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
