@@ -43,7 +43,7 @@ from gemma3n.speech import speech_prompt, transcribe  # noqa: E402
 EVAL_SEED = 1_000_000  # scenes drawn from seeds the training stream never uses
 
 
-def long_recording(seconds: float = 120.0) -> tuple[np.ndarray, str]:
+def long_recording(seconds: float = 135.0) -> tuple[np.ndarray, str]:
     """Consecutive held-out verses (from the start of the held-out chapters) read with the held-out voice."""
     texts, total = [], 0.0
     for v in verses(held_out=True)[200:]:
