@@ -6,11 +6,12 @@
 Per engine (a fresh subprocess, so peak RSS is that engine's alone): load time, prefill tok/s and time to
 first token at each prompt length, greedy decode tok/s over `--decode` tokens after the shortest prompt,
 peak RSS (VmHWM), CUDA peak allocation when on a GPU. Then the machine's read bandwidth, the decode bound
-it implies (weight bytes read per token / bandwidth, reference text-decoder.md §6) and each engine's decode
+it implies (weight bytes read per token / bandwidth, docs/text-decoder.md#parameter-counts) and each engine's decode
 as a fraction of that bound. A markdown table goes to stdout, everything to bench/out/bench_text-*.json.
 
 Engines:
-- ``ours``: ``gemma3n.load(dir)`` + ``generate(..., temperature=0)`` with the prefill skip (§5.3).
+- ``ours``: ``gemma3n.load(dir)`` + ``generate(..., temperature=0)`` with the prefill skip
+  (docs/text-decoder.md#prefill-skip).
 - ``ours-noskip``: the same with the prefill skip off.
 - ``ours-fp32`` / ``ours-noskip-fp32``: the same, loaded with ``dtype=torch.float32`` (``ours`` /
   ``ours-noskip`` use ``--ours-dtype``, default: the checkpoint's bf16).

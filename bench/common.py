@@ -95,7 +95,7 @@ def measure_bandwidth(threads: int, size_gb: float = 1.0, repeats: int = 10) -> 
         torch.set_num_threads(prev)
 
 
-# --- model arithmetic (reference text-decoder.md §6) -----------------------------------------------------
+# --- model arithmetic (docs/text-decoder.md#parameter-counts) -----------------------------------------------------
 
 
 def text_config_of(cfg: dict) -> dict:
@@ -104,9 +104,10 @@ def text_config_of(cfg: dict) -> dict:
 
 
 def decode_weight_params(tc: dict) -> dict[str, int]:
-    """Parameters read per decoded token, by group (§6.1 shapes).
+    """Parameters read per decoded token, by group (docs/text-decoder.md#checkpoint-tensors).
 
-    Counted: every layer weight except the shared layers' k_proj / v_proj / k_norm (never used, §5.1),
+    Counted: every layer weight except the shared layers' k_proj / v_proj / k_norm (never used:
+    docs/text-decoder.md#kv-sharing),
     the 6 AltUp matrices, ``per_layer_model_projection``, the final norm, and the LM head = the full tied
     ``embed_tokens`` table (a [V, D] matvec). Not counted: the main embedding row and the per-layer-embedding
     rows (one gathered row each, negligible), the KV cache (small at short context).

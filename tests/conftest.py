@@ -223,7 +223,8 @@ def build_mm_checkpoint(path: Path):
     hf = Gemma3nForConditionalGeneration(config).eval()
     randomize_(hf, seed=0)
     with torch.no_grad():
-        # as in the official checkpoints, the rows of the media vocabularies copy the <pad> row (§D.2)
+        # as in the official checkpoints, the rows of the media vocabularies copy the <pad> row
+        # (docs/audio-vision.md#special-tokens)
         table = hf.model.language_model.embed_tokens.weight
         table[TEXT_VOCAB:] = table[0]
         # randomize_ gives the tower's norms ~1 but its layer scales 0.2 * noise: make them O(1) too

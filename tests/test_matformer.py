@@ -1,6 +1,6 @@
 """MatFormer phase 1: the table, spec parsing/validation, effective params, streamed export.
 
-No weights are downloaded: effective params use the real E4B shapes (text-decoder.md §1) and the
+No weights are downloaded: effective params use the real E4B shapes (docs/text-decoder.md#config-fields) and the
 export runs on a tiny random checkpoint written by transformers 5.24.
 """
 
@@ -34,7 +34,7 @@ def _types(n: int) -> list[str]:
 
 
 def e4b_config() -> TextConfig:
-    # text-decoder.md §1: E4B. Every other field defaults to the E4B value.
+    # docs/text-decoder.md#config-fields: E4B. Every other field defaults to the E4B value.
     return TextConfig(
         num_hidden_layers=35,
         intermediate_size=[16384] * 35,
@@ -79,7 +79,7 @@ def test_table_parsed_from_package_data():
 
 def test_effective_params_match_every_table_row():
     cfg = e4b_config()
-    assert mf.effective_params(cfg) == 3_980_491_248  # text-decoder.md §6.2
+    assert mf.effective_params(cfg) == 3_980_491_248  # docs/text-decoder.md#parameter-counts
     assert mf.effective_params(e2b_config()) == 1_905_495_648
     for p in mf.presets():
         spec = mf.resolve_size(p.name, cfg)

@@ -1,5 +1,5 @@
 """Vision path: tower parity with transformers + timm, pixel parity with HF's image processor,
-image loading and bad inputs, video frame sampling. Spec: audio-vision.md §C, §F.5."""
+image loading and bad inputs, video frame sampling. Spec: docs/audio-vision.md#vision-tower and #parity-checklist."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_official_tower_gives_256_tokens():
     with torch.device("meta"):
         skel = timm.create_model("mobilenetv5_300m_enc", pretrained=False, num_classes=0)
     sd = {"timm_model." + k: v for k, v in skel.state_dict().items()}
-    assert len(sd) == 548 and sum(v.numel() for v in sd.values()) == 294_126_912  # §C.4, §C.5
+    assert len(sd) == 548 and sum(v.numel() for v in sd.values()) == 294_126_912  # docs/audio-vision.md#msfa
     tower = VisionTower.from_state_dict(sd, vc, device="meta", dtype=torch.float32)
     assert tower.soft_tokens == 256
     for res in (256, 512, 768):
@@ -172,7 +172,7 @@ def test_official_tower_gives_256_tokens():
 # image processor
 # --------------------------------------------------------------------------------------------------
 
-HUB_PREPROCESSOR = {  # google/gemma-3n-E2B-it preprocessor_config.json, image part (§C.6)
+HUB_PREPROCESSOR = {  # google/gemma-3n-E2B-it preprocessor_config.json, image part
     "image_processor_type": "SiglipImageProcessorFast",
     "do_convert_rgb": None,
     "do_normalize": False,

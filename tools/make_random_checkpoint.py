@@ -1,8 +1,8 @@
 """Write a random-weight Gemma 3n checkpoint with the real E2B / E4B shapes and Hugging Face layout.
 
-Layout (what ``google/gemma-3n-E2B-it`` ships, reference text-decoder.md §1 and §6.1):
+Layout (what ``google/gemma-3n-E2B-it`` ships, docs/text-decoder.md#config-fields and #checkpoint-tensors):
 
-- ``config.json``: top-level ``model_type: gemma3n`` with ``text_config`` (every §1 field, in the hub's
+- ``config.json``: top-level ``model_type: gemma3n`` with ``text_config`` (every config field, in the hub's
   4.53-era spelling: ``rope_theta`` / ``rope_local_base_freq``), plus ``vision_config`` / ``audio_config``.
 - ``model-0000k-of-0000n.safetensors`` bf16 shards and ``model.safetensors.index.json``.
 - Text tensors are named ``model.language_model.*``; the tied LM head is *not* stored.
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# --- shapes (reference text-decoder.md §1) -------------------------------------------------------------
+# --- shapes (docs/text-decoder.md#config-fields) -------------------------------------------------------------
 
 SHAPES: dict[str, dict] = {
     "E2B": {"num_hidden_layers": 30, "intermediate_size": 8192, "num_kv_shared_layers": 10, "sparse": 10},
@@ -63,12 +63,12 @@ N_ALTUP = 4
 
 
 def layer_types_for(n_layers: int) -> list[str]:
-    # 4 sliding + 1 full, repeated: full layers at 4, 9, 14, ... (§1 `layer_types`).
+    # 4 sliding + 1 full, repeated: full layers at 4, 9, 14, ... (`layer_types`).
     return ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n_layers)]
 
 
 def text_config(shape: str, n_layers: int | None = None) -> dict:
-    """The `text_config` dict of §1 (hub spelling), optionally cut to `n_layers` with the same proportions."""
+    """The `text_config` dict (hub spelling), optionally cut to `n_layers` with the same proportions."""
     s = SHAPES[shape]
     full_l = s["num_hidden_layers"]
     n = full_l if n_layers is None else n_layers
@@ -249,7 +249,7 @@ class Spec:
 
 
 def text_specs(tc: dict) -> list[Spec]:
-    """Every `model.language_model.*` tensor of §6.1, in hub order (globals first, then layers)."""
+    """Every `model.language_model.*` tensor, in hub order (globals first, then layers)."""
     n = tc["num_hidden_layers"]
     pre = "model.language_model."
     out = [
@@ -282,7 +282,7 @@ def text_specs(tc: dict) -> list[Spec]:
             Spec(lp + "mlp.up_proj.weight", (inter, D), "normal", 0.02),
             Spec(lp + "mlp.down_proj.weight", (D, inter), "normal", 0.02),
             Spec(lp + "altup.correct_output_scale", (D,), "ones", 0.05),
-            # AltUp coefficients small so the 4-stream mixing stays near the identity (§3.3, §3.4).
+            # AltUp coefficients small so the 4-stream mixing stays near the identity (docs/text-decoder.md#altup).
             Spec(lp + "altup.correction_coefs.weight", (N_ALTUP, N_ALTUP), "normal", 0.01),
             Spec(lp + "altup.prediction_coefs.weight", (N_ALTUP * N_ALTUP, N_ALTUP), "normal", 0.01),
             Spec(lp + "altup.modality_router.weight", (N_ALTUP, D), "normal", 0.02),
@@ -348,7 +348,7 @@ def iter_chunks(spec: Spec, seed: int):
         else:
             t = torch.randn(shape, generator=g).mul_(spec.std).to(torch.bfloat16)
         if spec.kind == "embed":
-            # Rows >= 262144 of embed_tokens are copies of the pad row 0 (§1 vocab_size, HF-conv).
+            # Rows >= 262144 of embed_tokens are copies of the pad row 0 (as the hub conversion does).
             if r0 == 0:
                 first_row = t[0].clone()
             lo = max(r0, VP)

@@ -14,7 +14,7 @@ Model: `gemma3n.text.TextDecoder` built from a `gemma3n.config.TextConfig` (the 
 classes, in training mode: no cache), shaped like E4B in miniature: 15 layers in 3 periods of
 4 sliding + 1 global, the top two periods (layers 5-14) KV-shared, FFN 512 (4x hidden) that nests
 256 (2x hidden), activation sparsity in the first 4 layers, AltUp 4 streams, LAuReL, PLE.
-MatFormer (shared/reference/matformer.md §5): every step sums the next-token loss of the full model,
+MatFormer (docs/matformer.md#training-a-matformer): every step sums the next-token loss of the full model,
 of the E2B-like sub-model that skips the first shared period (layers 5-9) and halves every FFN, and
 of one random Mix-n-Match size between them. The checkpoint declares six sizes (matformer_sizes.json).
 
@@ -132,7 +132,7 @@ def plans(cfg: TextConfig) -> dict[str, LayerPlan]:
 
 def random_mix(cfg: TextConfig, rng: random.Random) -> LayerPlan:
     """A random Mix-n-Match size between the two trained ends: the first shared period kept or
-    skipped, each kept layer's FFN at the full or the nested width (matformer.md §5, "sample one
+    skipped, each kept layer's FFN at the full or the nested width (docs/matformer.md#training-a-matformer, "sample one
     granularity per batch", added on top of the summed full + E2B-like losses)."""
     skip = SUB_SIZE["skip"] if rng.random() < 0.5 else []
     kept = cfg.num_hidden_layers - len(skip)
