@@ -196,7 +196,9 @@ class Scene:
         return f"{COUNTS[self.count - 1]} {self.colour} {self.shape}{'s' if self.count > 1 else ''}"
 
 
-def render_scene(rng: random.Random, side: int = 384, scene: Scene | None = None):
+def render_scene(
+    rng: random.Random, side: int = 384, scene: Scene | None = None, radius: tuple[float, float] = (0.07, 0.16)
+):
     """A PIL image of `scene` (random if None): non-overlapping shapes, jittered colours, a light
     background with a faint gradient. Returns (image, scene)."""
     from PIL import Image, ImageDraw
@@ -213,7 +215,7 @@ def render_scene(rng: random.Random, side: int = 384, scene: Scene | None = None
     boxes: list[tuple[float, float, float]] = []
     for _ in range(scene.count):
         for _attempt in range(200):
-            r = rng.uniform(0.07, 0.16) * side
+            r = rng.uniform(*radius) * side
             cx, cy = rng.uniform(r + 2, side - r - 2), rng.uniform(r + 2, side - r - 2)
             if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 0.02 * side) ** 2 for x, y, q in boxes):
                 break
