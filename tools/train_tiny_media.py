@@ -88,10 +88,10 @@ def _sscp_forward_for_autograd(self: SSCPConvBlock, x: torch.Tensor) -> torch.Te
 SSCPConvBlock.forward = _sscp_forward_for_autograd
 
 # --------------------------------------------------------------------------------------------
-# Tower shapes (audio-vision.md §B, §C at toy size)
+# Tower shapes: the USM conformer and MobileNet-V5 of docs/audio-vision.md, at toy size
 
 AUDIO_WINDOW_SAMPLES = 160_000  # 10 s: the longest clip the tiny encoder takes in one piece
-AUDIO_TOKENS = 63  # soft tokens of a 10 s window (§A.4); shorter clips are padded to it
+AUDIO_TOKENS = 63  # soft tokens of a 10 s window (docs/audio-vision.md); shorter clips are padded to it
 IMAGE_TOKENS = 16  # MSFA output 4 x 4
 AUDIO_CONFIG = {
     "model_type": "gemma3n_audio",
