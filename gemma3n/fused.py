@@ -52,21 +52,12 @@ def norm_act(
         return torch.ops.gemma3n_towers.norm_act(
             x, weight, float(eps), ACTS[act], limit, residual, float(scale), out_dtype == torch.bfloat16, isa
         )
-    return reference(x, weight, eps, act=act, clip=clip, residual=residual, scale=scale, out_dtype=out_dtype)
+    return _torch_ops(x, weight, eps, act, clip, residual, scale, out_dtype)
 
 
-def reference(
-    x: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    act: str | None = None,
-    clip: float | None = None,
-    residual: torch.Tensor | None = None,
-    scale: float = 1.0,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """`norm_act` as PyTorch ops (any device, any dtype)."""
+def _torch_ops(x, weight, eps, act, clip, residual, scale, out_dtype) -> torch.Tensor:
+    """`norm_act` as PyTorch ops, its arguments in its order (any device and dtype; the fallback
+    and the tests' reference, reached as `norm_act(..., native=False)`)."""
     y = x.float()
     if clip is not None:
         y = y.clamp(-clip, clip)
