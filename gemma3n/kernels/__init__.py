@@ -26,8 +26,8 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).parent
-# the weight products (bf16/fp32, int8/int4) and their Python entry points; the fused decode step; the towers' fused norm
-# epilogues (torch.ops.gemma3n_towers)
+# the weight products (bf16/fp32, int8/int4) and their Python entry points; the fused decode step;
+# the towers' fused norm epilogues (torch.ops.gemma3n_towers)
 SOURCES = (HERE / "decode.cpp", HERE / "decode_quant.cpp", HERE / "ops.cpp", HERE / "step.cpp", HERE / "towers.cpp")
 HEADERS = (HERE / "kernels.h", HERE / "decode.h")
 ISA = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
