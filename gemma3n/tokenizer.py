@@ -24,6 +24,8 @@ SPECIAL = {
     "boa": "<start_of_audio>",
     "eoa": "<end_of_audio>",
 }
+# The media tokens as a processor's tokenizer_config.json names them (`extra_special_tokens`).
+MEDIA_TOKENS = {f"{k}_token": SPECIAL[k] for k in ("image", "boi", "eoi", "audio", "boa", "eoa")}
 
 
 class Tokenizer:

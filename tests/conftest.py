@@ -14,6 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tools/ (tokenizer builder) is not part of the package
 
+from gemma3n import kernels  # noqa: E402
+from gemma3n.tokenizer import MEDIA_TOKENS  # noqa: E402
 from tools.make_tiny import build_tokenizer  # noqa: E402
 
 torch.set_num_threads(2)
@@ -158,14 +160,6 @@ def tiny_text_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 # --- a small text + audio + vision checkpoint, saved by transformers with its processor ------------
-MEDIA_TOKENS = {
-    "image_token": "<image_soft_token>",
-    "boi_token": "<start_of_image>",
-    "eoi_token": "<end_of_image>",
-    "audio_token": "<audio_soft_token>",
-    "boa_token": "<start_of_audio>",
-    "eoa_token": "<end_of_audio>",
-}
 TEXT_VOCAB = 512  # the test tokenizer's size; ids [512, 640) are vision, [640, 768) audio
 IMAGE_TOKENS = 16  # the tiny tower's msfa_output_resolution 4 -> 4 x 4 soft tokens
 IMAGE_SIDE = 128  # stage-2 map 8 x 8 -> MSFA avg-pool 2
@@ -253,3 +247,12 @@ def last_token_logits(model, ids: list[int], embeds: torch.Tensor | None) -> tor
     t = torch.tensor([ids])
     hidden = model.decoder(t, torch.arange(t.shape[1]), plan=model.plan(), inputs_embeds=embeds)
     return model.decoder.lm_head(hidden[0, -1]).float()
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The native kernels' module (tests of its bodies skip where it cannot be built)."""
+    module = kernels.get()
+    if module is None:
+        pytest.skip(f"native kernels unavailable: {kernels.status()}")
+    return module

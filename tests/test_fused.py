@@ -12,14 +12,6 @@ import torch
 from gemma3n import fused, kernels
 
 
-@pytest.fixture(scope="module")
-def native():
-    module = kernels.get()
-    if module is None:
-        pytest.skip(f"native kernels unavailable: {kernels.status()}")
-    return module
-
-
 def _isas(native) -> list[int]:
     best = kernels.ISA[native.isa_name(0)]
     return [level for level in (1, 2, 3) if level <= best]

@@ -22,14 +22,6 @@ def test_kernels_build_where_a_compiler_exists():
     assert kernels.status().startswith("native")
 
 
-@pytest.fixture(scope="module")
-def native():
-    module = kernels.get()
-    if module is None:
-        pytest.skip(f"native kernels unavailable: {kernels.status()}")
-    return module
-
-
 def _isas(native) -> list[int]:
     """Every body this CPU can run: generic always, then each SIMD level up to the best."""
     best = kernels.ISA[native.isa_name(0)]

@@ -73,6 +73,7 @@ from gemma3n.image import ImageProcessor  # noqa: E402
 from gemma3n.multimodal import MultimodalEmbedder  # noqa: E402
 from gemma3n.speech import speech_prompt  # noqa: E402
 from gemma3n.text import TextDecoder  # noqa: E402
+from gemma3n.tokenizer import MEDIA_TOKENS  # noqa: E402
 
 
 def _sscp_forward_for_autograd(self: SSCPConvBlock, x: torch.Tensor) -> torch.Tensor:
@@ -306,14 +307,7 @@ def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.
     for name in ("tokenizer.json", "generation_config.json", "matformer_sizes.json"):
         shutil.copy(base / name, tmp / name)
     tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
-    tok_cfg["extra_special_tokens"] = {
-        "image_token": "<image_soft_token>",
-        "boi_token": "<start_of_image>",
-        "eoi_token": "<end_of_image>",
-        "audio_token": "<audio_soft_token>",
-        "boa_token": "<start_of_audio>",
-        "eoa_token": "<end_of_audio>",
-    }
+    tok_cfg["extra_special_tokens"] = dict(MEDIA_TOKENS)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     (tmp / "README.md").write_text(readme)
     if out.exists():
