@@ -16,22 +16,8 @@ from typing import Protocol
 import torch
 
 from .cache import Cache, PromptCache
-from .generate import (
-    EmbedFn,
-    Prompt,
-    SamplingParams,
-    decode_one,
-    prefill,
-    sampling_distribution,
-)
+from .generate import Dist, EmbedFn, Prompt, SamplingParams, decode_one, draw, prefill, sampling_distribution
 from .text import LayerPlan, TextDecoder
-
-Dist = torch.Tensor | int  # probabilities [V] summing to 1, or the one token a point mass is on
-
-
-def draw(dist: Dist, gen: torch.Generator) -> int:
-    """A token from `dist` (a point mass gives its token without using the generator)."""
-    return dist if isinstance(dist, int) else int(torch.multinomial(dist, 1, generator=gen))
 
 
 class Drafter(Protocol):

@@ -136,9 +136,17 @@ def make_sampler(p: SamplingParams) -> Sampler:
     @torch.inference_mode()
     def sample(logits: torch.Tensor, history: list[int]) -> int:
         dist = sampling_distribution(logits, history, p)
-        return dist if isinstance(dist, int) else int(torch.multinomial(dist, 1, generator=gen))
+        return draw(dist, gen)
 
     return sample
+
+
+Dist = torch.Tensor | int  # probabilities [V] summing to 1, or the one token a point mass is on
+
+
+def draw(dist: Dist, gen: torch.Generator | None) -> int:
+    """A token from `dist` (a point mass gives its token without using the generator)."""
+    return dist if isinstance(dist, int) else int(torch.multinomial(dist, 1, generator=gen))
 
 
 @torch.inference_mode()

@@ -55,15 +55,17 @@ import torch
 
 from .cache import Cache
 from .decode_step import decode_tokens, fused_step
-from .drafts import Dist, Drafter, ModelDrafter, NgramDrafter, draw, truncate
+from .drafts import Drafter, ModelDrafter, NgramDrafter, truncate
 from .errors import InputError
 from .generate import (
+    Dist,
     EmbedFn,
     Prompt,
     SamplingParams,
     StepStats,
     check_logits,
     decode_one,
+    draw,
     sampling_distribution,
 )
 from .matformer import effective_params, format_params
