@@ -48,15 +48,25 @@ class Window:
 
 def speech_windows(wave: np.ndarray, max_seconds: float = 30.0) -> list[Window]:
     """Windows of at most `max_seconds` covering every stretch of speech in a 16 kHz clip."""
-    from .audio import plan_windows
     from .vad import speech_spans
+
+    return group_windows(wave, speech_spans(wave), max_seconds)
+
+
+def group_windows(
+    wave: np.ndarray, spans: Sequence[tuple[int, int]], max_seconds: float = 30.0, *, offset: int = 0
+) -> list[Window]:
+    """The windows of `spans` (stretches of speech, in order): consecutive stretches grouped up to
+    `max_seconds`, a longer one cut inside. `wave` holds the recording from sample `offset` on
+    (live.py keeps only the audio it still needs); spans and windows count from the recording's start."""
+    from .audio import plan_windows
 
     limit = int(max_seconds * SR)
     windows: list[Window] = []
-    for start, end in speech_spans(wave):
+    for start, end in spans:
         last = windows[-1] if windows else None
         if end - start > limit:  # one long stretch of speech: cut inside it
-            parts = plan_windows(wave[start:end], SR, max_seconds=max_seconds)
+            parts = plan_windows(wave[start - offset : end - offset], SR, max_seconds=max_seconds)
             windows += [
                 Window(start + a, start + b, k > 0 and a < parts[k - 1][1], takes_more=False)
                 for k, (a, b) in enumerate(parts)
@@ -98,41 +108,69 @@ def transcribe_segments(
     model: Any,
     audio: Any,
     *,
-    translate_to: str | None = None,
-    language: str | None = None,
-    prompt: str | None = None,
-    temperature: float = 0.0,
-    max_tokens_per_window: int = 256,
     max_seconds: float | None = None,
     wave: np.ndarray | None = None,
-    **sampling: Any,
+    **options: Any,
 ) -> Iterator[Segment]:
     """Segments of `audio` (path, bytes or a 16 kHz array), as each window is transcribed.
 
     `max_seconds` (default: the longest clip the model's encoder takes in one piece, 30 s for
-    Gemma 3n) bounds a window: a longer one would reach the model as several encoder windows."""
-    if not model.has_audio:
-        raise InputError(f"{model.path} has no audio tower: it cannot transcribe")
+    Gemma 3n) bounds a window: a longer one would reach the model as several encoder windows.
+    `options`: those of WindowTranscriber (translate_to, language, prompt, temperature,
+    max_tokens_per_window, sampling)."""
+    calls = WindowTranscriber(model, **options)
     if max_seconds is None:
         max_seconds = model.processor.audio_window_seconds
     if wave is None:
         from .audio import load_audio
 
         wave = load_audio(audio, sampling_rate=SR)
-    instruction = speech_prompt(translate_to, language)
-    texts: list[str] = []
-    for number, window in enumerate(speech_windows(wave, max_seconds)):
-        messages = [{"role": "system", "content": prompt}] if prompt else []
-        content = [{"type": "text", "text": instruction}, {"type": "audio", "audio": wave[window.start : window.end]}]
+    for window in speech_windows(wave, max_seconds):
+        yield calls.segment(window, wave[window.start : window.end])
+
+
+class WindowTranscriber:
+    """One model call per window, numbered in order; a window cut inside speech keeps only the
+    words the previous windows did not have. The file path (transcribe_segments) and the live
+    one (live.py) make the same calls, so the same windows give the same segments."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        translate_to: str | None = None,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        max_tokens_per_window: int = 256,
+        **sampling: Any,
+    ) -> None:
+        if not model.has_audio:
+            raise InputError(f"{model.path} has no audio tower: it cannot transcribe")
+        self.model, self.temperature = model, temperature
+        self.instruction = speech_prompt(translate_to, language)
+        self.system = prompt
+        self.options = dict(max_tokens=max_tokens_per_window, temperature=temperature, logprobs=True, **sampling)
+        self.texts: list[str] = []  # every window's whole transcript so far
+
+    def _call(self, samples: np.ndarray) -> Any:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        content = [{"type": "text", "text": self.instruction}, {"type": "audio", "audio": samples}]
         messages.append({"role": "user", "content": content})
-        result = model.generate(
-            messages=messages, max_tokens=max_tokens_per_window, temperature=temperature, logprobs=True, **sampling
-        )
+        return self.model.generate(messages=messages, **self.options)
+
+    def segment(self, window: Window, samples: np.ndarray) -> Segment:
+        """The next segment: `samples` are the window's audio."""
+        result = self._call(samples)
         text = result.text.strip()
         if window.overlaps_previous:  # keep only the words the previous window did not have
-            text = _new_words(texts, text)
-        texts.append(result.text.strip())
-        yield _segment(number, window, text, result, temperature)
+            text = _new_words(self.texts, text)
+        self.texts.append(result.text.strip())
+        return _segment(len(self.texts) - 1, window, text, result, self.temperature)
+
+    def provisional(self, samples: np.ndarray) -> str:
+        """The text of audio whose window is still open (no segment, nothing remembered)."""
+        return self._call(samples).text.strip()
 
 
 def _new_words(previous: list[str], text: str) -> str:
@@ -206,9 +244,12 @@ def joined_text(segments: list[Segment]) -> str:
 
 
 def render(transcript: Transcript, fmt: str) -> str:
-    """The transcript as text, json, verbose_json, srt or vtt."""
+    """The transcript as text, json, verbose_json, srt or vtt; or "lines", one line per segment
+    (the CLI's txt: each line can be written as its window is done)."""
     if fmt == "text":
         return transcript.text + "\n"
+    if fmt == "lines":
+        return "".join(f"{s.text}\n" for s in transcript.segments if s.text)
     if fmt == "json":
         return json.dumps({"text": transcript.text, "usage": duration_usage(transcript.duration)}, ensure_ascii=False)
     if fmt == "verbose_json":
