@@ -286,19 +286,27 @@ def cmd_info(a: argparse.Namespace) -> None:
 def cmd_transcribe(a: argparse.Namespace) -> None:
     from .speech import render, transcribe
 
-    model = _load(a)
-    result = transcribe(
-        model,
-        a.file,
-        translate_to=a.translate_to,
-        language=a.language,
-        max_tokens_per_window=a.max_tokens,
-        size=a.size,
-        progress=not a.quiet,
-    )
-    fmt = {"txt": "text", "json": "verbose_json"}.get(a.format, a.format)
-    sys.stdout.write(render(result, fmt) + ("\n" if fmt == "verbose_json" else ""))
-    n = len(result.segments)
+    fmt = {"txt": "lines", "json": "verbose_json"}.get(a.format, a.format)
+    options = dict(translate_to=a.translate_to, language=a.language, max_tokens_per_window=a.max_tokens, size=a.size)
+    model = None
+
+    def load() -> Any:
+        nonlocal model
+        model = _load(a)
+        return model
+
+    if a.file == "-":
+        from .live import transcribe_stdin
+
+        rate = 16000 if a.sample_rate is None else a.sample_rate
+        raw = dict(input_format=a.input_format or "s16le", sample_rate=rate, partial=a.partial, quiet=a.quiet)
+        n = transcribe_stdin(load, fmt=fmt, **raw, **options)
+    else:
+        if a.input_format or a.sample_rate is not None or a.partial:
+            raise InputError("--input-format, --sample-rate and --partial are for audio on stdin (`transcribe -`)")
+        result = transcribe(load(), a.file, progress=not a.quiet, **options)
+        sys.stdout.write(render(result, fmt) + ("\n" if fmt == "verbose_json" else ""))
+        n = len(result.segments)
     window = model.processor.audio_window_seconds
     print(f"({n} segment{'s' if n != 1 else ''} of speech, at most {window:g} s each)", file=sys.stderr)
 
@@ -452,19 +460,36 @@ def _add_quantize_parser(sub: Any) -> None:
 
 
 def _add_transcribe_parser(sub: Any) -> None:
-    t = sub.add_parser("transcribe", help="speech recognition or translation of an audio file (any length)")
+    t = sub.add_parser(
+        "transcribe",
+        help="speech recognition or translation of an audio file (any length), or of audio on stdin as it comes",
+        description="Windows of speech (cut at pauses) transcribed one model call each. With FILE '-', audio "
+        "from stdin is transcribed as it arrives, with the same text as the file: raw PCM, by default signed "
+        "16-bit little-endian mono at 16 kHz (ffmpeg -i IN -f s16le -ac 1 -ar 16000 -), or a WAV stream (arecord); "
+        "provisional text of the open window shows on stderr; Ctrl-C ends the recording there.",
+    )
     _add_model_args(t)
-    t.add_argument("file", help="audio file (WAV, FLAC, OGG, MP3)")
+    t.add_argument("file", help="audio file (WAV, FLAC, OGG, MP3), or - for audio on stdin")
     t.add_argument("--translate-to", default=None, metavar="LANG", help="translate the speech into LANG")
     t.add_argument("--language", default=None, help="the speech's language, e.g. en (a hint in the prompt)")
     t.add_argument(
         "--format",
         default="txt",
         choices=["txt", "srt", "vtt", "json"],
-        help="txt (default), srt or vtt subtitles, or json (segments with times)",
+        help="txt (default; a line per segment), srt or vtt subtitles, or json (segments with times); "
+        "from stdin txt, srt and vtt are written as each segment is done, json at the end",
     )
     t.add_argument("--max-tokens", type=int, default=256, help="per 30 s window")
-    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar (stdin: no provisional text)")
+    t.add_argument(
+        "--input-format", choices=["s16le", "f32le"], default=None, help="raw samples on stdin (default s16le)"
+    )
+    t.add_argument("--sample-rate", type=int, default=None, help="of raw audio on stdin, in Hz (default 16000)")
+    t.add_argument(
+        "--partial",
+        action="store_true",
+        help="stdin: provisional text as a line each on stderr (default: one line rewritten on a terminal, else none)",
+    )
     t.set_defaults(func=cmd_transcribe)
 
 

@@ -17,7 +17,7 @@ MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80  # statements after the docstring; the signature and docstring are free
 # Modules of the optional extras (audio, vision, video, the server): imported where used, so that
 # text-only use needs none of their dependencies.
-OPTIONAL = {"audio", "audio_encoder", "speech", "vad", "image", "vision", "server"}
+OPTIONAL = {"audio", "audio_encoder", "speech", "vad", "live", "pcm", "image", "vision", "server"}
 
 
 def _module(path: Path) -> str:

@@ -1,0 +1,324 @@
+"""Transcription of a recording as it arrives (`gemma3n transcribe -`): the same windows, the same
+model calls and so the same text as the whole file, each window transcribed as soon as no later
+audio can change it, with provisional text of the speech still open in the meantime.
+
+A window is final once the detector has closed its last stretch of speech and no later stretch
+can join it: the next one has started a window of its own, or could only end past the window's
+limit. Until then its text is provisional: the open audio so far (the last `max_seconds` of it)
+is transcribed whenever new audio has come and the model is idle. Reading goes on in another
+thread (pcm.py) while the model works, so a slow model never holds up the recorder.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TextIO
+
+import numpy as np
+
+from .errors import InputError
+from .pcm import RAW_HINT, PcmReader
+from .speech import SR, Segment, Transcript, Window, WindowTranscriber, group_windows, joined_text, render
+from .vad import FRAME, SpeechTracker
+
+
+class _Samples:
+    """A recording's samples as they arrive, from sample `offset` on (the ones before are dropped)."""
+
+    def __init__(self) -> None:
+        self.data = np.zeros(SR, np.float32)
+        self.offset = 0  # the first sample held
+        self.end = 0  # samples received
+
+    def append(self, samples: np.ndarray) -> None:
+        held = self.end - self.offset
+        if held + len(samples) > len(self.data):  # grow by doubling: appends stay cheap
+            grown = np.zeros(max(2 * len(self.data), held + len(samples)), np.float32)
+            grown[:held] = self.data[:held]
+            self.data = grown
+        self.data[held : held + len(samples)] = samples
+        self.end += len(samples)
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.end - self.offset]
+
+    def get(self, start: int, end: int) -> np.ndarray:
+        if start < self.offset:
+            raise ValueError(f"samples before {self.offset} were dropped (asked from {start})")
+        return self.data[start - self.offset : end - self.offset].copy()
+
+    def drop_before(self, sample: int) -> None:
+        cut = min(sample, self.end) - self.offset
+        if cut > len(self.data) // 2:  # only when it frees at least half: a copy now and then
+            held = self.end - self.offset - cut
+            kept = np.zeros(max(SR, 2 * held), np.float32)
+            kept[:held] = self.data[cut : cut + held]
+            self.data, self.offset = kept, self.offset + cut
+
+
+class StreamingWindows:
+    """The windows `speech.speech_windows` plans for a whole recording, planned while it arrives.
+
+    `feed` takes the next samples (16 kHz float32) and returns the windows that became final, in
+    order; `finish` returns the rest. Together they are exactly `speech_windows` of the whole
+    recording. A returned window's samples stay readable (`samples`) until the next `feed`."""
+
+    def __init__(self, max_seconds: float = 30.0) -> None:
+        self.max_seconds = max_seconds
+        self.limit = int(max_seconds * SR)
+        self.detector = SpeechTracker()
+        self.audio = _Samples()
+        self._spans: list[tuple[int, int]] = []  # final spans of a window that may still grow
+        self._keep = 0  # samples before this are no longer needed
+
+    @property
+    def received(self) -> int:
+        return self.audio.end
+
+    def samples(self, start: int, end: int) -> np.ndarray:
+        return self.audio.get(start, end)
+
+    def feed(self, samples: np.ndarray) -> list[Window]:
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        self.audio.drop_before(self._keep)
+        self.audio.append(samples)
+        self._spans += self.detector.feed(samples)
+        return self._take()
+
+    def finish(self) -> list[Window]:
+        self._spans += self.detector.finish()
+        return self._take()
+
+    def _take(self) -> list[Window]:
+        windows = group_windows(self.audio.view(), self._spans, self.max_seconds, offset=self.audio.offset)
+        last = windows[-1] if windows else None
+        if last is not None and last.takes_more and self.detector.horizon <= last.start + self.limit:
+            windows.pop()  # a stretch of speech not yet final may still join it
+        if windows:
+            self._spans = [s for s in self._spans if s[0] >= windows[-1].end]
+        # later windows start at a span still held, the open speech, or recent audio
+        starts = [s[0] for s in self._spans[:1]]
+        if self.detector.open_start is not None:
+            starts.append(self.detector.open_start)
+        self._keep = min([*starts, self.detector.frames * FRAME - 2 * SR])
+        return windows
+
+    def open_speech(self) -> tuple[int, int] | None:
+        """[start, end) of the speech not yet in a returned window, if any: up to the end of the
+        audio while speech is open, else to the end of the last stretch held."""
+        if self.detector.open_start is not None:
+            return (self._spans[0][0] if self._spans else self.detector.open_start), self.received
+        if self._spans:
+            return self._spans[0][0], self._spans[-1][1]
+        return None
+
+
+@dataclass
+class Partial:
+    """Provisional text of speech whose window is still open; a later Partial or the window's
+    Segment replaces it."""
+
+    start: float  # seconds
+    end: float
+    text: str
+
+
+class LiveTranscriber:
+    """Segments of a recording that arrives in chunks on a queue (16 kHz float32 arrays, then
+    None; an exception put on it is raised here), each as soon as its window is final.
+
+    `on_partial` (optional) receives provisional text of the open speech, transcribed whenever at
+    least `partial_step_s` more of it has come and no window is waiting. `options`: those of
+    speech.WindowTranscriber."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_seconds: float | None = None,
+        on_partial: Callable[[Partial], None] | None = None,
+        partial_step_s: float = 0.25,
+        **options: Any,
+    ) -> None:
+        self.calls = WindowTranscriber(model, **options)
+        self.planner = StreamingWindows(max_seconds or model.processor.audio_window_seconds)
+        self.on_partial = on_partial
+        self.step = int(partial_step_s * SR)
+        self._partial: tuple[int, int] | None = None  # the audio of the last provisional text
+
+    @property
+    def seconds(self) -> float:
+        return self.planner.received / SR
+
+    def run(self, chunks: queue.Queue, stop: threading.Event | None = None) -> Iterator[Segment]:
+        """The segments, in order. Setting `stop` ends the recording where it has come to."""
+        ready: deque[tuple[Window, np.ndarray]] = deque()
+        stop, ended = stop or threading.Event(), False
+        while True:
+            if not ended:
+                ended = self._take(chunks, ready, not ready and self._partial_region() is None, stop)
+            if ready:
+                self._partial = None
+                yield self.calls.segment(*ready.popleft())
+            elif ended:
+                return
+            elif (region := self._partial_region()) is not None:
+                self._partial = region
+                start, end = max(region[0], region[1] - self.planner.limit), region[1]
+                text = self.calls.provisional(self.planner.samples(start, end))
+                self.on_partial(Partial(round(start / SR, 3), round(end / SR, 3), text))
+
+    def _take(self, chunks: queue.Queue, ready: deque, wait: bool, stop: threading.Event) -> bool:
+        """Everything queued (waiting for one item when `wait`) into the planner, the windows that
+        became final onto `ready` with their samples; True at the end of the recording."""
+        items = []
+        while wait and not items and not stop.is_set():
+            try:
+                items.append(chunks.get(timeout=0.1))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                items.append(chunks.get_nowait())
+            except queue.Empty:
+                break
+        audio = [item for item in items if isinstance(item, np.ndarray)]
+        windows = self.planner.feed(np.concatenate(audio)) if audio else []
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        ended = stop.is_set() or any(item is None for item in items)
+        if ended:
+            windows += self.planner.finish()
+        ready.extend((w, self.planner.samples(w.start, w.end)) for w in windows)
+        return ended
+
+    def _partial_region(self) -> tuple[int, int] | None:
+        """The open speech, if provisional text of it is due."""
+        if self.on_partial is None or (region := self.planner.open_speech()) is None:
+            return None
+        if region[1] - region[0] < SR // 10:
+            return None
+        last = self._partial
+        if last is not None and last[0] == region[0] and region[1] - last[1] < self.step:
+            return None
+        return region
+
+
+# ---------------------------------------------------------------------------- `gemma3n transcribe -`
+
+STREAMED = ("lines", "srt", "vtt")  # formats written as each segment comes; the others at the end
+
+
+class _Console:
+    """Provisional text on stderr: `line` rewrites one line in place (a terminal), `lines` prints
+    one line each (--partial), None shows none. `echo`: committed text too (stdout is elsewhere)."""
+
+    def __init__(self, err: TextIO, mode: str | None, echo: bool) -> None:
+        self.err, self.mode, self.echo = err, mode, echo
+
+    def partial(self, p: Partial) -> None:
+        text = " ".join(p.text.split())
+        if self.mode == "line":
+            width = max(20, _columns(self.err) - 1)
+            text = text if len(text) <= width else "..." + text[-(width - 3) :]  # the latest words
+            self.err.write(f"\r\033[K{text}")
+        elif self.mode == "lines":
+            self.err.write(f"partial {p.start:.2f}-{p.end:.2f} s: {text}\n")
+        self.err.flush()
+
+    def committed(self, segment: Segment) -> None:
+        if self.mode == "line":
+            self.err.write("\r\033[K" + (f"{segment.text}\n" if self.echo and segment.text else ""))
+            self.err.flush()
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # no descriptor, or not a terminal
+        return shutil.get_terminal_size().columns
+
+
+class _Output:
+    """The transcript on stdout in `fmt`, written as far as it goes after each segment: what is
+    written in the end is what the file path writes at once."""
+
+    def __init__(self, out: TextIO, fmt: str) -> None:
+        self.out, self.fmt, self.written = out, fmt, 0
+
+    def update(self, transcript: Transcript, final: bool = False) -> None:
+        if not (final or self.fmt in STREAMED):
+            return
+        text = render(transcript, self.fmt) + ("\n" if final and self.fmt == "verbose_json" else "")
+        self.out.write(text[self.written :])
+        self.out.flush()
+        self.written = len(text)
+
+
+@contextmanager
+def _first_interrupt_stops(stop: threading.Event, err: TextIO) -> Iterator[None]:
+    """Ctrl-C once: the recording ends there and what was heard is transcribed; twice: abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        err.write("\ngemma3n: stopping: transcribing what was heard (Ctrl-C again to abort)\n")
+
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def transcribe_stdin(
+    load_model: Callable[[], Any],
+    *,
+    fmt: str = "lines",
+    input_format: str = "s16le",
+    sample_rate: int = SR,
+    partial: bool = False,
+    quiet: bool = False,
+    stdin: BinaryIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    **options: Any,
+) -> int:
+    """`gemma3n transcribe -`: audio from stdin (see pcm.py) transcribed as it arrives, the
+    transcript on stdout in `fmt` (speech.render's formats, "lines" for txt), provisional text on
+    stderr. The reading starts before the model loads, so no audio waits on it. Returns the
+    number of segments."""
+    stdin = stdin or sys.stdin.buffer
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    if stdin.isatty():
+        raise InputError(f"stdin is a terminal: pipe audio into it, e.g. {RAW_HINT}")
+    reader = PcmReader(
+        stdin, sample_format=input_format, sample_rate=sample_rate, notice=lambda m: print(f"gemma3n: {m}", file=stderr)
+    ).start()
+    model = load_model()
+    mode = "lines" if partial else ("line" if stderr.isatty() and not quiet else None)
+    console = _Console(stderr, mode, echo=not stdout.isatty())
+    live = LiveTranscriber(model, on_partial=console.partial if mode else None, **options)
+    output, segments, stop = _Output(stdout, fmt), [], threading.Event()
+    task = "translate" if options.get("translate_to") else "transcribe"
+    with _first_interrupt_stops(stop, stderr):
+        for segment in live.run(reader.chunks, stop):
+            segments.append(segment)
+            console.committed(segment)
+            output.update(Transcript(joined_text(segments), segments, live.seconds, options.get("language"), task))
+    output.update(Transcript(joined_text(segments), segments, live.seconds, options.get("language"), task), True)
+    return len(segments)
