@@ -194,7 +194,7 @@ class LiveTranscriber:
         audio = [item for item in items if isinstance(item, np.ndarray)]
         windows = self.planner.feed(np.concatenate(audio)) if audio else []
         for item in items:
-            if isinstance(item, BaseException):
+            if isinstance(item, BaseException) and not stop.is_set():  # stopped: how the stream ends is moot
                 raise item
         ended = stop.is_set() or any(item is None for item in items)
         if ended:
@@ -236,9 +236,10 @@ class _Console:
             self.err.write(f"partial {p.start:.2f}-{p.end:.2f} s: {text}\n")
         self.err.flush()
 
-    def committed(self, segment: Segment) -> None:
+    def committed(self, segment: Segment | None) -> None:
+        """A segment is done (None: the end) and replaces the provisional line."""
         if self.mode == "line":
-            self.err.write("\r\033[K" + (f"{segment.text}\n" if self.echo and segment.text else ""))
+            self.err.write("\r\033[K" + (f"{segment.text}\n" if self.echo and segment and segment.text else ""))
             self.err.flush()
 
 
@@ -285,6 +286,15 @@ def _first_interrupt_stops(stop: threading.Event, err: TextIO) -> Iterator[None]
         signal.signal(signal.SIGINT, before)
 
 
+def _raw_stdin() -> BinaryIO:
+    """stdin's descriptor without Python's buffer: the reading thread, blocked in a read when the
+    recording is stopped, then holds no lock that the interpreter's exit would wait for."""
+    try:
+        return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    except (AttributeError, OSError, ValueError):  # stdin replaced by an object without a descriptor
+        return sys.stdin.buffer
+
+
 def transcribe_stdin(
     load_model: Callable[[], Any],
     *,
@@ -302,7 +312,7 @@ def transcribe_stdin(
     transcript on stdout in `fmt` (speech.render's formats, "lines" for txt), provisional text on
     stderr. The reading starts before the model loads, so no audio waits on it. Returns the
     number of segments."""
-    stdin = stdin or sys.stdin.buffer
+    stdin = stdin or _raw_stdin()
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     if stdin.isatty():
         raise InputError(f"stdin is a terminal: pipe audio into it, e.g. {RAW_HINT}")
@@ -320,5 +330,6 @@ def transcribe_stdin(
             segments.append(segment)
             console.committed(segment)
             output.update(Transcript(joined_text(segments), segments, live.seconds, options.get("language"), task))
+    console.committed(None)
     output.update(Transcript(joined_text(segments), segments, live.seconds, options.get("language"), task), True)
     return len(segments)
