@@ -4,9 +4,10 @@ audio can change it, with provisional text of the speech still open in the meant
 
 A window is final once the detector has closed its last stretch of speech and no later stretch
 can join it: the next one has started a window of its own, or could only end past the window's
-limit. Until then its text is provisional: the open audio so far (the last `max_seconds` of it)
-is transcribed whenever new audio has come and the model is idle. Reading goes on in another
-thread (pcm.py) while the model works, so a slow model never holds up the recorder.
+limit. Until then its text is provisional: each stretch of speech in it is transcribed on its own
+(the open one again whenever a little more of it has come and the model is idle), so a call
+costs what the latest stretch costs, not the whole window. Reading goes on in another thread
+(pcm.py) while the model works, so a slow model never holds up the recorder.
 """
 
 from __future__ import annotations
@@ -112,14 +113,13 @@ class StreamingWindows:
         self._keep = min([*starts, self.detector.frames * FRAME - 2 * SR])
         return windows
 
-    def open_speech(self) -> tuple[int, int] | None:
-        """[start, end) of the speech not yet in a returned window, if any: up to the end of the
-        audio while speech is open, else to the end of the last stretch held."""
+    def stretches(self) -> list[tuple[int, int, bool]]:
+        """The stretches of speech not yet in a returned window: [start, end) and whether the
+        stretch is still open (then it ends, for now, at the end of the audio)."""
+        held = [(start, end, False) for start, end in self._spans]
         if self.detector.open_start is not None:
-            return (self._spans[0][0] if self._spans else self.detector.open_start), self.received
-        if self._spans:
-            return self._spans[0][0], self._spans[-1][1]
-        return None
+            held.append((self.detector.open_start, self.received, True))
+        return held
 
 
 @dataclass
@@ -136,9 +136,10 @@ class LiveTranscriber:
     """Segments of a recording that arrives in chunks on a queue (16 kHz float32 arrays, then
     None; an exception put on it is raised here), each as soon as its window is final.
 
-    `on_partial` (optional) receives provisional text of the open speech, transcribed whenever at
-    least `partial_step_s` more of it has come and no window is waiting. `options`: those of
-    speech.WindowTranscriber."""
+    `on_partial` (optional) receives provisional text of the speech whose window is still open:
+    each stretch of it is transcribed on its own (the open one whenever at least
+    `partial_step_s` more of it has come and no window is waiting; its last `max_seconds`), and
+    the Partial joins their latest texts. `options`: those of speech.WindowTranscriber."""
 
     def __init__(
         self,
@@ -153,7 +154,7 @@ class LiveTranscriber:
         self.planner = StreamingWindows(max_seconds or model.processor.audio_window_seconds)
         self.on_partial = on_partial
         self.step = int(partial_step_s * SR)
-        self._partial: tuple[int, int] | None = None  # the audio of the last provisional text
+        self._texts: dict[int, tuple[int, str]] = {}  # stretch start -> (end transcribed, text)
 
     @property
     def seconds(self) -> float:
@@ -165,17 +166,13 @@ class LiveTranscriber:
         stop, ended = stop or threading.Event(), False
         while True:
             if not ended:
-                ended = self._take(chunks, ready, not ready and self._partial_region() is None, stop)
+                ended = self._take(chunks, ready, not ready and self._due() is None, stop)
             if ready:
-                self._partial = None
                 yield self.calls.segment(*ready.popleft())
             elif ended:
                 return
-            elif (region := self._partial_region()) is not None:
-                self._partial = region
-                start, end = max(region[0], region[1] - self.planner.limit), region[1]
-                text = self.calls.provisional(self.planner.samples(start, end))
-                self.on_partial(Partial(round(start / SR, 3), round(end / SR, 3), text))
+            elif (stretch := self._due()) is not None:
+                self._provisional(*stretch)
 
     def _take(self, chunks: queue.Queue, ready: deque, wait: bool, stop: threading.Event) -> bool:
         """Everything queued (waiting for one item when `wait`) into the planner, the windows that
@@ -202,16 +199,27 @@ class LiveTranscriber:
         ready.extend((w, self.planner.samples(w.start, w.end)) for w in windows)
         return ended
 
-    def _partial_region(self) -> tuple[int, int] | None:
-        """The open speech, if provisional text of it is due."""
-        if self.on_partial is None or (region := self.planner.open_speech()) is None:
+    def _due(self) -> tuple[int, int] | None:
+        """[start, end) of the stretch whose provisional text is due: the open one once
+        `partial_step_s` more of it has come, else a closed one not transcribed yet."""
+        if self.on_partial is None:
             return None
-        if region[1] - region[0] < SR // 10:
-            return None
-        last = self._partial
-        if last is not None and last[0] == region[0] and region[1] - last[1] < self.step:
-            return None
-        return region
+        stretches = self.planner.stretches()
+        if stretches and stretches[-1][2]:
+            start, end, _ = stretches[-1]
+            done = self._texts.get(start, (start, ""))[0]
+            if end - start >= SR // 10 and (start not in self._texts or end - done >= self.step):
+                return start, end
+        return next(((start, end) for start, end, _ in stretches if start not in self._texts), None)
+
+    def _provisional(self, start: int, end: int) -> None:
+        samples = self.planner.samples(max(start, end - self.planner.limit), end)
+        self._texts[start] = end, self.calls.provisional(samples)
+        stretches = self.planner.stretches()
+        self._texts = {s: self._texts[s] for s, _, _ in stretches if s in self._texts}  # committed ones go
+        text = " ".join(t for _, t in self._texts.values() if t)
+        covered = max(e for e, _ in self._texts.values())
+        self.on_partial(Partial(round(stretches[0][0] / SR, 3), round(covered / SR, 3), text))
 
 
 # ---------------------------------------------------------------------------- `gemma3n transcribe -`
