@@ -160,6 +160,10 @@ class LiveTranscriber:
     def seconds(self) -> float:
         return self.planner.received / SR
 
+    def warm_up(self) -> None:
+        """One short call on silence: the audio tower loads (on first use) before speech waits on it."""
+        self.calls.provisional(np.zeros(SR, np.float32), max_tokens=1)
+
     def run(self, chunks: queue.Queue, stop: threading.Event | None = None) -> Iterator[Segment]:
         """The segments, in order. Setting `stop` ends the recording where it has come to."""
         ready: deque[tuple[Window, np.ndarray]] = deque()
@@ -167,12 +171,12 @@ class LiveTranscriber:
         while True:
             if not ended:
                 ended = self._take(chunks, ready, not ready and self._due() is None, stop)
-            if ready:
+            if (stretch := self._due()) is not None and not (ready and stretch[0] in self._texts):
+                self._provisional(*stretch)  # new speech's first text goes before a waiting window
+            elif ready:
                 yield self.calls.segment(*ready.popleft())
             elif ended:
                 return
-            elif (stretch := self._due()) is not None:
-                self._provisional(*stretch)
 
     def _take(self, chunks: queue.Queue, ready: deque, wait: bool, stop: threading.Event) -> bool:
         """Everything queued (waiting for one item when `wait`) into the planner, the windows that
@@ -331,6 +335,8 @@ def transcribe_stdin(
     mode = "lines" if partial else ("line" if stderr.isatty() and not quiet else None)
     console = _Console(stderr, mode, echo=not stdout.isatty())
     live = LiveTranscriber(model, on_partial=console.partial if mode else None, **options)
+    if mode:
+        live.warm_up()
     output, segments, stop = _Output(stdout, fmt), [], threading.Event()
     task = "translate" if options.get("translate_to") else "transcribe"
     with _first_interrupt_stops(stop, stderr):

@@ -153,11 +153,11 @@ class WindowTranscriber:
         self.options = dict(max_tokens=max_tokens_per_window, temperature=temperature, logprobs=True, **sampling)
         self.texts: list[str] = []  # every window's whole transcript so far
 
-    def _call(self, samples: np.ndarray) -> Any:
+    def _call(self, samples: np.ndarray, **overrides: Any) -> Any:
         messages = [{"role": "system", "content": self.system}] if self.system else []
         content = [{"type": "text", "text": self.instruction}, {"type": "audio", "audio": samples}]
         messages.append({"role": "user", "content": content})
-        return self.model.generate(messages=messages, **self.options)
+        return self.model.generate(messages=messages, **{**self.options, **overrides})
 
     def segment(self, window: Window, samples: np.ndarray) -> Segment:
         """The next segment: `samples` are the window's audio."""
@@ -168,9 +168,10 @@ class WindowTranscriber:
         self.texts.append(result.text.strip())
         return _segment(len(self.texts) - 1, window, text, result, self.temperature)
 
-    def provisional(self, samples: np.ndarray) -> str:
-        """The text of audio whose window is still open (no segment, nothing remembered)."""
-        return self._call(samples).text.strip()
+    def provisional(self, samples: np.ndarray, **overrides: Any) -> str:
+        """The text of audio whose window is still open (no segment, nothing remembered);
+        `overrides`: generation options for this call."""
+        return self._call(samples, **overrides).text.strip()
 
 
 def _new_words(previous: list[str], text: str) -> str:
