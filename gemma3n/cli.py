@@ -479,7 +479,7 @@ def _add_transcribe_parser(sub: Any) -> None:
         help="txt (default; a line per segment), srt or vtt subtitles, or json (segments with times); "
         "from stdin txt, srt and vtt are written as each segment is done, json at the end",
     )
-    t.add_argument("--max-tokens", type=int, default=256, help="per 30 s window")
+    t.add_argument("--max-tokens", type=int, default=256, help="per window (the encoder's: 30 s for Gemma 3n)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress bar (stdin: no provisional text)")
     t.add_argument(
         "--input-format", choices=["s16le", "f32le"], default=None, help="raw samples on stdin (default s16le)"
