@@ -196,8 +196,13 @@ class Scene:
         return f"{COUNTS[self.count - 1]} {self.colour} {self.shape}{'s' if self.count > 1 else ''}"
 
 
+# shape radius as a share of the side, by count: as large as 1-4 shapes fit without overlapping
+# (small shapes on a large background were not learnt in an hour: docs/tiny-media.md)
+RADIUS = {1: (0.2, 0.32), 2: (0.15, 0.23), 3: (0.13, 0.19), 4: (0.12, 0.17)}
+
+
 def render_scene(
-    rng: random.Random, side: int = 384, scene: Scene | None = None, radius: tuple[float, float] = (0.07, 0.16)
+    rng: random.Random, side: int = 384, scene: Scene | None = None, radius: tuple[float, float] | None = None
 ):
     """A PIL image of `scene` (random if None): non-overlapping shapes, jittered colours, a light
     background with a faint gradient. Returns (image, scene)."""
@@ -212,6 +217,7 @@ def render_scene(
         shade = int(12 * y / side)
         draw.rectangle([0, y, side, y + 8], fill=tuple(max(0, c - shade) for c in bg))
     base = COLOURS[scene.colour]
+    radius = radius or RADIUS[scene.count]
     boxes: list[tuple[float, float, float]] = []
     for _ in range(scene.count):
         for _attempt in range(200):

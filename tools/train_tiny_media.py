@@ -67,7 +67,12 @@ from tiny_media_data import (  # noqa: E402
 from train_tiny import held_out_loss, loss_of, plans  # noqa: E402  (importing it patches AltUp for autograd)
 
 from gemma3n.audio import AudioFeatureExtractor  # noqa: E402
-from gemma3n.audio_encoder import AudioEncoder, AudioEncoderConfig, SSCPConvBlock  # noqa: E402
+from gemma3n.audio_encoder import (  # noqa: E402
+    AudioEncoder,
+    AudioEncoderConfig,
+    CumulativeGroupNorm,
+    SSCPConvBlock,
+)
 from gemma3n.config import TextConfig  # noqa: E402
 from gemma3n.image import ImageProcessor  # noqa: E402
 from gemma3n.multimodal import MultimodalEmbedder  # noqa: E402
@@ -86,7 +91,21 @@ def _sscp_forward_for_autograd(self: SSCPConvBlock, x: torch.Tensor) -> torch.Te
     return torch.relu(x.float() * scale + shift).to(x.dtype)
 
 
+def _scale_shift_for_autograd(self: CumulativeGroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`CumulativeGroupNorm.scale_shift` with the sum of squares as a plain sum: the runtime's
+    vector norm has a NaN gradient on the all-zero rows of padded clips."""
+    h = x.float()
+    b, t, f, c = h.shape
+    s1, s2 = h.sum((2, 3)).double(), h.pow(2).sum((2, 3)).double()
+    count = torch.arange(1, t + 1, device=h.device, dtype=torch.float64) * (f * c)
+    mu = s1.cumsum(1) / count
+    var = (s2 - 2 * mu * s1 + (f * c) * mu.pow(2)).cumsum(1) / count
+    scale = torch.rsqrt(var + self.eps).float()[:, :, None, None] * self.weight.float()
+    return scale, -mu.float()[:, :, None, None] * scale
+
+
 SSCPConvBlock.forward = _sscp_forward_for_autograd
+CumulativeGroupNorm.scale_shift = _scale_shift_for_autograd
 
 # --------------------------------------------------------------------------------------------
 # Tower shapes: the USM conformer and MobileNet-V5 of docs/audio-vision.md, at toy size
@@ -207,6 +226,14 @@ def load_decoder(base: Path) -> tuple[TextDecoder, TextConfig, dict]:
     dec.load_state_dict(state, strict=True)
     dec.embed_tokens_per_layer = nn.Parameter(ple)
     return dec, cfg, text
+
+
+PREFIXES = {
+    "audio": "model.audio_tower.",
+    "vision": "model.vision_tower.timm_model.",
+    "embed_audio": "model.embed_audio.",
+    "embed_vision": "model.embed_vision.",
+}
 
 
 def init_audio_tower(seed: int) -> AudioEncoder:
@@ -419,6 +446,19 @@ def main() -> None:
     ap.add_argument(
         "--fresh-vision", action="store_true", help="with --init: a new vision tower and embedder (a collapsed one)"
     )
+    ap.add_argument(
+        "--init-audio", type=Path, default=None, help="tools/pretrain_tiny_towers.py's audio tower + embedder"
+    )
+    ap.add_argument(
+        "--init-vision", type=Path, default=None, help="tools/pretrain_tiny_towers.py's vision tower + embedder"
+    )
+    ap.add_argument(
+        "--pretrained-lr-scale",
+        type=float,
+        default=0.0,
+        help="learning rate of a pre-trained tower, relative to --lr (default 0: frozen; its embedder still learns)",
+    )
+    ap.add_argument("--attr-weight", type=float, default=1.0, help="the colour/shape/count head's loss (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -465,6 +505,18 @@ def main() -> None:
                 continue
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             parts[name].load_state_dict(sub, strict=True)
+    pretrained = set()
+    for path, names in ((args.init_audio, ("audio", "embed_audio")), (args.init_vision, ("vision", "embed_vision"))):
+        if path is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+            for name in names:
+                prefix = PREFIXES[name]
+                parts[name].load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            pretrained.add(names[0])
+            if args.pretrained_lr_scale == 0:  # frozen: forward only, the step costs a fraction
+                parts[names[0]].requires_grad_(False)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     print("parameters", counts, flush=True)
 
@@ -490,14 +542,20 @@ def main() -> None:
     improc = ImageProcessor.from_dict(PREPROCESSOR)
     enc_text = [tok.encode(t, add_special_tokens=False).ids for t in clips.texts]
 
-    tower_params = [p for k in ("audio", "vision", "embed_audio", "embed_vision") for p in parts[k].parameters()]
+    fresh = [k for k in ("audio", "vision") if k not in pretrained]
+    fresh += [f"embed_{k}" for k in fresh]
+    tower_params = [p for k in fresh for p in parts[k].parameters()]
     tower_params += list(ctc_head.parameters()) + list(attr_head.parameters())
+    scaled = args.lr * args.pretrained_lr_scale
+    pretrained_params = [p for k in pretrained for p in parts[k].parameters() if p.requires_grad]
+    tower_params += [p for k in pretrained for p in parts[f"embed_{k}"].parameters()]
     audio_side = [p for m in (audio, emb_a, ctc_head) for p in m.parameters()]
     vision_side = [p for m in (vision, emb_v, attr_head) for p in m.parameters()]
     opt = torch.optim.AdamW(
         [
             {"params": tower_params, "lr": args.lr, "weight_decay": 0.01, "peak": args.lr},
             {"params": list(dec.parameters()), "lr": args.decoder_lr, "weight_decay": 0.0, "peak": args.decoder_lr},
+            {"params": pretrained_params, "lr": scaled, "weight_decay": 0.01, "peak": scaled},
         ],
         betas=(0.9, 0.98),
     )
@@ -525,16 +583,17 @@ def main() -> None:
         row["heldout_speech_loss"] = round(loss.item(), 4)
         row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
         # CTC greedy transcript WER: what the tower alone hears
-        import jiwer
+        if args.ctc_weight:
+            import jiwer
 
-        best = ctc_head(encoded).argmax(-1)
-        hyps = []
-        for b in range(best.shape[0]):
-            seq = [int(x) for x, valid in zip(best[b], ~padding[b]) if valid]
-            out = [x for j, x in enumerate(seq) if x != vocab and (j == 0 or x != seq[j - 1])]
-            hyps.append(normalize_words(tok.decode(out)))
-        refs = [normalize_words(held_clips.texts[i]) for i in eval_clips]
-        row["heldout_ctc_wer"] = round(jiwer.wer(refs, [h or "-" for h in hyps]), 4)
+            best = ctc_head(encoded).argmax(-1)
+            hyps = []
+            for b in range(best.shape[0]):
+                seq = [int(x) for x, valid in zip(best[b], ~padding[b]) if valid]
+                out = [x for j, x in enumerate(seq) if x != vocab and (j == 0 or x != seq[j - 1])]
+                hyps.append(normalize_words(tok.decode(out)))
+            refs = [normalize_words(held_clips.texts[i]) for i in eval_clips]
+            row["heldout_ctc_wer"] = round(jiwer.wer(refs, [h or "-" for h in hyps]), 4)
         for res in (256, 768):
             pixels = improc([im for im, _ in eval_scenes], size=res)
             soft_v = vision_soft(vision, emb_v, pixels)
@@ -587,11 +646,11 @@ def main() -> None:
             shutil.copytree(args.out, frozen_copy)
             dec.requires_grad_(True)
         decoder_steps += tune_decoder
-        towers_g, dec_g = opt.param_groups
-        towers_g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        dec_g["lr"] = (
-            args.decoder_lr * min(1.0, decoder_steps / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        )
+        decay = 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+        towers_g, dec_g, pre_g = opt.param_groups
+        towers_g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * decay
+        pre_g["lr"] = scaled * min(1.0, (step + 1) / args.warmup) * decay
+        dec_g["lr"] = args.decoder_lr * min(1.0, decoder_steps / args.warmup) * decay
 
         losses: dict[str, torch.Tensor] = {}
         # speech
@@ -606,13 +665,14 @@ def main() -> None:
                 answers.append(enc_text[i] + [eot])
         soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
         losses["speech"], _, _ = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
-        logp = F.log_softmax(ctc_head(encoded).float(), -1).transpose(0, 1)  # [S, B, V+1]
-        targets = [torch.tensor(a[:-1]) for a in answers]
-        lengths = torch.tensor([len(t) for t in targets])
-        flat = torch.cat([t for t in targets if len(t)]) if lengths.sum() else torch.zeros(0, dtype=torch.long)
-        losses["ctc"] = args.ctc_weight * F.ctc_loss(
-            logp, flat, (~padding).sum(1), lengths, blank=vocab, zero_infinity=True
-        )
+        if args.ctc_weight:
+            logp = F.log_softmax(ctc_head(encoded).float(), -1).transpose(0, 1)  # [S, B, V+1]
+            targets = [torch.tensor(a[:-1]) for a in answers]
+            lengths = torch.tensor([len(t) for t in targets])
+            flat = torch.cat([t for t in targets if len(t)]) if lengths.sum() else torch.zeros(0, dtype=torch.long)
+            losses["ctc"] = args.ctc_weight * F.ctc_loss(
+                logp, flat, (~padding).sum(1), lengths, blank=vocab, zero_infinity=True
+            )
         # images
         res = rng.choices(list(RESOLUTIONS), weights=list(RESOLUTIONS.values()))[0]
         scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(IMAGES_PER_BATCH[res])]
@@ -621,10 +681,14 @@ def main() -> None:
         logits = attr_head(soft_v.flatten(1))
         nc, ns = len(COLOURS), len(SHAPES)
         losses["attr"] = (
-            F.cross_entropy(logits[:, :nc], torch.tensor([list(COLOURS).index(sc.colour) for _, sc in scenes]))
-            + F.cross_entropy(logits[:, nc : nc + ns], torch.tensor([SHAPES.index(sc.shape) for _, sc in scenes]))
-            + F.cross_entropy(logits[:, nc + ns :], torch.tensor([sc.count - 1 for _, sc in scenes]))
-        ) / 3
+            args.attr_weight
+            * (
+                F.cross_entropy(logits[:, :nc], torch.tensor([list(COLOURS).index(sc.colour) for _, sc in scenes]))
+                + F.cross_entropy(logits[:, nc : nc + ns], torch.tensor([SHAPES.index(sc.shape) for _, sc in scenes]))
+                + F.cross_entropy(logits[:, nc + ns :], torch.tensor([sc.count - 1 for _, sc in scenes]))
+            )
+            / 3
+        )
         tasks = [rng.choice(list(QUESTIONS)) for _ in scenes]
         ans = [tok.encode(sc.answer(t), add_special_tokens=False).ids + [eot] for (_, sc), t in zip(scenes, tasks)]
         losses["image"], _, _ = answer_loss(dec, pl["full"], [image_prompts[t] for t in tasks], ans, soft_v, image_id)
