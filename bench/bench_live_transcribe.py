@@ -21,7 +21,6 @@ import io
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from bench.bench_speech import sixty_seconds  # noqa: E402
+from bench.bench_speech import sixty_seconds, speech_checkpoint  # noqa: E402
 from bench.common import machine_info, print_table, write_json  # noqa: E402
 
 SR = 16_000
@@ -83,12 +82,7 @@ def main() -> None:
     from gemma3n.vad import speech_spans
 
     torch.set_num_threads(args.threads)
-    path = args.checkpoint
-    if path is None:
-        from tests.conftest import build_mm_checkpoint
-
-        path = Path(tempfile.mkdtemp(prefix="g3n-mm-")) / "ckpt"
-        build_mm_checkpoint(path)
+    path = speech_checkpoint(args.checkpoint)
     wav = sixty_seconds()
     wave, _ = sf.read(io.BytesIO(wav), dtype="float32")
     pcm = sf.read(io.BytesIO(wav), dtype="int16")[0].astype("<i2").tobytes()

@@ -41,6 +41,17 @@ def sixty_seconds() -> bytes:
     return out.getvalue()
 
 
+def speech_checkpoint(path: str | None) -> Path | str:
+    """`path`, or (None) the random multimodal test checkpoint, built in a temporary folder."""
+    if path is not None:
+        return path
+    from tests.conftest import build_mm_checkpoint
+
+    built = Path(tempfile.mkdtemp(prefix="g3n-mm-")) / "ckpt"
+    build_mm_checkpoint(built)
+    return built
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a multimodal checkpoint (default: the random test one)")
@@ -57,12 +68,7 @@ def main() -> None:
     from gemma3n.vad import speech_spans
 
     torch.set_num_threads(args.threads)
-    path = args.checkpoint
-    if path is None:
-        from tests.conftest import build_mm_checkpoint
-
-        path = Path(tempfile.mkdtemp(prefix="g3n-mm-")) / "ckpt"
-        build_mm_checkpoint(path)
+    path = speech_checkpoint(args.checkpoint)
     audio = sixty_seconds()
     wave = load_audio(audio)
     speech_spans(wave)  # the detector loaded once, as a server does on its first request
