@@ -135,12 +135,15 @@ def cosine(step_s: float, budget_s: float, peak: float, step: int, warmup: int) 
     return peak * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(1.0, step_s / budget_s))))
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+def record(args: argparse.Namespace, rows: list[dict], row: dict, prefixes: dict[str, nn.Module]) -> None:
+    """An evaluation: printed, added to the CSV, and the tower, embedder and head saved."""
+    rows.append(row)
+    print(row, flush=True)
+    with args.log.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
+    save(args.out, prefixes)
 
 
 def save(out: Path, prefixes: dict[str, nn.Module]) -> None:
@@ -193,10 +196,7 @@ def train_audio(args: argparse.Namespace) -> None:
             last_eval = elapsed
             row = {"step": step, "minutes": round(elapsed / 60, 2), "train_ctc": round(ema or 0, 4), "skipped": skipped}
             row.update(evaluate())
-            rows.append(row)
-            print(row, flush=True)
-            write_csv(args.log, rows)
-            save(args.out, {"model.audio_tower.": audio, "model.embed_audio.": emb, "head.": head})
+            record(args, rows, row, {"model.audio_tower.": audio, "model.embed_audio.": emb, "head.": head})
             if elapsed >= args.minutes * 60:
                 break
         for g in opt.param_groups:
@@ -262,10 +262,9 @@ def train_vision(args: argparse.Namespace) -> None:
         if elapsed - last_eval >= args.eval_minutes * 60 or elapsed >= args.minutes * 60:
             last_eval = elapsed
             row = {"step": step, "minutes": round(elapsed / 60, 2), "train_attr": round(ema or 0, 4), **evaluate()}
-            rows.append(row)
-            print(row, flush=True)
-            write_csv(args.log, rows)
-            save(args.out, {"model.vision_tower.timm_model.": vision, "model.embed_vision.": emb, "head.": head})
+            record(
+                args, rows, row, {"model.vision_tower.timm_model.": vision, "model.embed_vision.": emb, "head.": head}
+            )
             if elapsed >= args.minutes * 60:
                 break
         for g in opt.param_groups:
