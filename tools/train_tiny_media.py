@@ -24,6 +24,10 @@ The decoder is fine-tuned at a lower learning rate than the new towers. The lear
 cosine over a wall-clock budget (`--minutes`), so the same recipe runs longer where there is time.
 Checkpoints are written at every evaluation, so the run can be stopped at any time.
 
+The second round starts from towers pre-trained alone (tools/pretrain_tiny_towers.py: --init-audio,
+--init-vision; frozen unless --audio-lr-scale / --vision-lr-scale), with --ctc-weight 0 and
+--frozen-share 0 (docs/tiny-media.md has the commands).
+
     python tools/tiny_media_data.py --out /work/tiny-mm/speech
     python tools/train_tiny_media.py --base /tmp/tiny --speech /work/tiny-mm/speech \\
         --out /work/tiny-mm/run --minutes 60
@@ -452,12 +456,14 @@ def main() -> None:
     ap.add_argument(
         "--init-vision", type=Path, default=None, help="tools/pretrain_tiny_towers.py's vision tower + embedder"
     )
-    ap.add_argument(
-        "--pretrained-lr-scale",
-        type=float,
-        default=0.0,
-        help="learning rate of a pre-trained tower, relative to --lr (default 0: frozen; its embedder still learns)",
-    )
+    for kind in ("audio", "vision"):
+        ap.add_argument(
+            f"--{kind}-lr-scale",
+            type=float,
+            default=0.0,
+            help=f"learning rate of a pre-trained {kind} tower, relative to --lr (default 0: frozen, forward only; "
+            "its embedder still learns)",
+        )
     ap.add_argument("--attr-weight", type=float, default=1.0, help="the colour/shape/count head's loss (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -515,8 +521,10 @@ def main() -> None:
                 prefix = PREFIXES[name]
                 parts[name].load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
             pretrained.add(names[0])
-            if args.pretrained_lr_scale == 0:  # frozen: forward only, the step costs a fraction
+            if getattr(args, f"{names[0]}_lr_scale") == 0:  # frozen: forward only, the step costs a fraction
                 parts[names[0]].requires_grad_(False)
+            if names[0] == "vision" and any(k.startswith("head.") for k in state):  # its attribute head too
+                attr_head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     print("parameters", counts, flush=True)
 
@@ -546,8 +554,9 @@ def main() -> None:
     fresh += [f"embed_{k}" for k in fresh]
     tower_params = [p for k in fresh for p in parts[k].parameters()]
     tower_params += list(ctc_head.parameters()) + list(attr_head.parameters())
-    scaled = args.lr * args.pretrained_lr_scale
-    pretrained_params = [p for k in pretrained for p in parts[k].parameters() if p.requires_grad]
+    # one group per pre-trained tower: its own learning rate (empty when frozen)
+    scaled = {k: args.lr * getattr(args, f"{k}_lr_scale") for k in ("audio", "vision")}
+    pretrained_params = {k: [p for p in parts[k].parameters() if k in pretrained and p.requires_grad] for k in scaled}
     tower_params += [p for k in pretrained for p in parts[f"embed_{k}"].parameters()]
     audio_side = [p for m in (audio, emb_a, ctc_head) for p in m.parameters()]
     vision_side = [p for m in (vision, emb_v, attr_head) for p in m.parameters()]
@@ -555,7 +564,7 @@ def main() -> None:
         [
             {"params": tower_params, "lr": args.lr, "weight_decay": 0.01, "peak": args.lr},
             {"params": list(dec.parameters()), "lr": args.decoder_lr, "weight_decay": 0.0, "peak": args.decoder_lr},
-            {"params": pretrained_params, "lr": scaled, "weight_decay": 0.01, "peak": scaled},
+            *({"params": pretrained_params[k], "lr": scaled[k], "weight_decay": 0.01} for k in scaled),
         ],
         betas=(0.9, 0.98),
     )
@@ -647,9 +656,10 @@ def main() -> None:
             dec.requires_grad_(True)
         decoder_steps += tune_decoder
         decay = 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
-        towers_g, dec_g, pre_g = opt.param_groups
+        towers_g, dec_g, audio_g, vision_g = opt.param_groups
         towers_g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * decay
-        pre_g["lr"] = scaled * min(1.0, (step + 1) / args.warmup) * decay
+        audio_g["lr"] = scaled["audio"] * min(1.0, (step + 1) / args.warmup) * decay
+        vision_g["lr"] = scaled["vision"] * min(1.0, (step + 1) / args.warmup) * decay
         dec_g["lr"] = args.decoder_lr * min(1.0, decoder_steps / args.warmup) * decay
 
         losses: dict[str, torch.Tensor] = {}
