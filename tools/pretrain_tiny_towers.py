@@ -8,8 +8,8 @@ each tower learns with a cheap loss of its own, no decoder in the step:
 - audio: CTC over characters (a-z, apostrophe, space) read off the 6.25 Hz soft tokens the decoder
   will see (the encoder keeps every 4th conformer frame): a training-only head maps each soft token
   to 8 CTC frames (50 Hz), so each soft token must carry the letters of its 160 ms, which is what
-  the decoder needs from it. At 25 Hz, fast speech (17 letters a second) left some clips barely
-  alignable and their CTC gradient overflowed;
+  the decoder needs from it. At 25 Hz, fast speech (17 letters a second, a blank needed between
+  doubled letters) leaves CTC little room;
 - vision: colour, shape and count read linearly off the 16 soft tokens (training-only head), on
   scenes rendered at 256 px mostly and at 512 / 768 px so the tower holds up at every size.
 
