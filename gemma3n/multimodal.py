@@ -129,7 +129,9 @@ class Towers:
     def _tower(self, kind: str, cls, what: str):
         """The `kind` tower, read from the checkpoint the first time a request needs it."""
         if not (self.has_vision if kind == "vision" else self.has_audio):
-            raise InputError(f"{self.ckpt.path} is a text-only checkpoint: it has no {kind} tower for {what}")
+            if not (self.has_vision or self.has_audio):
+                raise InputError(f"{self.ckpt.path} is a text-only checkpoint: it has no {kind} tower for {what}")
+            raise InputError(f"{self.ckpt.path} has no {kind} tower: it cannot take {what}")
         cfg = self.ckpt.config.vision if kind == "vision" else self.ckpt.config.audio
         prefix = f"model.{kind}_tower."
         return self._get(

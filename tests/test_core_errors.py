@@ -169,6 +169,19 @@ def test_text_only_checkpoint_refuses_media(tiny_text_dir):
             model.generate(messages=[{"role": "user", "content": [part, {"type": "text", "text": "?"}]}])
 
 
+def test_checkpoint_with_one_tower_names_the_missing_one(mm_checkpoint, tmp_path):
+    """A vision-only checkpoint is not "text-only": an audio part is refused for what is missing."""
+    dst = tmp_path / "vision-only"
+    shutil.copytree(mm_checkpoint[2], dst)
+    config = json.loads((dst / "config.json").read_text())
+    del config["audio_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+    model = gemma3n.load(dst)
+    assert model.has_vision and not model.has_audio
+    with pytest.raises(InputError, match=r"has no audio tower: it cannot take audio$"):
+        model.generate(messages=[{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]}])
+
+
 def test_cli_prints_one_line_and_exits_2(capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
