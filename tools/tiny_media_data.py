@@ -196,9 +196,11 @@ class Scene:
         return f"{COUNTS[self.count - 1]} {self.colour} {self.shape}{'s' if self.count > 1 else ''}"
 
 
-# shape radius as a share of the side, by count: as large as 1-4 shapes fit without overlapping
-# (small shapes on a large background were not learnt in an hour: docs/tiny-media.md)
-RADIUS = {1: (0.2, 0.32), 2: (0.15, 0.23), 3: (0.13, 0.19), 4: (0.12, 0.17)}
+# shape radius as a share of the side: as large as four shapes fit without overlapping (small shapes on
+# a large background were not learnt in an hour), and the same range at every count. When the radius
+# shrank with the count the painted area said nothing about it, and count stayed at chance at 768 px
+# (docs/tiny-media.md, third round).
+RADIUS = {count: (0.12, 0.17) for count in (1, 2, 3, 4)}
 
 
 def render_scene(
