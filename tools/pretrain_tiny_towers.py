@@ -48,6 +48,7 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     init_audio_tower,
     init_embedder,
     init_vision_tower,
+    res_weights,
     vision_soft,
 )
 
@@ -255,7 +256,7 @@ def train_vision(args: argparse.Namespace) -> None:
     rows: list[dict] = []
     t0, step, last_eval = time.time(), 0, -1e9
     ema = None
-    sizes = {int(k): float(v) for k, v in (item.split(":") for item in args.res_weights.split(","))}
+    sizes = res_weights(args.res_weights)
     per_batch = {256: args.batch, 512: max(2, args.batch // 4), 768: max(1, args.batch // 8)}
     while True:
         elapsed = time.time() - t0

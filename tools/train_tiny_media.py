@@ -184,8 +184,23 @@ PREPROCESSOR = {
     "image_seq_length": IMAGE_TOKENS,
     "audio_seq_length": AUDIO_TOKENS,
 }
-RESOLUTIONS = {256: 0.6, 512: 0.25, 768: 0.15}  # training share of each image size (768 costs 9x 256)
-IMAGES_PER_BATCH = {256: 8, 512: 4, 768: 2}
+RES_WEIGHTS = "256:0.6,512:0.25,768:0.15"  # training share of each image size (768 costs 9x 256)
+
+
+def res_weights(spec: str) -> dict[int, float]:
+    """`--res-weights` "256:0.6,512:0.25,768:0.15" -> {256: 0.6, ...}: the share of steps at each size."""
+    try:
+        sizes = {int(k): float(v) for k, v in (item.split(":") for item in spec.split(","))}
+    except ValueError:
+        raise SystemExit(f"--res-weights {spec!r}: expected SIZE:SHARE,... such as {RES_WEIGHTS}") from None
+    if not sizes or any(k not in (256, 512, 768) or v < 0 for k, v in sizes.items()) or not sum(sizes.values()):
+        raise SystemExit(f"--res-weights {spec!r}: sizes are 256, 512 or 768, shares >= 0 and not all 0")
+    return sizes
+
+
+def images_per_batch(batch: int) -> dict[int, int]:
+    """Images in a step at each size for `batch` at 256 px: a 768-px image costs about 9 of them."""
+    return {256: batch, 512: max(2, batch // 2), 768: max(1, batch // 4)}
 
 
 def vision_config() -> dict:
@@ -297,14 +312,10 @@ def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.
     tensors["model.language_model.embed_tokens_per_layer.weight"] = (
         dec.embed_tokens_per_layer.detach().to(torch.bfloat16).contiguous()
     )
-    for prefix, module in (
-        ("model.audio_tower.", parts["audio"]),
-        ("model.vision_tower.timm_model.", parts["vision"]),
-        ("model.embed_audio.", parts["embed_audio"]),
-        ("model.embed_vision.", parts["embed_vision"]),
-    ):
-        for k, v in module.state_dict().items():
-            tensors[prefix + k] = v.detach().float().contiguous()
+    for name, prefix in PREFIXES.items():
+        if name in parts:  # a run --without-audio writes the vision tower alone
+            for k, v in parts[name].state_dict().items():
+                tensors[prefix + k] = v.detach().float().contiguous()
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     text = dict(text_cfg, model_type="gemma3n_text")
     text.pop("architectures", None)
@@ -313,9 +324,8 @@ def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.
         "architectures": ["Gemma3nForConditionalGeneration"],
         "model_type": "gemma3n",
         "text_config": text,
-        "audio_config": AUDIO_CONFIG,
+        **({"audio_config": AUDIO_CONFIG, "audio_soft_tokens_per_image": AUDIO_TOKENS} if "audio" in parts else {}),
         "vision_config": vision_config(),
-        "audio_soft_tokens_per_image": AUDIO_TOKENS,
         "vision_soft_tokens_per_image": IMAGE_TOKENS,
         # the tokenizer's own ids: its media tokens sit inside the 4096-token text vocabulary
         "boi_token_id": 7,
@@ -346,7 +356,7 @@ def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.
     tmp.rename(out)
 
 
-def prompt_ids(ckpt: Path) -> tuple[list[int], dict[str, list[int]], int, int]:
+def prompt_ids(ckpt: Path) -> tuple[list[int] | None, dict[str, list[int]], int, int]:
     """The runtime's own prompts (chat template and placeholder expansion) for transcription and for
     each image question: what `gemma3n transcribe` and `generate --image` will send."""
     from PIL import Image
@@ -355,17 +365,21 @@ def prompt_ids(ckpt: Path) -> tuple[list[int], dict[str, list[int]], int, int]:
 
     model = gemma3n.load(ckpt)
     proc = model.processor
-    audio = proc.from_messages(
-        [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": speech_prompt()},
-                    {"type": "audio", "audio": np.zeros(SR * 5, np.float32)},
-                ],
-            }
-        ]
-    ).ids
+    audio = (
+        None
+        if not model.has_audio
+        else proc.from_messages(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": speech_prompt()},
+                        {"type": "audio", "audio": np.zeros(SR * 5, np.float32)},
+                    ],
+                }
+            ]
+        ).ids
+    )
     img = Image.new("RGB", (64, 64))
     images = {
         task: proc.from_messages(
@@ -431,7 +445,11 @@ def main() -> None:
     ap.add_argument("--log", type=Path, default=ROOT / "docs" / "tiny-media-training.csv")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget; the LR schedule spans it")
     ap.add_argument("--eval-minutes", type=float, default=8.0)
-    ap.add_argument("--audio-batch", type=int, default=8)
+    ap.add_argument("--audio-batch", type=int, default=8, help="speech clips a step (0: images and text only)")
+    ap.add_argument(
+        "--image-batch", type=int, default=8, help="images a step at 256 px (half at 512, a quarter at 768)"
+    )
+    ap.add_argument("--res-weights", default=RES_WEIGHTS, help="share of the steps at each image size")
     ap.add_argument("--text-batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3, help="towers, embedders, CTC head")
     ap.add_argument("--decoder-lr", type=float, default=1.5e-4)
@@ -464,6 +482,11 @@ def main() -> None:
             help=f"learning rate of a pre-trained {kind} tower, relative to --lr (default 0: frozen, forward only; "
             "its embedder still learns)",
         )
+    ap.add_argument(
+        "--without-audio",
+        action="store_true",
+        help="no audio tower: images and text only, and the checkpoint carries the vision tower alone",
+    )
     ap.add_argument("--attr-weight", type=float, default=1.0, help="the colour/shape/count head's loss (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -487,6 +510,8 @@ def main() -> None:
     # so the vision tower learns what the scene holds before the decoder has learnt to look at it
     attr_head = nn.Linear(IMAGE_TOKENS * d, len(COLOURS) + len(SHAPES) + len(COUNTS))
     parts = {"decoder": dec, "audio": audio, "vision": vision, "embed_audio": emb_a, "embed_vision": emb_v}
+    if args.without_audio:
+        args.audio_batch = 0
     if args.init is not None:
         from safetensors.torch import load_file
 
@@ -525,15 +550,15 @@ def main() -> None:
                 parts[names[0]].requires_grad_(False)
             if names[0] == "vision" and any(k.startswith("head.") for k in state):  # its attribute head too
                 attr_head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+    if args.without_audio:
+        del parts["audio"], parts["embed_audio"]
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     print("parameters", counts, flush=True)
 
     readme = (args.base / "README.md").read_text()
     write_checkpoint(args.out, args.base, text_cfg, parts, readme)
     audio_prompt, image_prompts, audio_id, image_id = prompt_ids(args.out)
-    print(
-        f"audio prompt {len(audio_prompt)} tokens; image prompts {[len(v) for v in image_prompts.values()]}", flush=True
-    )
+    print(f"audio prompt {len(audio_prompt or [])} tokens; image prompts {[len(v) for v in image_prompts.values()]}")
 
     from tokenizers import Tokenizer
 
@@ -569,13 +594,14 @@ def main() -> None:
         betas=(0.9, 0.98),
     )
     budget = args.minutes * 60
+    sizes, per_batch = res_weights(args.res_weights), images_per_batch(args.image_batch)
     frozen_until = args.frozen_share * budget
     dec.requires_grad_(False)
     decoder_steps = 0
 
     # fixed evaluation sets
     eval_clips = list(range(min(24, len(held_clips))))
-    eval_scenes = [render_scene(random.Random(10_000 + i), 384) for i in range(24)]
+    eval_scenes = [render_scene(random.Random(10_000 + i), 384) for i in range(48)]
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -585,14 +611,15 @@ def main() -> None:
         row: dict = {}
         row["text_ppl_full"] = round(math.exp(held_out_loss(dec, held_windows, pl["full"], 16)), 2)
         row["text_ppl_sub"] = round(math.exp(held_out_loss(dec, held_windows, pl["sub"], 16)), 2)
-        waves = [held_clips.wave(i) for i in eval_clips]
-        answers = [tok.encode(held_clips.texts[i], add_special_tokens=False).ids + [eot] for i in eval_clips]
-        soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
-        loss, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
-        row["heldout_speech_loss"] = round(loss.item(), 4)
-        row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
+        if audio_prompt is not None:
+            waves = [held_clips.wave(i) for i in eval_clips]
+            answers = [tok.encode(held_clips.texts[i], add_special_tokens=False).ids + [eot] for i in eval_clips]
+            soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
+            loss, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
+            row["heldout_speech_loss"] = round(loss.item(), 4)
+            row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
         # CTC greedy transcript WER: what the tower alone hears
-        if args.ctc_weight:
+        if args.ctc_weight and audio_prompt is not None:
             import jiwer
 
             best = ctc_head(encoded).argmax(-1)
@@ -603,9 +630,9 @@ def main() -> None:
                 hyps.append(normalize_words(tok.decode(out)))
             refs = [normalize_words(held_clips.texts[i]) for i in eval_clips]
             row["heldout_ctc_wer"] = round(jiwer.wer(refs, [h or "-" for h in hyps]), 4)
-        for res in (256, 768):
+        for res in (256, 512, 768):
             pixels = improc([im for im, _ in eval_scenes], size=res)
-            soft_v = vision_soft(vision, emb_v, pixels)
+            soft_v = torch.cat([vision_soft(vision, emb_v, pixels[k : k + 16]) for k in range(0, len(pixels), 16)])
             for task in ("colour", "shape", "count"):
                 ans = [tok.encode(sc.answer(task), add_special_tokens=False).ids + [eot] for _, sc in eval_scenes]
                 _, pred, tgt = answer_loss(dec, pl["full"], [image_prompts[task]] * len(ans), ans, soft_v, image_id)
@@ -619,6 +646,29 @@ def main() -> None:
         audio.train()
         vision.train()
         return row
+
+    def speech_losses(losses: dict[str, torch.Tensor]) -> None:
+        """The transcript's next-token loss on a batch of augmented clips (3 % noise only, empty
+        transcript), and with --ctc-weight the CTC loss on the tower's tokens."""
+        idx = [rng.randrange(len(clips)) for _ in range(args.audio_batch)]
+        waves, answers = [], []
+        for i in idx:
+            if rng.random() < 0.03:  # noise only: an empty transcript
+                waves.append(augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng))
+                answers.append([eot])
+            else:
+                waves.append(augment(clips.wave(i), nrng))
+                answers.append(enc_text[i] + [eot])
+        soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
+        losses["speech"], _, _ = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
+        if args.ctc_weight:
+            logp = F.log_softmax(ctc_head(encoded).float(), -1).transpose(0, 1)  # [S, B, V+1]
+            targets = [torch.tensor(a[:-1]) for a in answers]
+            lengths = torch.tensor([len(t) for t in targets])
+            flat = torch.cat([t for t in targets if len(t)]) if lengths.sum() else torch.zeros(0, dtype=torch.long)
+            losses["ctc"] = args.ctc_weight * F.ctc_loss(
+                logp, flat, (~padding).sum(1), lengths, blank=vocab, zero_infinity=True
+            )
 
     args.log.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -663,29 +713,11 @@ def main() -> None:
         dec_g["lr"] = args.decoder_lr * min(1.0, decoder_steps / args.warmup) * decay
 
         losses: dict[str, torch.Tensor] = {}
-        # speech
-        idx = [rng.randrange(len(clips)) for _ in range(args.audio_batch)]
-        waves, answers = [], []
-        for i in idx:
-            if rng.random() < 0.03:  # noise only: an empty transcript
-                waves.append(augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng))
-                answers.append([eot])
-            else:
-                waves.append(augment(clips.wave(i), nrng))
-                answers.append(enc_text[i] + [eot])
-        soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
-        losses["speech"], _, _ = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
-        if args.ctc_weight:
-            logp = F.log_softmax(ctc_head(encoded).float(), -1).transpose(0, 1)  # [S, B, V+1]
-            targets = [torch.tensor(a[:-1]) for a in answers]
-            lengths = torch.tensor([len(t) for t in targets])
-            flat = torch.cat([t for t in targets if len(t)]) if lengths.sum() else torch.zeros(0, dtype=torch.long)
-            losses["ctc"] = args.ctc_weight * F.ctc_loss(
-                logp, flat, (~padding).sum(1), lengths, blank=vocab, zero_infinity=True
-            )
+        if args.audio_batch:
+            speech_losses(losses)
         # images
-        res = rng.choices(list(RESOLUTIONS), weights=list(RESOLUTIONS.values()))[0]
-        scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(IMAGES_PER_BATCH[res])]
+        res = rng.choices(list(sizes), weights=list(sizes.values()))[0]
+        scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
         pixels = improc([im for im, _ in scenes], size=res)
         soft_v = vision_soft(vision, emb_v, pixels)
         logits = attr_head(soft_v.flatten(1))
