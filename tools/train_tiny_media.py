@@ -575,13 +575,16 @@ def main() -> None:
     improc = ImageProcessor.from_dict(PREPROCESSOR)
     enc_text = [tok.encode(t, add_special_tokens=False).ids for t in clips.texts]
 
-    fresh = [k for k in ("audio", "vision") if k not in pretrained]
+    fresh = [k for k in ("audio", "vision") if k not in pretrained and k in parts]
     fresh += [f"embed_{k}" for k in fresh]
     tower_params = [p for k in fresh for p in parts[k].parameters()]
     tower_params += list(ctc_head.parameters()) + list(attr_head.parameters())
     # one group per pre-trained tower: its own learning rate (empty when frozen)
     scaled = {k: args.lr * getattr(args, f"{k}_lr_scale") for k in ("audio", "vision")}
-    pretrained_params = {k: [p for p in parts[k].parameters() if k in pretrained and p.requires_grad] for k in scaled}
+    pretrained_params = {
+        k: [p for p in parts[k].parameters() if p.requires_grad] if k in pretrained and k in parts else []
+        for k in scaled
+    }
     tower_params += [p for k in pretrained for p in parts[f"embed_{k}"].parameters()]
     audio_side = [p for m in (audio, emb_a, ctc_head) for p in m.parameters()]
     vision_side = [p for m in (vision, emb_v, attr_head) for p in m.parameters()]
