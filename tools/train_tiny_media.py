@@ -534,6 +534,8 @@ def main() -> None:
         ):
             if args.fresh_vision and name in ("vision", "embed_vision"):
                 continue
+            if args.without_audio and name in ("audio", "embed_audio"):
+                continue  # (a vision-only checkpoint has none)
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             parts[name].load_state_dict(sub, strict=True)
     pretrained = set()
