@@ -81,6 +81,32 @@ class FrameHead(nn.Module):
         return self.proj(soft).reshape(soft.shape[0], -1, self.labels)
 
 
+class TokenHead(nn.Module):
+    """Training only: CTC over the decoder's own tokens, one frame per soft token, scored by the
+    cosine between the soft token and each token's input embedding (plus a learnt blank vector).
+    The soft tokens learn to stand where the decoder's text embeddings are, which is what a decoder
+    that has learnt to copy from its context can read (docs/tiny-media.md, third round)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", F.normalize(table.float(), dim=-1))  # [V, D], label k + 1
+        self.blank = nn.Parameter(torch.randn(table.shape[1]))  # label 0
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, soft: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, S, V + 1]
+        keys = torch.cat([F.normalize(self.blank, dim=-1)[None], self.table])
+        return self.scale * F.normalize(soft.float(), dim=-1) @ keys.T
+
+
+def decoder_table(base: Path) -> torch.Tensor:
+    """The input embeddings the decoder of `base` gives each token id (scaled as it sees them)."""
+    from train_tiny_media import load_decoder
+
+    dec = load_decoder(base)[0]
+    with torch.no_grad():
+        return dec.embed(torch.arange(dec.config.vocab_size)[None])[0]
+
+
 def ctc_loss(logp: torch.Tensor, labels: list[list[int]], lengths: torch.Tensor) -> torch.Tensor:
     """Mean over clips of CTC per target letter (blank 0), one call per clip: torch's batched CPU
     CTC gradient came out as 1e24 for one clip of a batch that, alone, has gradients below 1."""
@@ -120,7 +146,8 @@ def step_if_finite(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> bo
 
 
 def resume(path: Path | None, prefixes: dict[str, nn.Module]) -> None:
-    """Continue from an earlier run's file (a new schedule); a file without the head keeps a fresh one."""
+    """Continue from an earlier run's file (a new schedule). A file without the head, or with
+    another kind of head (letters -> tokens), keeps a fresh one (train it first: --head-steps)."""
     if path is None:
         return
     from safetensors.torch import load_file
@@ -128,7 +155,7 @@ def resume(path: Path | None, prefixes: dict[str, nn.Module]) -> None:
     state = load_file(path)
     for prefix, module in prefixes.items():
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub or prefix != "head.":
+        if prefix != "head." or set(sub) == set(module.state_dict()):
             module.load_state_dict(sub)
 
 
@@ -160,12 +187,23 @@ def train_audio(args: argparse.Namespace) -> None:
     rng, nrng = random.Random(args.seed), np.random.default_rng(args.seed)
     audio = init_audio_tower(args.seed)
     emb = init_embedder(AUDIO_CONFIG["hidden_size"], TEXT_HIDDEN, AUDIO_CONFIG["vocab_offset"], args.seed + 1)
-    head = FrameHead(TEXT_HIDDEN, len(LETTERS) + 1)
+    clips, held = Clips.load(args.speech / "train"), Clips.load(args.speech / "heldout")
+    if args.units == "tokens":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(args.decoder / "tokenizer.json"))
+        head, frames = TokenHead(decoder_table(args.decoder)), 1
+        labels = [[i + 1 for i in tok.encode(t, add_special_tokens=False).ids] for t in clips.texts]
+
+        def transcript(best: list[int]) -> str:
+            out = [x - 1 for j, x in enumerate(best) if x and (j == 0 or x != best[j - 1])]
+            return normalize_words(tok.decode(out))
+    else:
+        head, frames, transcript = FrameHead(TEXT_HIDDEN, len(LETTERS) + 1), UPSAMPLE, greedy_text
+        labels = [letters(t) for t in clips.texts]
     resume(args.init, {"model.audio_tower.": audio, "model.embed_audio.": emb, "head.": head})
     params = [p for m in (audio, emb, head) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    clips, held = Clips.load(args.speech / "train"), Clips.load(args.speech / "heldout")
-    labels = [letters(t) for t in clips.texts]
     fe = AudioFeatureExtractor.from_dict(PREPROCESSOR)
     eval_ids = list(range(min(args.eval_clips, len(held))))
     eval_feats = fe([held.wave(i) for i in eval_ids])
@@ -175,9 +213,8 @@ def train_audio(args: argparse.Namespace) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             with torch.set_grad_enabled(tower and torch.is_grad_enabled()):
                 soft, padding = audio(feats, mask)
-                soft = emb.embed_soft(soft)
-            out = head(soft).float()
-        return out, (~padding).sum(1) * UPSAMPLE
+            out = head(emb.embed_soft(soft)).float()
+        return out, (~padding).sum(1) * frames
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -185,7 +222,7 @@ def train_audio(args: argparse.Namespace) -> None:
         out, lengths = logits_of(*eval_feats)
         audio.train()
         best = out.argmax(-1)
-        hyps = [greedy_text(best[b, : lengths[b]].tolist()) or "-" for b in range(len(eval_ids))]
+        hyps = [transcript(best[b, : lengths[b]].tolist()) or "-" for b in range(len(eval_ids))]
         return {"wer": round(jiwer.wer(refs, hyps), 4), "cer": round(jiwer.cer(refs, hyps), 4), "example": hyps[0]}
 
     rows: list[dict] = []
@@ -309,8 +346,16 @@ def main() -> None:
         "--head-steps",
         type=int,
         default=0,
-        help="audio: first steps train the CTC head alone (resumed: a new head disturbed the tower)",
+        help="audio: first steps train the embedder and CTC head alone (resumed: a new head disturbed the tower)",
     )
+    ap.add_argument(
+        "--units",
+        choices=["letters", "tokens"],
+        default="letters",
+        help="audio CTC labels: letters (8 frames a soft token) or the decoder's tokens (one a soft token, "
+        "scored against its input embeddings: --decoder)",
+    )
+    ap.add_argument("--decoder", type=Path, default=ROOT / "gemma3n" / "data" / "tiny", help="--units tokens: whose")
     ap.add_argument("--init", type=Path, default=None, help="continue from this earlier --out (a new schedule)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
