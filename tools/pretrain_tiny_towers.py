@@ -10,6 +10,9 @@ each tower learns with a cheap loss of its own, no decoder in the step:
   to 8 CTC frames (50 Hz), so each soft token must carry the letters of its 160 ms, which is what
   the decoder needs from it. At 25 Hz, fast speech (17 letters a second, a blank needed between
   doubled letters) leaves CTC little room;
+- audio `--units tokens`: CTC over the decoder's own tokens, one frame a soft token, each scored by
+  the cosine between the soft token and the token's input embedding, so a soft token that wins for a
+  token stands where the decoder sees that token (docs/tiny-media.md, third round);
 - vision: colour, shape and count read linearly off the 16 soft tokens (training-only head), on
   scenes rendered at 256 px mostly and at 512 / 768 px so the tower holds up at every size.
 
