@@ -491,6 +491,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    if args.without_audio and args.init_audio is not None:
+        ap.error("--without-audio trains no audio tower: drop --init-audio")
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     nrng = np.random.default_rng(args.seed)
