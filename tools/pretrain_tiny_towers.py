@@ -27,7 +27,6 @@ attribute accuracy per resolution).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import random
 import sys
@@ -53,6 +52,7 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     init_vision_tower,
     res_weights,
     vision_soft,
+    write_csv,
 )
 
 from gemma3n.audio import AudioFeatureExtractor  # noqa: E402
@@ -170,10 +170,7 @@ def record(args: argparse.Namespace, rows: list[dict], row: dict, prefixes: dict
     """An evaluation: printed, added to the CSV, and the tower, embedder and head saved."""
     rows.append(row)
     print(row, flush=True)
-    with args.log.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.log, rows)
     save(args.out, prefixes)
 
 
