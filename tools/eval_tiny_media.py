@@ -8,6 +8,7 @@
   tower's latency per resolution.
 
     python tools/eval_tiny_media.py --speech /work/tiny-mm/speech --out docs/tiny-media-eval.json
+    python tools/eval_tiny_media.py --model CHECKPOINT --images 60   # a vision-only model: images only
 """
 
 from __future__ import annotations
@@ -55,12 +56,11 @@ def long_recording(seconds: float = 135.0) -> tuple[np.ndarray, str]:
 
 
 def main() -> None:
-    import jiwer
-    import soundfile as sf
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
-    ap.add_argument("--speech", type=Path, required=True, help="tools/tiny_media_data.py's output (heldout.*)")
+    ap.add_argument(
+        "--speech", type=Path, default=None, help="tools/tiny_media_data.py's output (heldout.*); omit: images only"
+    )
     ap.add_argument("--clips", type=int, default=100)
     ap.add_argument("--images", type=int, default=60, help="scenes per resolution (each asked 3 questions)")
     ap.add_argument("--out", type=Path, default=None)
@@ -69,10 +69,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = gemma3n.load(args.model)
     result: dict = {}
+    if args.speech is not None:
+        result |= speech_figures(model, args.speech, args.clips)
+    result["images"] = image_figures(model, args.images)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
 
+
+def speech_figures(model: gemma3n.Model, speech: Path, clips: int) -> dict:
+    """WER and real-time factor on the held-out clips and on the ~2-minute recording."""
+    import jiwer
+    import soundfile as sf
+
+    result: dict = {}
     # --- held-out clips
-    held = Clips.load(args.speech / "heldout")
-    n = min(args.clips, len(held))
+    held = Clips.load(speech / "heldout")
+    n = min(clips, len(held))
     refs, hyps, audio_s, spent = [], [], 0.0, 0.0
     for i in range(n):
         wave = held.wave(i)
@@ -103,7 +115,7 @@ def main() -> None:
 
     # --- a ~2-minute recording through transcribe (windows + stitching)
     wave, text = long_recording()
-    path = args.speech / "recording-2min.flac"
+    path = speech / "recording-2min.flac"
     sf.write(path, wave, SR)
     t = time.perf_counter()
     tr = transcribe(model, str(path))
@@ -116,13 +128,16 @@ def main() -> None:
         "hypothesis": tr.text,
     }
     print(json.dumps(result["recording"], indent=1), flush=True)
+    return result
 
-    # --- images
+
+def image_figures(model: gemma3n.Model, n: int) -> dict:
+    """Exact answers (colour, shape, count) on `n` unseen scenes per resolution; tower latency."""
     tower = model.towers.vision_tower()
     images = {}
     for res in (768, 512, 256):
         ok = {task: 0 for task in ("colour", "shape", "count")}
-        for i in range(args.images):
+        for i in range(n):
             img, scene = render_scene(random.Random(EVAL_SEED + i), 384)
             for task in ok:
                 r = model.generate(
@@ -143,11 +158,9 @@ def main() -> None:
         for _ in range(5):
             tower(pixels)
         ms = (time.perf_counter() - t) / 5 * 1000
-        images[res] = {k: round(v / args.images, 3) for k, v in ok.items()} | {"tower_ms": round(ms, 1)}
+        images[res] = {k: round(v / n, 3) for k, v in ok.items()} | {"tower_ms": round(ms, 1)}
         print(res, images[res], flush=True)
-    result["images"] = images | {"n": args.images}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return images | {"n": n}
 
 
 if __name__ == "__main__":

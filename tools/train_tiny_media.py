@@ -365,6 +365,20 @@ def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.
     tmp.rename(out)
 
 
+def heads_path(ckpt: Path) -> Path:
+    """Where a checkpoint's training-only heads live: beside it, not in it (the runtime has no use for them)."""
+    return ckpt.with_name(ckpt.name + "-heads.safetensors")
+
+
+def save_heads(ckpt: Path, heads: dict[str, nn.Module]) -> None:
+    from safetensors.torch import save_file
+
+    state = {prefix + k: v.detach().contiguous() for prefix, m in heads.items() for k, v in m.state_dict().items()}
+    tmp = heads_path(ckpt).with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(heads_path(ckpt))
+
+
 def prompt_ids(ckpt: Path) -> tuple[list[int] | None, dict[str, list[int]], int, int]:
     """The runtime's own prompts (chat template and placeholder expansion) for transcription and for
     each image question: what `gemma3n transcribe` and `generate --image` will send."""
@@ -549,6 +563,12 @@ def main() -> None:
                 continue  # (a vision-only checkpoint has none)
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             parts[name].load_state_dict(sub, strict=True)
+        heads_file = heads_path(args.init)
+        if heads_file.exists():  # the training-only heads, so a resumed run goes on with them
+            heads = load_file(heads_file)
+            for prefix, head in (("attr_head.", attr_head), ("ctc_head.", ctc_head)):
+                if not (args.fresh_vision and head is attr_head):
+                    head.load_state_dict({k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)})
     pretrained = set()
     for path, names in ((args.init_audio, ("audio", "embed_audio")), (args.init_vision, ("vision", "embed_vision"))):
         if path is not None:
@@ -704,6 +724,7 @@ def main() -> None:
             print(row, flush=True)
             write_csv(args.log, rows)
             write_checkpoint(args.out, args.base, text_cfg, parts, readme)
+            save_heads(args.out, {"attr_head.": attr_head, "ctc_head.": ctc_head})
             (args.out.parent / (args.out.name + "-step.json")).write_text(json.dumps(row))
         if done:
             break
