@@ -47,9 +47,11 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     AUDIO_CONFIG,
     IMAGE_TOKENS,
     PREPROCESSOR,
+    attr_loss,
     init_audio_tower,
     init_embedder,
     init_vision_tower,
+    refuse_to_clobber,
     res_weights,
     vision_soft,
     write_csv,
@@ -310,12 +312,7 @@ def train_vision(args: argparse.Namespace) -> None:
         res = rng.choices(list(sizes), weights=list(sizes.values()))[0]
         scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
         out = attribute_logits(scenes, res)
-        colour, shape, count = truth(scenes)
-        loss = (
-            F.cross_entropy(out[:, :nc], colour)
-            + F.cross_entropy(out[:, nc : nc + ns], shape)
-            + F.cross_entropy(out[:, nc + ns :], count)
-        ) / 3
+        loss = attr_loss(out, [sc for _, sc in scenes])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         step_if_finite(opt, params)
@@ -358,9 +355,11 @@ def main() -> None:
     ap.add_argument("--decoder", type=Path, default=ROOT / "gemma3n" / "data" / "tiny", help="--units tokens: whose")
     ap.add_argument("--init", type=Path, default=None, help="continue from this earlier --out (a new schedule)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out and --log")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.log = args.log or args.out.with_suffix(".csv")
+    refuse_to_clobber([args.out, args.log], args.force)
     if args.tower == "audio":
         if args.speech is None:
             ap.error("audio needs --speech")

@@ -44,6 +44,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ from tiny_media_data import (  # noqa: E402
     SHAPES,
     SR,
     Clips,
+    Scene,
     augment,
     normalize_words,
     render_scene,
@@ -196,6 +198,14 @@ def res_weights(spec: str) -> dict[int, float]:
     if not sizes or any(k not in (256, 512, 768) or v < 0 for k, v in sizes.items()) or not sum(sizes.values()):
         raise SystemExit(f"--res-weights {spec!r}: sizes are 256, 512 or 768, shares >= 0 and not all 0")
     return sizes
+
+
+def refuse_to_clobber(paths: list[Path], force: bool) -> None:
+    """A run rewrites its checkpoint and CSV at every evaluation: an earlier run's are overwritten
+    only when asked (--force)."""
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not force:
+        raise SystemExit(f"{', '.join(taken)}: already there (another run's?); choose another path or pass --force")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -365,6 +375,40 @@ def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.
     tmp.rename(out)
 
 
+def attr_loss(logits: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
+    """The attribute head's loss: mean cross-entropy of colour, shape and count (logits in that order)."""
+    nc, ns = len(COLOURS), len(SHAPES)
+    return (
+        F.cross_entropy(logits[:, :nc], torch.tensor([list(COLOURS).index(sc.colour) for sc in scenes]))
+        + F.cross_entropy(logits[:, nc : nc + ns], torch.tensor([SHAPES.index(sc.shape) for sc in scenes]))
+        + F.cross_entropy(logits[:, nc + ns :], torch.tensor([sc.count - 1 for sc in scenes]))
+    ) / 3
+
+
+def fit_attr_head(
+    head: nn.Linear,
+    soft_of: Callable[[list, int], torch.Tensor],
+    sizes: dict[int, float],
+    per_batch: dict[int, int],
+    rng: random.Random,
+    steps: int,
+) -> None:
+    """Fit a fresh attribute head on the trained tower's soft tokens (forward only) before the joint
+    steps, so that its first gradients into the tower are not those of a random head."""
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for step in range(steps):
+        res = rng.choices(list(sizes), weights=list(sizes.values()))[0]
+        scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
+        with torch.no_grad():
+            soft = soft_of([im for im, _ in scenes], res)
+        loss = attr_loss(head(soft.flatten(1)), [sc for _, sc in scenes])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            print(f"head step {step} res {res} attr {loss.item():.3f}", flush=True)
+
+
 def heads_path(ckpt: Path) -> Path:
     """Where a checkpoint's training-only heads live: beside it, not in it (the runtime has no use for them)."""
     return ckpt.with_name(ckpt.name + "-heads.safetensors")
@@ -465,7 +509,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, required=True, help="the trained text-only model (tools/train_tiny.py)")
     ap.add_argument("--speech", type=Path, required=True, help="tools/tiny_media_data.py's output")
     ap.add_argument("--out", type=Path, required=True, help="checkpoint directory (rewritten at each evaluation)")
-    ap.add_argument("--log", type=Path, default=ROOT / "docs" / "tiny-media-training.csv")
+    ap.add_argument("--log", type=Path, default=None, help="CSV of the evaluations (default: next to --out, OUT.csv)")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget; the LR schedule spans it")
     ap.add_argument("--eval-minutes", type=float, default=8.0)
     ap.add_argument("--audio-batch", type=int, default=8, help="speech clips a step (0: images and text only)")
@@ -511,9 +555,21 @@ def main() -> None:
         help="no audio tower: images and text only, and the checkpoint carries the vision tower alone",
     )
     ap.add_argument("--attr-weight", type=float, default=1.0, help="the colour/shape/count head's loss (0: off)")
+    ap.add_argument(
+        "--head-steps",
+        type=int,
+        default=0,
+        help="first fit a fresh attribute head alone on the towers' soft tokens for this many steps (a resumed "
+        "checkpoint without saved heads); not counted in --minutes",
+    )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out and --log")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    # never a file of the repository by default: a run would overwrite docs/tiny-media-training.csv,
+    # where the recorded runs' curves are kept
+    args.log = args.log or args.out.with_name(args.out.name + ".csv")
+    refuse_to_clobber([args.out, args.log], args.force)
     if args.without_audio and args.init_audio is not None:
         ap.error("--without-audio trains no audio tower: drop --init-audio")
     torch.set_num_threads(args.threads)
@@ -569,6 +625,8 @@ def main() -> None:
             for prefix, head in (("attr_head.", attr_head), ("ctc_head.", ctc_head)):
                 if not (args.fresh_vision and head is attr_head):
                     head.load_state_dict({k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)})
+        elif args.attr_weight and not args.fresh_vision and not args.head_steps:
+            print("warning: --init has no saved heads: the attribute head starts fresh (fit it: --head-steps)")
     pretrained = set()
     for path, names in ((args.init_audio, ("audio", "embed_audio")), (args.init_vision, ("vision", "embed_vision"))):
         if path is not None:
@@ -710,8 +768,17 @@ def main() -> None:
     rows: list[dict] = []
     ema: dict[str, float] = {}
     step, last_eval = 0, -1e9
+    if args.head_steps:
+        fit_attr_head(
+            attr_head,
+            lambda ims, res: vision_soft(vision, emb_v, improc(ims, size=res)),
+            sizes,
+            per_batch,
+            rng,
+            args.head_steps,
+        )
+    print(f"setup {time.time() - t_start:.0f} s", flush=True)
     t0 = time.time()
-    print(f"setup {t0 - t_start:.0f} s", flush=True)
     while True:
         elapsed = time.time() - t0
         done = elapsed >= budget
@@ -753,17 +820,7 @@ def main() -> None:
         scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
         pixels = improc([im for im, _ in scenes], size=res)
         soft_v = vision_soft(vision, emb_v, pixels)
-        logits = attr_head(soft_v.flatten(1))
-        nc, ns = len(COLOURS), len(SHAPES)
-        losses["attr"] = (
-            args.attr_weight
-            * (
-                F.cross_entropy(logits[:, :nc], torch.tensor([list(COLOURS).index(sc.colour) for _, sc in scenes]))
-                + F.cross_entropy(logits[:, nc : nc + ns], torch.tensor([SHAPES.index(sc.shape) for _, sc in scenes]))
-                + F.cross_entropy(logits[:, nc + ns :], torch.tensor([sc.count - 1 for _, sc in scenes]))
-            )
-            / 3
-        )
+        losses["attr"] = args.attr_weight * attr_loss(attr_head(soft_v.flatten(1)), [sc for _, sc in scenes])
         tasks = [rng.choice(list(QUESTIONS)) for _ in scenes]
         ans = [tok.encode(sc.answer(t), add_special_tokens=False).ids + [eot] for (_, sc), t in zip(scenes, tasks)]
         losses["image"], _, _ = answer_loss(dec, pl["full"], [image_prompts[t] for t in tasks], ans, soft_v, image_id)
