@@ -38,7 +38,11 @@ def blend(base: Path, tuned: Path, alpha: float, out: Path) -> Path:
     for k, v in t.items():
         if k.startswith("model.language_model."):
             ref = b.get("model." + k.removeprefix("model.language_model."), b.get(k))
-            mixed[k] = (ref.float() + alpha * (v.float() - ref.float())).to(v.dtype)
+            # the end points exactly: base + 1 * (tuned - base) is not `tuned` in floating point
+            if alpha in (0.0, 1.0):
+                mixed[k] = (v if alpha else ref).to(v.dtype)
+            else:
+                mixed[k] = (ref.float() + alpha * (v.float() - ref.float())).to(v.dtype)
         else:
             mixed[k] = v
     if out.exists():

@@ -423,9 +423,12 @@ def save_heads(ckpt: Path, heads: dict[str, nn.Module]) -> None:
     tmp.replace(heads_path(ckpt))
 
 
-def prompt_ids(ckpt: Path) -> tuple[list[int] | None, dict[str, list[int]], int, int]:
+def prompt_ids(
+    ckpt: Path,
+) -> tuple[list[int] | None, dict[str, list[int]], int, int, Callable[[str], list[int]]]:
     """The runtime's own prompts (chat template and placeholder expansion) for transcription and for
-    each image question: what `gemma3n transcribe` and `generate --image` will send."""
+    each image question: what `gemma3n transcribe` and `generate --image` will send; and the prompt
+    of a text-only user turn, as a function of its text."""
     from PIL import Image
 
     import gemma3n
@@ -455,7 +458,11 @@ def prompt_ids(ckpt: Path) -> tuple[list[int] | None, dict[str, list[int]], int,
         for task, q in QUESTIONS.items()
     }
     cfg = model.config
-    return audio, images, cfg.audio_token_id, cfg.image_token_id
+
+    def text_prompt(text: str) -> list[int]:
+        return proc.from_messages([{"role": "user", "content": text}]).ids
+
+    return audio, images, cfg.audio_token_id, cfg.image_token_id, text_prompt
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,6 +488,28 @@ def answer_loss(
     sel = tgt >= 0
     logits = dec.lm_head(hidden[sel]).float()
     return F.cross_entropy(logits, tgt[sel]), logits.argmax(-1), tgt[sel]
+
+
+def chat_replay_loss(
+    dec: TextDecoder,
+    plan,
+    tok,
+    text_prompt: Callable[[str], list[int]],
+    stream: torch.Tensor,
+    batch: int,
+    rng: random.Random,
+) -> torch.Tensor:
+    """Text-only chat turns: a user turn of 8-48 tokens of KJV text, the model turn its next 48
+    tokens (no end of turn: the text model never learnt where to stop). The image answers are
+    short and end the turn; without these turns the decoder learns to answer every chat that way."""
+    prompts, replies = [], []
+    for _ in range(batch):
+        n = rng.randint(8, 48)
+        s = rng.randrange(0, len(stream) - n - 48)
+        prompts.append(text_prompt(tok.decode(stream[s : s + n].tolist())))
+        replies.append(stream[s + n : s + n + 48].tolist())
+    empty = torch.zeros(batch, 0, dec.embed_tokens.weight.shape[1])
+    return answer_loss(dec, plan, prompts, replies, empty, -1)[0]
 
 
 def audio_soft(enc: AudioEncoder, emb: MultimodalEmbedder, waves: list[np.ndarray], fe: AudioFeatureExtractor):
@@ -518,6 +547,13 @@ def main() -> None:
     )
     ap.add_argument("--res-weights", default=RES_WEIGHTS, help="share of the steps at each image size")
     ap.add_argument("--text-batch", type=int, default=4)
+    ap.add_argument(
+        "--chat-batch",
+        type=int,
+        default=4,
+        help="KJV passages a step as text-only chat turns, the reply their continuation (0: off), so that "
+        "a chat without an image is still answered in KJV text, not with a one-word image answer",
+    )
     ap.add_argument("--lr", type=float, default=2e-3, help="towers, embedders, CTC head")
     ap.add_argument("--decoder-lr", type=float, default=1.5e-4)
     ap.add_argument(
@@ -648,7 +684,7 @@ def main() -> None:
 
     readme = (args.base / "README.md").read_text()
     write_checkpoint(args.out, args.base, text_cfg, parts, readme)
-    audio_prompt, image_prompts, audio_id, image_id = prompt_ids(args.out)
+    audio_prompt, image_prompts, audio_id, image_id, text_prompt = prompt_ids(args.out)
     print(f"audio prompt {len(audio_prompt or [])} tokens; image prompts {[len(v) for v in image_prompts.values()]}")
 
     from tokenizers import Tokenizer
@@ -829,6 +865,10 @@ def main() -> None:
             batch = torch.stack([train_ids[s : s + w] for s in starts])
             losses["text_full"] = loss_of(dec, batch, pl["full"])
             losses["text_sub"] = loss_of(dec, batch, pl["sub"])
+            if args.chat_batch:
+                losses["text_chat"] = chat_replay_loss(
+                    dec, pl["full"], tok, text_prompt, train_ids, args.chat_batch, rng
+                )
 
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
