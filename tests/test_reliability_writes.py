@@ -189,6 +189,7 @@ def test_free_space_is_checked_before_writing(src, tmp_path, capsys, monkeypatch
 
 def test_a_bad_int4_group_is_refused_before_anything_is_written(src, tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)  # the multimodal layout keeps the decoder's fields there
     width = cfg["hidden_size_per_layer_input"] * cfg["num_hidden_layers"]
     group = next(g for g in (32, 64, 128) if width % g)  # a group that does not divide the PLE width
     out = tmp_path / "out"

