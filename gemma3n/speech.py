@@ -145,8 +145,7 @@ class WindowTranscriber:
         max_tokens_per_window: int = 256,
         **sampling: Any,
     ) -> None:
-        if not model.has_audio:
-            raise InputError(f"{model.path} has no audio tower: it cannot transcribe")
+        require_audio(model)
         self.model, self.temperature = model, temperature
         self.instruction = speech_prompt(translate_to, language)
         self.system = prompt
@@ -225,12 +224,18 @@ def _segment(number: int, window: Window, text: str, result: Any, temperature: f
     )
 
 
+def require_audio(model: Any) -> None:
+    if not model.has_audio:
+        raise InputError(f"{model.path} has no audio tower: it cannot transcribe")
+
+
 def transcribe(model: Any, audio: Any, *, progress: bool = False, **options: Any) -> Transcript:
     """The whole transcript of `audio` (see transcribe_segments for the options)."""
     from tqdm import tqdm
 
     from .audio import load_audio
 
+    require_audio(model)  # before the progress bar starts
     wave = load_audio(audio, sampling_rate=SR)
     segments = list(tqdm(transcribe_segments(model, audio, wave=wave, **options), disable=not progress, unit="segment"))
     task = "translate" if options.get("translate_to") else "transcribe"
