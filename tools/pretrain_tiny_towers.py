@@ -94,7 +94,9 @@ class TokenHead(nn.Module):
 
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("table", F.normalize(table.float(), dim=-1))  # [V, D], label k + 1
+        # label k + 1; not saved: it is the --decoder's, rebuilt at every start (a resumed run may
+        # aim the tower at another decoder)
+        self.register_buffer("table", F.normalize(table.float(), dim=-1), persistent=False)  # [V, D]
         self.blank = nn.Parameter(torch.randn(table.shape[1]))  # label 0
         self.scale = nn.Parameter(torch.tensor(10.0))
 
@@ -160,6 +162,8 @@ def resume(path: Path | None, prefixes: dict[str, nn.Module]) -> None:
     state = load_file(path)
     for prefix, module in prefixes.items():
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if prefix == "head.":  # (files of earlier runs also hold the token head's table: not resumed)
+            sub = {k: v for k, v in sub.items() if k != "table" or "table" in module.state_dict()}
         if prefix != "head." or set(sub) == set(module.state_dict()):
             module.load_state_dict(sub)
 
