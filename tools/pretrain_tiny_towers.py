@@ -48,6 +48,7 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     IMAGE_TOKENS,
     PREPROCESSOR,
     attr_loss,
+    draw_scenes,
     init_audio_tower,
     init_embedder,
     init_vision_tower,
@@ -162,8 +163,8 @@ def resume(path: Path | None, prefixes: dict[str, nn.Module]) -> None:
     state = load_file(path)
     for prefix, module in prefixes.items():
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if prefix == "head.":  # (files of earlier runs also hold the token head's table: not resumed)
-            sub = {k: v for k, v in sub.items() if k != "table" or "table" in module.state_dict()}
+        if prefix == "head.":
+            sub.pop("table", None)  # (files of earlier runs hold the token head's table: never resumed)
         if prefix != "head." or set(sub) == set(module.state_dict()):
             module.load_state_dict(sub)
 
@@ -313,8 +314,7 @@ def train_vision(args: argparse.Namespace) -> None:
                 break
         for g in opt.param_groups:
             g["lr"] = cosine(elapsed, args.minutes * 60, args.lr, step, args.warmup)
-        res = rng.choices(list(sizes), weights=list(sizes.values()))[0]
-        scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
+        res, scenes = draw_scenes(rng, sizes, per_batch)
         out = attribute_logits(scenes, res)
         loss = attr_loss(out, [sc for _, sc in scenes])
         opt.zero_grad(set_to_none=True)

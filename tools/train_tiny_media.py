@@ -46,6 +46,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -375,6 +376,14 @@ def write_checkpoint(out: Path, base: Path, text_cfg: dict, parts: dict[str, nn.
     tmp.rename(out)
 
 
+def draw_scenes(
+    rng: random.Random, sizes: dict[int, float], per_batch: dict[int, int]
+) -> tuple[int, list[tuple[Any, Scene]]]:
+    """A step's image size (drawn by `sizes`' weights) and its scenes, rendered at mixed sides."""
+    res = rng.choices(list(sizes), weights=list(sizes.values()))[0]
+    return res, [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
+
+
 def attr_loss(logits: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
     """The attribute head's loss: mean cross-entropy of colour, shape and count (logits in that order)."""
     nc, ns = len(COLOURS), len(SHAPES)
@@ -397,8 +406,7 @@ def fit_attr_head(
     steps, so that its first gradients into the tower are not those of a random head."""
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     for step in range(steps):
-        res = rng.choices(list(sizes), weights=list(sizes.values()))[0]
-        scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
+        res, scenes = draw_scenes(rng, sizes, per_batch)
         with torch.no_grad():
             soft = soft_of([im for im, _ in scenes], res)
         loss = attr_loss(head(soft.flatten(1)), [sc for _, sc in scenes])
@@ -852,8 +860,7 @@ def main() -> None:
         if args.audio_batch:
             speech_losses(losses)
         # images
-        res = rng.choices(list(sizes), weights=list(sizes.values()))[0]
-        scenes = [render_scene(rng, rng.choice((256, 384, 512, 768))) for _ in range(per_batch[res])]
+        res, scenes = draw_scenes(rng, sizes, per_batch)
         pixels = improc([im for im, _ in scenes], size=res)
         soft_v = vision_soft(vision, emb_v, pixels)
         losses["attr"] = args.attr_weight * attr_loss(attr_head(soft_v.flatten(1)), [sc for _, sc in scenes])
