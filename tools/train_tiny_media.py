@@ -594,6 +594,12 @@ def main() -> None:
             "its embedder still learns)",
         )
     ap.add_argument(
+        "--freeze-audio-embedder",
+        action="store_true",
+        help="with --init-audio: keep its embedder as pre-trained (a token-CTC tower's soft tokens then stay "
+        "where the decoder's token embeddings are, and a better tower can be swapped in later)",
+    )
+    ap.add_argument(
         "--without-audio",
         action="store_true",
         help="no audio tower: images and text only, and the checkpoint carries the vision tower alone",
@@ -659,8 +665,8 @@ def main() -> None:
         ):
             if args.fresh_vision and name in ("vision", "embed_vision"):
                 continue
-            if args.without_audio and name in ("audio", "embed_audio"):
-                continue  # (a vision-only checkpoint has none)
+            if name in ("audio", "embed_audio") and (args.without_audio or args.init_audio is not None):
+                continue  # (a vision-only checkpoint has none; --init-audio brings its own)
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             parts[name].load_state_dict(sub, strict=True)
         heads_file = heads_path(args.init)
@@ -720,7 +726,9 @@ def main() -> None:
         k: [p for p in parts[k].parameters() if p.requires_grad] if k in pretrained and k in parts else []
         for k in scaled
     }
-    tower_params += [p for k in pretrained for p in parts[f"embed_{k}"].parameters()]
+    if args.freeze_audio_embedder:
+        emb_a.requires_grad_(False)
+    tower_params += [p for k in pretrained for p in parts[f"embed_{k}"].parameters() if p.requires_grad]
     audio_side = [p for m in (audio, emb_a, ctc_head) for p in m.parameters()]
     vision_side = [p for m in (vision, emb_v, attr_head) for p in m.parameters()]
     opt = torch.optim.AdamW(
