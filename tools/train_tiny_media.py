@@ -622,6 +622,8 @@ def main() -> None:
     refuse_to_clobber([args.out, args.log], args.force)
     if args.without_audio and args.init_audio is not None:
         ap.error("--without-audio trains no audio tower: drop --init-audio")
+    if args.freeze_audio_embedder and args.init_audio is None:
+        ap.error("--freeze-audio-embedder keeps a pre-trained embedder: it needs --init-audio")
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     nrng = np.random.default_rng(args.seed)
