@@ -538,6 +538,119 @@ def vision_soft(tower: nn.Module, emb: MultimodalEmbedder, pixels: torch.Tensor)
     return emb.embed_soft(tokens)
 
 
+@torch.no_grad()
+def build_soft_cache(
+    n: int,
+    audio: AudioEncoder,
+    emb_a: MultimodalEmbedder,
+    vision: nn.Module,
+    emb_v: MultimodalEmbedder,
+    fe: AudioFeatureExtractor,
+    improc: ImageProcessor,
+    clips: Clips,
+    enc_text: list[list[int]],
+    eot: int,
+    sizes: dict[int, float],
+    per_batch: dict[int, int],
+    rng: random.Random,
+    nrng: np.random.Generator,
+) -> tuple[torch.Tensor, list[list[int]], list[tuple[int, list, torch.Tensor]]]:
+    """The frozen towers' soft tokens, once: n training clips (one augmented take each, 3 % of them
+    noise only with an empty transcript, as the live steps) and n scenes in batches as the image
+    steps draw them. Returns (speech soft tokens [n, AUDIO_TOKENS, D], their answers, image batches)."""
+    audio.eval()
+    vision.eval()
+    t = time.time()
+    order = rng.sample(range(len(clips)), min(n, len(clips)))
+    soft, answers = [], []
+    for k in range(0, len(order), 16):
+        waves = []
+        for i in order[k : k + 16]:
+            if rng.random() < 0.03:
+                waves.append(augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng))
+                answers.append([eot])
+            else:
+                waves.append(augment(clips.wave(i), nrng))
+                answers.append(enc_text[i] + [eot])
+        soft.append(audio_soft(audio, emb_a, waves, fe)[0])
+        if k % 1600 == 0:
+            print(f"soft cache: {k + len(waves)} clips in {time.time() - t:.0f} s", flush=True)
+    images: list[tuple[int, list, torch.Tensor]] = []
+    drawn = 0
+    while drawn < n:
+        res, scenes = draw_scenes(rng, sizes, per_batch)
+        images.append((res, scenes, vision_soft(vision, emb_v, improc([im for im, _ in scenes], size=res))))
+        drawn += len(scenes)
+    print(f"soft cache: {len(answers)} clips, {drawn} scenes in {time.time() - t:.0f} s", flush=True)
+    return torch.cat(soft), answers, images
+
+
+def ctc_align(logp: np.ndarray, labels: list[int]) -> list[int] | None:
+    """Viterbi CTC alignment: for each frame of `logp` [T, V + 1] (label 0 the blank, token k label
+    k + 1), the index in `labels` it emits, or -1 (blank). None when the labels do not fit."""
+    t_len, n = logp.shape[0], 2 * len(labels) + 1
+    ext = [0] + [x for lab in labels for x in (lab + 1, 0)]  # blank, l1, blank, l2, ..., blank
+    # a state may come from itself, the one before, or (a token unlike the one two back) skip a blank
+    skip = np.array([k >= 2 and ext[k] != 0 and ext[k] != ext[k - 2] for k in range(n)])
+    score = np.full(n, -np.inf)
+    score[0] = logp[0, ext[0]]
+    if n > 1:
+        score[1] = logp[0, ext[1]]
+    back = np.zeros((t_len, n), dtype=np.int64)
+    emit = logp[:, ext]  # [T, n]
+    for t in range(1, t_len):
+        stay, step = score, np.concatenate([[-np.inf], score[:-1]])
+        jump = np.where(skip, np.concatenate([[-np.inf, -np.inf], score[:-2]])[:n], -np.inf)
+        choice = np.stack([stay, step, jump])
+        back[t] = choice.argmax(0)
+        score = choice.max(0) + emit[t]
+    end = n - 1 if n == 1 or score[n - 1] >= score[n - 2] else n - 2
+    if not np.isfinite(score[end]):
+        return None
+    path = [end]
+    for t in range(t_len - 1, 0, -1):
+        path.append(path[-1] - int(back[t, path[-1]]))
+    return [(k - 1) // 2 if k % 2 else -1 for k in reversed(path)]
+
+
+@torch.no_grad()
+def exact_soft(
+    soft: torch.Tensor, answers: list[list[int]], eot: int, dec: TextDecoder, tower_file: Path, pad: torch.Tensor
+) -> torch.Tensor:
+    """What a perfect token tower would send for each cached clip: where the tower's CTC head
+    (tools/pretrain_tiny_towers.py TokenHead, saved beside the tower) aligns a transcript token,
+    that token's input embedding; its blank vector at the other heard frames; padding unchanged.
+    All at the embedder's scale (unit RMS). A clip whose transcript does not fit stays as heard."""
+    from safetensors.torch import load_file
+
+    state = load_file(tower_file)
+    if "head.blank" not in state:
+        raise SystemExit(f"{tower_file} has no token head (head.blank): not a --units tokens tower")
+    d = soft.shape[-1]
+    blank = F.normalize(state["head.blank"].float(), dim=-1)
+    table = F.normalize(dec.embed(torch.arange(dec.config.vocab_size)[None])[0].float(), dim=-1)
+    keys = torch.cat([blank[None], table])
+    exact = soft.clone()
+    for b, answer in enumerate(answers):
+        labels = [t for t in answer if t != eot]
+        heard = ~torch.isclose(soft[b], pad).all(-1)
+        frames = int(heard.sum())
+        logp = F.log_softmax(state["head.scale"].float() * F.normalize(soft[b, :frames].float(), dim=-1) @ keys.T, -1)
+        path = ctc_align(logp.numpy(), labels) if frames else None
+        if path is None:
+            continue
+        rows = [keys[0] if k < 0 else table[labels[k]] for k in path]
+        exact[b, :frames] = torch.stack(rows) * d**0.5
+    return exact
+
+
+def blend_soft(real: torch.Tensor, exact: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Per clip, (1 - alpha) real + alpha exact, each changed slot back at unit RMS."""
+    mixed = torch.lerp(real, exact, alpha[:, None, None].to(real.dtype))
+    changed = ~torch.isclose(real, exact).all(-1, keepdim=True)
+    return torch.where(changed, F.normalize(mixed, dim=-1) * real.shape[-1] ** 0.5, real)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -612,6 +725,26 @@ def main() -> None:
         help="first fit a fresh attribute head alone on the towers' soft tokens for this many steps (a resumed "
         "checkpoint without saved heads); not counted in --minutes",
     )
+    ap.add_argument(
+        "--soft-cache",
+        type=int,
+        default=0,
+        help="decoder-only stage: the frozen towers' soft tokens are computed once, for this many training clips "
+        "(one augmented take each) and as many scenes, and every step draws from them; the step is then the "
+        "decoder's alone, several times faster (needs --init-audio with --freeze-audio-embedder; the vision "
+        "tower and its embedder are frozen too)",
+    )
+    ap.add_argument(
+        "--copy-curriculum",
+        default=None,
+        metavar="A,B",
+        help="with --soft-cache and a token-CTC tower (tools/pretrain_tiny_towers.py --units tokens): each "
+        "cached clip's soft tokens are blended with exact ones (the transcript's own input embeddings where "
+        "the tower's CTC head aligns each token, its blank vector elsewhere), fully until share A of the "
+        "budget, fading to the tower's own at share B; a quarter of the clips are always the tower's own. "
+        "A decoder learns to copy from exact tokens in a few hundred steps and not from the tower's noisy "
+        "ones (docs/tiny-media.md, third and sixth rounds)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out and --log")
     ap.add_argument("--threads", type=int, default=1)
@@ -624,6 +757,14 @@ def main() -> None:
         ap.error("--without-audio trains no audio tower: drop --init-audio")
     if args.freeze_audio_embedder and args.init_audio is None:
         ap.error("--freeze-audio-embedder keeps a pre-trained embedder: it needs --init-audio")
+    if args.soft_cache and not (args.freeze_audio_embedder and args.audio_lr_scale == 0 and args.init is not None):
+        ap.error("--soft-cache needs frozen towers: --init, --init-audio, --freeze-audio-embedder, --audio-lr-scale 0")
+    if args.copy_curriculum is not None:
+        if not args.soft_cache:
+            ap.error("--copy-curriculum blends the cached soft tokens: it needs --soft-cache")
+        fade = tuple(float(x) for x in args.copy_curriculum.split(","))
+        if len(fade) != 2 or not 0 <= fade[0] <= fade[1] <= 1:
+            ap.error("--copy-curriculum A,B: two shares of the budget, 0 <= A <= B <= 1")
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     nrng = np.random.default_rng(args.seed)
@@ -730,6 +871,10 @@ def main() -> None:
     }
     if args.freeze_audio_embedder:
         emb_a.requires_grad_(False)
+    if args.soft_cache:  # the decoder alone learns: no tower, embedder or training-only head changes
+        for m in (audio, emb_a, vision, emb_v, ctc_head, attr_head):
+            m.requires_grad_(False)
+        args.ctc_weight = args.attr_weight = 0.0
     tower_params += [p for k in pretrained for p in parts[f"embed_{k}"].parameters() if p.requires_grad]
     audio_side = [p for m in (audio, emb_a, ctc_head) for p in m.parameters()]
     vision_side = [p for m in (vision, emb_v, attr_head) for p in m.parameters()]
@@ -766,6 +911,10 @@ def main() -> None:
             loss, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
             row["heldout_speech_loss"] = round(loss.item(), 4)
             row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
+            if args.copy_curriculum is not None:  # the same clips from a perfect token tower
+                exact = exact_soft(soft, answers, eot, dec, args.init_audio, pad)
+                _, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, exact, audio_id)
+                row["heldout_exact_token_acc"] = round((pred == tgt).float().mean().item(), 4)
         # CTC greedy transcript WER: what the tower alone hears
         if args.ctc_weight and audio_prompt is not None:
             import jiwer
@@ -798,6 +947,19 @@ def main() -> None:
     def speech_losses(losses: dict[str, torch.Tensor]) -> None:
         """The transcript's next-token loss on a batch of augmented clips (3 % noise only, empty
         transcript), and with --ctc-weight the CTC loss on the tower's tokens."""
+        if args.soft_cache:
+            idx = [rng.randrange(len(cache_answers)) for _ in range(args.audio_batch)]
+            soft = cache_speech[idx]
+            if args.copy_curriculum is not None:
+                a, b = fade
+                share = (time.time() - t0) / budget
+                alpha = 1.0 if share <= a else max(0.0, 1.0 - (share - a) / max(b - a, 1e-9))
+                mix = torch.tensor([0.0 if rng.random() < 0.25 else alpha for _ in idx])
+                soft = blend_soft(soft, cache_exact[idx], mix)
+            losses["speech"], _, _ = answer_loss(
+                dec, pl["full"], [audio_prompt] * len(idx), [cache_answers[i] for i in idx], soft, audio_id
+            )
+            return
         idx = [rng.randrange(len(clips)) for _ in range(args.audio_batch)]
         waves, answers = [], []
         for i in idx:
@@ -831,6 +993,14 @@ def main() -> None:
             rng,
             args.head_steps,
         )
+    if args.soft_cache:
+        cache_speech, cache_answers, cache_images = build_soft_cache(
+            args.soft_cache, audio, emb_a, vision, emb_v, fe, improc, clips, enc_text, eot, sizes, per_batch, rng, nrng
+        )
+        if args.copy_curriculum is not None:
+            with torch.no_grad():
+                pad = emb_a.embed_hard(torch.tensor([emb_a.vocab_offset + emb_a.vocab_size - 1]))[0]
+            cache_exact = exact_soft(cache_speech, cache_answers, eot, dec, args.init_audio, pad)
     print(f"setup {time.time() - t_start:.0f} s", flush=True)
     t0 = time.time()
     while True:
@@ -870,10 +1040,13 @@ def main() -> None:
         if args.audio_batch:
             speech_losses(losses)
         # images
-        res, scenes = draw_scenes(rng, sizes, per_batch)
-        pixels = improc([im for im, _ in scenes], size=res)
-        soft_v = vision_soft(vision, emb_v, pixels)
-        losses["attr"] = args.attr_weight * attr_loss(attr_head(soft_v.flatten(1)), [sc for _, sc in scenes])
+        if args.soft_cache:
+            res, scenes, soft_v = cache_images[rng.randrange(len(cache_images))]
+        else:
+            res, scenes = draw_scenes(rng, sizes, per_batch)
+            soft_v = vision_soft(vision, emb_v, improc([im for im, _ in scenes], size=res))
+        if args.attr_weight:
+            losses["attr"] = args.attr_weight * attr_loss(attr_head(soft_v.flatten(1)), [sc for _, sc in scenes])
         tasks = [rng.choice(list(QUESTIONS)) for _ in scenes]
         ans = [tok.encode(sc.answer(t), add_special_tokens=False).ids + [eot] for (_, sc), t in zip(scenes, tasks)]
         losses["image"], _, _ = answer_loss(dec, pl["full"], [image_prompts[t] for t in tasks], ans, soft_v, image_id)
