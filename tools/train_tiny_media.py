@@ -520,11 +520,25 @@ def chat_replay_loss(
     return answer_loss(dec, plan, prompts, replies, empty, -1)[0]
 
 
+def audio_padding(emb: MultimodalEmbedder) -> torch.Tensor:
+    """The soft token of a padding slot: the embedder's last hard token (as encode_audio pads)."""
+    return emb.embed_hard(torch.tensor([emb.vocab_offset + emb.vocab_size - 1]))[0]
+
+
+def speech_example(
+    i: int, clips: Clips, enc_text: list[list[int]], eot: int, rng: random.Random, nrng: np.random.Generator
+) -> tuple[np.ndarray, list[int]]:
+    """Training clip i augmented, with its answer; 3 % of the time noise only, an empty transcript."""
+    if rng.random() < 0.03:
+        return augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng), [eot]
+    return augment(clips.wave(i), nrng), enc_text[i] + [eot]
+
+
 def audio_soft(enc: AudioEncoder, emb: MultimodalEmbedder, waves: list[np.ndarray], fe: AudioFeatureExtractor):
     """(soft tokens [B, AUDIO_TOKENS, D] as encode_audio builds them, encodings, padding)."""
     feats, fmask = fe(waves)
     encoded, padding = enc(feats, fmask)
-    pad = emb.embed_hard(torch.tensor([emb.vocab_offset + emb.vocab_size - 1]))[0]
+    pad = audio_padding(emb)
     soft = torch.where(padding[..., None], pad, emb.embed_soft(encoded))
     extra = AUDIO_TOKENS - soft.shape[1]
     if extra > 0:
@@ -564,15 +578,9 @@ def build_soft_cache(
     order = rng.sample(range(len(clips)), min(n, len(clips)))
     soft, answers = [], []
     for k in range(0, len(order), 16):
-        waves = []
-        for i in order[k : k + 16]:
-            if rng.random() < 0.03:
-                waves.append(augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng))
-                answers.append([eot])
-            else:
-                waves.append(augment(clips.wave(i), nrng))
-                answers.append(enc_text[i] + [eot])
-        soft.append(audio_soft(audio, emb_a, waves, fe)[0])
+        waves, batch_answers = zip(*(speech_example(i, clips, enc_text, eot, rng, nrng) for i in order[k : k + 16]))
+        answers += batch_answers
+        soft.append(audio_soft(audio, emb_a, list(waves), fe)[0])
         if k % 1600 == 0:
             print(f"soft cache: {k + len(waves)} clips in {time.time() - t:.0f} s", flush=True)
     images: list[tuple[int, list, torch.Tensor]] = []
@@ -613,21 +621,31 @@ def ctc_align(logp: np.ndarray, labels: list[int]) -> list[int] | None:
     return [(k - 1) // 2 if k % 2 else -1 for k in reversed(path)]
 
 
-@torch.no_grad()
-def exact_soft(
-    soft: torch.Tensor, answers: list[list[int]], eot: int, dec: TextDecoder, tower_file: Path, pad: torch.Tensor
-) -> torch.Tensor:
-    """What a perfect token tower would send for each cached clip: where the tower's CTC head
-    (tools/pretrain_tiny_towers.py TokenHead, saved beside the tower) aligns a transcript token,
-    that token's input embedding; its blank vector at the other heard frames; padding unchanged.
-    All at the embedder's scale (unit RMS). A clip whose transcript does not fit stays as heard."""
+def token_head(tower_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blank vector, cosine scale) of the token-CTC head saved beside a --units tokens tower."""
     from safetensors.torch import load_file
 
     state = load_file(tower_file)
     if "head.blank" not in state:
         raise SystemExit(f"{tower_file} has no token head (head.blank): not a --units tokens tower")
+    return state["head.blank"].float(), state["head.scale"].float()
+
+
+@torch.no_grad()
+def exact_soft(
+    soft: torch.Tensor,
+    answers: list[list[int]],
+    eot: int,
+    dec: TextDecoder,
+    head: tuple[torch.Tensor, torch.Tensor],
+    pad: torch.Tensor,
+) -> torch.Tensor:
+    """What a perfect token tower would send for each cached clip: where the tower's CTC head
+    (tools/pretrain_tiny_towers.py TokenHead, saved beside the tower) aligns a transcript token,
+    that token's input embedding; its blank vector at the other heard frames; padding unchanged.
+    All at the embedder's scale (unit RMS). A clip whose transcript does not fit stays as heard."""
     d = soft.shape[-1]
-    blank = F.normalize(state["head.blank"].float(), dim=-1)
+    blank, scale = F.normalize(head[0], dim=-1), head[1]
     table = F.normalize(dec.embed(torch.arange(dec.config.vocab_size)[None])[0].float(), dim=-1)
     keys = torch.cat([blank[None], table])
     exact = soft.clone()
@@ -635,7 +653,7 @@ def exact_soft(
         labels = [t for t in answer if t != eot]
         heard = ~torch.isclose(soft[b], pad).all(-1)
         frames = int(heard.sum())
-        logp = F.log_softmax(state["head.scale"].float() * F.normalize(soft[b, :frames].float(), dim=-1) @ keys.T, -1)
+        logp = F.log_softmax(scale * F.normalize(soft[b, :frames].float(), dim=-1) @ keys.T, -1)
         path = ctc_align(logp.numpy(), labels) if frames else None
         if path is None:
             continue
@@ -912,7 +930,7 @@ def main() -> None:
             row["heldout_speech_loss"] = round(loss.item(), 4)
             row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
             if args.copy_curriculum is not None:  # the same clips from a perfect token tower
-                exact = exact_soft(soft, answers, eot, dec, args.init_audio, pad)
+                exact = exact_soft(soft, answers, eot, dec, head, pad)
                 _, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, exact, audio_id)
                 row["heldout_exact_token_acc"] = round((pred == tgt).float().mean().item(), 4)
         # CTC greedy transcript WER: what the tower alone hears
@@ -961,14 +979,7 @@ def main() -> None:
             )
             return
         idx = [rng.randrange(len(clips)) for _ in range(args.audio_batch)]
-        waves, answers = [], []
-        for i in idx:
-            if rng.random() < 0.03:  # noise only: an empty transcript
-                waves.append(augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng))
-                answers.append([eot])
-            else:
-                waves.append(augment(clips.wave(i), nrng))
-                answers.append(enc_text[i] + [eot])
+        waves, answers = map(list, zip(*(speech_example(i, clips, enc_text, eot, rng, nrng) for i in idx)))
         soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
         losses["speech"], _, _ = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
         if args.ctc_weight:
@@ -998,9 +1009,10 @@ def main() -> None:
             args.soft_cache, audio, emb_a, vision, emb_v, fe, improc, clips, enc_text, eot, sizes, per_batch, rng, nrng
         )
         if args.copy_curriculum is not None:
+            head = token_head(args.init_audio)
             with torch.no_grad():
-                pad = emb_a.embed_hard(torch.tensor([emb_a.vocab_offset + emb_a.vocab_size - 1]))[0]
-            cache_exact = exact_soft(cache_speech, cache_answers, eot, dec, args.init_audio, pad)
+                pad = audio_padding(emb_a)
+            cache_exact = exact_soft(cache_speech, cache_answers, eot, dec, head, pad)
     print(f"setup {time.time() - t_start:.0f} s", flush=True)
     t0 = time.time()
     while True:
