@@ -246,10 +246,13 @@ def vision_config() -> dict:
 # Models
 
 
-def load_decoder(base: Path) -> tuple[TextDecoder, TextConfig, dict]:
-    """The text decoder of `base` (text-only `model.*` or multimodal `model.language_model.*`)."""
+def load_decoder(base: Path, sliding_window: int | None = None) -> tuple[TextDecoder, TextConfig, dict]:
+    """The text decoder of `base` (text-only `model.*` or multimodal `model.language_model.*`), its
+    sliding-attention window optionally widened (no weight depends on it)."""
     config = json.loads((base / "config.json").read_text())
     text = config.get("text_config", config)
+    if sliding_window is not None:
+        text["sliding_window"] = sliding_window
     cfg = TextConfig.from_dict(text)
     dec = TextDecoder(cfg)
     state = {}
@@ -632,34 +635,80 @@ def token_head(tower_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def token_keys(dec: TextDecoder, head: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """[V + 1, D] unit vectors: the token head's blank vector (row 0), then each token's input embedding
+    (tools/pretrain_tiny_towers.py TokenHead, saved beside the tower)."""
+    table = F.normalize(dec.embed(torch.arange(dec.config.vocab_size)[None])[0].float(), dim=-1)
+    return torch.cat([F.normalize(head[0], dim=-1)[None], table])
+
+
+@torch.no_grad()
+def align_cache(
+    soft: torch.Tensor, answers: list[list[int]], eot: int, keys: torch.Tensor, scale: torch.Tensor, pad: torch.Tensor
+) -> list[list[int] | None]:
+    """Per cached clip, where the tower's CTC head puts each transcript token: ctc_align's path over
+    the heard frames (padding excluded), None when the transcript does not fit."""
+    paths: list[list[int] | None] = []
+    for b, answer in enumerate(answers):
+        labels = [t for t in answer if t != eot]
+        frames = int((~torch.isclose(soft[b], pad).all(-1)).sum())
+        logp = F.log_softmax(scale * F.normalize(soft[b, :frames].float(), dim=-1) @ keys.T, -1)
+        paths.append(ctc_align(logp.numpy(), labels) if frames else None)
+    return paths
+
+
+def perfect_stream(path: list[int], labels: list[int], keys: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """[AUDIO_TOKENS, D]: what a perfect token tower sends for `labels` spoken along `path` (a
+    ctc_align path): each aligned token's input embedding, the blank vector at the other heard
+    frames, padding after; at the embedder's scale (unit RMS)."""
+    rows = [keys[0] if k < 0 else keys[labels[k] + 1] for k in path]
+    stream = pad.expand(AUDIO_TOKENS, -1).clone()
+    stream[: len(rows)] = torch.stack(rows) * keys.shape[1] ** 0.5
+    return stream
+
+
 def exact_soft(
     soft: torch.Tensor,
     answers: list[list[int]],
     eot: int,
-    dec: TextDecoder,
-    head: tuple[torch.Tensor, torch.Tensor],
+    paths: list[list[int] | None],
+    keys: torch.Tensor,
     pad: torch.Tensor,
 ) -> torch.Tensor:
-    """What a perfect token tower would send for each cached clip: where the tower's CTC head
-    (tools/pretrain_tiny_towers.py TokenHead, saved beside the tower) aligns a transcript token,
-    that token's input embedding; its blank vector at the other heard frames; padding unchanged.
-    All at the embedder's scale (unit RMS). A clip whose transcript does not fit stays as heard."""
-    d = soft.shape[-1]
-    blank, scale = F.normalize(head[0], dim=-1), head[1]
-    table = F.normalize(dec.embed(torch.arange(dec.config.vocab_size)[None])[0].float(), dim=-1)
-    keys = torch.cat([blank[None], table])
+    """What a perfect token tower would send for each cached clip, along its align_cache path. A
+    clip whose transcript does not fit stays as heard."""
     exact = soft.clone()
-    for b, answer in enumerate(answers):
-        labels = [t for t in answer if t != eot]
-        heard = ~torch.isclose(soft[b], pad).all(-1)
-        frames = int(heard.sum())
-        logp = F.log_softmax(scale * F.normalize(soft[b, :frames].float(), dim=-1) @ keys.T, -1)
-        path = ctc_align(logp.numpy(), labels) if frames else None
-        if path is None:
-            continue
-        rows = [keys[0] if k < 0 else table[labels[k]] for k in path]
-        exact[b, :frames] = torch.stack(rows) * d**0.5
+    for b, (answer, path) in enumerate(zip(answers, paths)):
+        if path is not None:
+            exact[b] = perfect_stream(path, [t for t in answer if t != eot], keys, pad)
     return exact
+
+
+def paths_by_length(paths: list[list[int] | None]) -> dict[int, list[list[int]]]:
+    """The cached clips' alignments by how many tokens they carry (noise-only clips left out)."""
+    by_length: dict[int, list[list[int]]] = {}
+    for path in paths:
+        if path is not None and (n := max(path, default=-1) + 1):
+            by_length.setdefault(n, []).append(path)
+    return by_length
+
+
+def copy_batch(
+    verses: list[list[int]],
+    by_length: dict[int, list[list[int]]],
+    keys: torch.Tensor,
+    pad: torch.Tensor,
+    eot: int,
+    rng: random.Random,
+    batch: int,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """`batch` clips no one spoke: training verses (only those as long as some cached clip) as a
+    perfect token tower would send them, each along the alignment of a cached clip with as many
+    tokens, so the pauses and the pace are real ones. Unlimited transcripts for the decoder's
+    copying, at no tower cost."""
+    chosen = [rng.choice(verses) for _ in range(batch)]
+    soft = torch.stack([perfect_stream(rng.choice(by_length[len(v)]), v, keys, pad) for v in chosen])
+    return soft, [v + [eot] for v in chosen]
 
 
 def blend_soft(real: torch.Tensor, exact: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -763,6 +812,21 @@ def main() -> None:
         "A decoder learns to copy from exact tokens in a few hundred steps and not from the tower's noisy "
         "ones (docs/tiny-media.md, third and sixth rounds)",
     )
+    ap.add_argument(
+        "--copy-batch",
+        type=int,
+        default=0,
+        help="with --soft-cache and a token-CTC tower: this many more clips a step that no one spoke, training "
+        "verses as a perfect token tower would send them, each along a cached clip's alignment (copy_batch): "
+        "the decoder learns to copy from the whole training text, not only the cached clips' transcripts",
+    )
+    ap.add_argument(
+        "--sliding-window",
+        type=int,
+        default=None,
+        help="widen the decoder's sliding-attention window (default: the base's), so that its sliding layers see "
+        "a whole audio window from the transcript",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out and --log")
     ap.add_argument("--threads", type=int, default=1)
@@ -783,12 +847,15 @@ def main() -> None:
         fade = tuple(float(x) for x in args.copy_curriculum.split(","))
         if len(fade) != 2 or not 0 <= fade[0] <= fade[1] <= 1:
             ap.error("--copy-curriculum A,B: two shares of the budget, 0 <= A <= B <= 1")
+    if args.copy_batch and not args.soft_cache:
+        ap.error("--copy-batch takes its alignments from the cached clips: it needs --soft-cache")
+    perfect = args.copy_curriculum is not None or args.copy_batch > 0  # a perfect token tower is simulated
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     nrng = np.random.default_rng(args.seed)
     t_start = time.time()
 
-    dec, text_cfg_obj, text_cfg = load_decoder(args.base)
+    dec, text_cfg_obj, text_cfg = load_decoder(args.base, args.sliding_window)
     dec.train()
     pl = plans(text_cfg_obj)
     audio = init_audio_tower(args.seed)
@@ -929,8 +996,8 @@ def main() -> None:
             loss, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
             row["heldout_speech_loss"] = round(loss.item(), 4)
             row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
-            if args.copy_curriculum is not None:  # the same clips from a perfect token tower
-                exact = exact_soft(soft, answers, eot, dec, head, pad)
+            if perfect:  # the same clips from a perfect token tower
+                exact = exact_soft(soft, answers, eot, align_cache(soft, answers, eot, keys, head[1], pad), keys, pad)
                 _, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, exact, audio_id)
                 row["heldout_exact_token_acc"] = round((pred == tgt).float().mean().item(), 4)
         # CTC greedy transcript WER: what the tower alone hears
@@ -977,6 +1044,11 @@ def main() -> None:
             losses["speech"], _, _ = answer_loss(
                 dec, pl["full"], [audio_prompt] * len(idx), [cache_answers[i] for i in idx], soft, audio_id
             )
+            if args.copy_batch:
+                soft, answers = copy_batch(verses, by_length, keys, pad, eot, rng, args.copy_batch)
+                losses["copy"], _, _ = answer_loss(
+                    dec, pl["full"], [audio_prompt] * len(answers), answers, soft, audio_id
+                )
             return
         idx = [rng.randrange(len(clips)) for _ in range(args.audio_batch)]
         waves, answers = map(list, zip(*(speech_example(i, clips, enc_text, eot, rng, nrng) for i in idx)))
@@ -1008,11 +1080,19 @@ def main() -> None:
         cache_speech, cache_answers, cache_images = build_soft_cache(
             args.soft_cache, audio, emb_a, vision, emb_v, fe, improc, clips, enc_text, eot, sizes, per_batch, rng, nrng
         )
-        if args.copy_curriculum is not None:
+        if perfect:
             head = token_head(args.init_audio)
             with torch.no_grad():
                 pad = audio_padding(emb_a)
-            cache_exact = exact_soft(cache_speech, cache_answers, eot, dec, head, pad)
+            keys = token_keys(dec, head)
+            paths = align_cache(cache_speech, cache_answers, eot, keys, head[1], pad)
+        if args.copy_curriculum is not None:
+            cache_exact = exact_soft(cache_speech, cache_answers, eot, paths, keys, pad)
+        if args.copy_batch:
+            by_length = paths_by_length(paths)
+            lines = [v for chapter in train_texts for v in chapter.splitlines()[1:] if v.strip()]
+            verses = [e.ids for e in tok.encode_batch(lines, add_special_tokens=False) if len(e.ids) in by_length]
+            print(f"copy batches: {len(verses)} of {len(lines)} training verses fit a cached alignment", flush=True)
     print(f"setup {time.time() - t_start:.0f} s", flush=True)
     t0 = time.time()
     while True:
