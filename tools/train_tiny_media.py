@@ -1084,7 +1084,7 @@ def main() -> None:
             head = token_head(args.init_audio)
             with torch.no_grad():
                 pad = audio_padding(emb_a)
-            keys = token_keys(dec, head)
+            keys = token_keys(dec, head)  # the input embeddings as the run starts, for training and evaluation
             paths = align_cache(cache_speech, cache_answers, eot, keys, head[1], pad)
         if args.copy_curriculum is not None:
             cache_exact = exact_soft(cache_speech, cache_answers, eot, paths, keys, pad)
