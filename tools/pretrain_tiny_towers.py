@@ -54,6 +54,8 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     init_vision_tower,
     refuse_to_clobber,
     res_weights,
+    token_keys,
+    token_logits,
     vision_soft,
     write_csv,
 )
@@ -102,8 +104,7 @@ class TokenHead(nn.Module):
         self.scale = nn.Parameter(torch.tensor(10.0))
 
     def forward(self, soft: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, S, V + 1]
-        keys = torch.cat([F.normalize(self.blank, dim=-1)[None], self.table])
-        return self.scale * F.normalize(soft.float(), dim=-1) @ keys.T
+        return token_logits(soft, token_keys(self.table, self.blank), self.scale)
 
 
 def decoder_table(base: Path) -> torch.Tensor:

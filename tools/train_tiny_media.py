@@ -70,6 +70,7 @@ from tiny_media_data import (  # noqa: E402
     augment,
     normalize_words,
     render_scene,
+    verses,
 )
 from train_tiny import held_out_loss, loss_of, plans  # noqa: E402  (importing it patches AltUp for autograd)
 
@@ -634,12 +635,15 @@ def token_head(tower_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return state["head.blank"].float(), state["head.scale"].float()
 
 
-@torch.no_grad()
-def token_keys(dec: TextDecoder, head: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """[V + 1, D] unit vectors: the token head's blank vector (row 0), then each token's input embedding
-    (tools/pretrain_tiny_towers.py TokenHead, saved beside the tower)."""
-    table = F.normalize(dec.embed(torch.arange(dec.config.vocab_size)[None])[0].float(), dim=-1)
-    return torch.cat([F.normalize(head[0], dim=-1)[None], table])
+def token_keys(table: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
+    """[V + 1, D] unit vectors a token-CTC head (tools/pretrain_tiny_towers.py TokenHead) scores soft
+    tokens against: its blank vector (label 0), then each token's input embedding (label k + 1)."""
+    return torch.cat([F.normalize(blank, dim=-1)[None], F.normalize(table.float(), dim=-1)])
+
+
+def token_logits(soft: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[..., V + 1]: the scaled cosine between each soft token and each of token_keys."""
+    return scale * F.normalize(soft.float(), dim=-1) @ keys.T
 
 
 @torch.no_grad()
@@ -652,7 +656,7 @@ def align_cache(
     for b, answer in enumerate(answers):
         labels = [t for t in answer if t != eot]
         frames = int((~torch.isclose(soft[b], pad).all(-1)).sum())
-        logp = F.log_softmax(scale * F.normalize(soft[b, :frames].float(), dim=-1) @ keys.T, -1)
+        logp = F.log_softmax(token_logits(soft[b, :frames], keys, scale), -1)
         paths.append(ctc_align(logp.numpy(), labels) if frames else None)
     return paths
 
@@ -694,7 +698,7 @@ def paths_by_length(paths: list[list[int] | None]) -> dict[int, list[list[int]]]
 
 
 def copy_batch(
-    verses: list[list[int]],
+    transcripts: list[list[int]],
     by_length: dict[int, list[list[int]]],
     keys: torch.Tensor,
     pad: torch.Tensor,
@@ -706,7 +710,7 @@ def copy_batch(
     perfect token tower would send them, each along the alignment of a cached clip with as many
     tokens, so the pauses and the pace are real ones. Unlimited transcripts for the decoder's
     copying, at no tower cost."""
-    chosen = [rng.choice(verses) for _ in range(batch)]
+    chosen = [rng.choice(transcripts) for _ in range(batch)]
     soft = torch.stack([perfect_stream(rng.choice(by_length[len(v)]), v, keys, pad) for v in chosen])
     return soft, [v + [eot] for v in chosen]
 
@@ -1045,7 +1049,7 @@ def main() -> None:
                 dec, pl["full"], [audio_prompt] * len(idx), [cache_answers[i] for i in idx], soft, audio_id
             )
             if args.copy_batch:
-                soft, answers = copy_batch(verses, by_length, keys, pad, eot, rng, args.copy_batch)
+                soft, answers = copy_batch(copy_verses, by_length, keys, pad, eot, rng, args.copy_batch)
                 losses["copy"], _, _ = answer_loss(
                     dec, pl["full"], [audio_prompt] * len(answers), answers, soft, audio_id
                 )
@@ -1084,15 +1088,18 @@ def main() -> None:
             head = token_head(args.init_audio)
             with torch.no_grad():
                 pad = audio_padding(emb_a)
-            keys = token_keys(dec, head)  # the input embeddings as the run starts, for training and evaluation
+            with torch.no_grad():  # the input embeddings as the run starts, for training and evaluation
+                keys = token_keys(dec.embed(torch.arange(vocab)[None])[0], head[0])
             paths = align_cache(cache_speech, cache_answers, eot, keys, head[1], pad)
         if args.copy_curriculum is not None:
             cache_exact = exact_soft(cache_speech, cache_answers, eot, paths, keys, pad)
         if args.copy_batch:
             by_length = paths_by_length(paths)
-            lines = [v for chapter in train_texts for v in chapter.splitlines()[1:] if v.strip()]
-            verses = [e.ids for e in tok.encode_batch(lines, add_special_tokens=False) if len(e.ids) in by_length]
-            print(f"copy batches: {len(verses)} of {len(lines)} training verses fit a cached alignment", flush=True)
+            lines = verses(held_out=False)
+            copy_verses = [e.ids for e in tok.encode_batch(lines, add_special_tokens=False) if len(e.ids) in by_length]
+            print(
+                f"copy batches: {len(copy_verses)} of {len(lines)} training verses fit a cached alignment", flush=True
+            )
     print(f"setup {time.time() - t_start:.0f} s", flush=True)
     t0 = time.time()
     while True:
