@@ -287,7 +287,13 @@ def cmd_transcribe(a: argparse.Namespace) -> None:
     from .speech import render, transcribe
 
     fmt = {"txt": "lines", "json": "verbose_json"}.get(a.format, a.format)
-    options = dict(translate_to=a.translate_to, language=a.language, max_tokens_per_window=a.max_tokens, size=a.size)
+    options = dict(
+        translate_to=a.translate_to,
+        language=a.language,
+        max_tokens_per_window=a.max_tokens,
+        temperature_fallback=not a.no_fallback,
+        size=a.size,
+    )
     model = None
 
     def load() -> Any:
@@ -480,6 +486,12 @@ def _add_transcribe_parser(sub: Any) -> None:
         "from stdin txt, srt and vtt are written as each segment is done, json at the end",
     )
     t.add_argument("--max-tokens", type=int, default=256, help="per window (the encoder's: 30 s for Gemma 3n)")
+    t.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="keep a window's greedy transcript even when it loops (default: decoded again at temperatures "
+        "0.2, 0.4 ... 1.0 until it does not, as Whisper does)",
+    )
     t.add_argument("--quiet", "-q", action="store_true", help="no progress bar (stdin: no provisional text)")
     t.add_argument(
         "--input-format", choices=["s16le", "f32le"], default=None, help="raw samples on stdin (default s16le)"

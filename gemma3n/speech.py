@@ -7,6 +7,8 @@ windows is never sent), and only a single stretch of speech longer than that
 is cut inside, at its quietest points with an overlap (audio.plan_windows) whose repeated words
 are removed (stitch_transcripts). Each window is one model call and one segment, with its
 start and end times. Prompt format: vLLM's fixed ASR/AST prompt (docs/audio-vision.md#speech-prompts).
+A window whose transcript repeats itself (a decoding loop) is decoded again at rising temperatures,
+as Whisper does and as OpenAI's transcription API promises at temperature 0 (WindowTranscriber).
 
 Formats (CLI `--format`, the server's `response_format`): text, json, verbose_json (segments),
 srt (the `srt` library), vtt (`webvtt-py`).
@@ -30,6 +32,11 @@ from .errors import InputError
 
 SR = 16_000
 FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
+# openai-whisper's transcribe defaults: a window whose text zlib compresses more than 2.4 times is
+# a loop ("the children of Gad, the children of Gad, ..."); it is decoded again with the
+# temperature raised in steps of 0.2 up to 1.0
+LOOP_COMPRESSION_RATIO = 2.4
+FALLBACK_STEP = 0.2
 
 
 def speech_prompt(translate_to: str | None = None, language: str | None = None) -> str:
@@ -117,7 +124,7 @@ def transcribe_segments(
     `max_seconds` (default: the longest clip the model's encoder takes in one piece, 30 s for
     Gemma 3n) bounds a window: a longer one would reach the model as several encoder windows.
     `options`: those of WindowTranscriber (translate_to, language, prompt, temperature,
-    max_tokens_per_window, sampling)."""
+    max_tokens_per_window, temperature_fallback, sampling)."""
     calls = WindowTranscriber(model, **options)
     if max_seconds is None:
         max_seconds = model.processor.audio_window_seconds
@@ -132,7 +139,13 @@ def transcribe_segments(
 class WindowTranscriber:
     """One model call per window, numbered in order; a window cut inside speech keeps only the
     words the previous windows did not have. The file path (transcribe_segments) and the live
-    one (live.py) make the same calls, so the same windows give the same segments."""
+    one (live.py) make the same calls, so the same windows give the same segments.
+
+    With `temperature_fallback` (the default) a window whose transcript loops
+    (`compression_ratio` above LOOP_COMPRESSION_RATIO) is decoded again at each temperature of
+    `fallback_temperatures`, until one does not loop; if every try loops, the least repetitive
+    is kept. Those tries are seeded by the window's number (plus `seed`, if given), so the same
+    audio always gives the same transcript."""
 
     def __init__(
         self,
@@ -143,10 +156,12 @@ class WindowTranscriber:
         prompt: str | None = None,
         temperature: float = 0.0,
         max_tokens_per_window: int = 256,
+        temperature_fallback: bool = True,
         **sampling: Any,
     ) -> None:
         require_audio(model)
         self.model, self.temperature = model, temperature
+        self.fallback = fallback_temperatures(temperature) if temperature_fallback else []
         self.instruction = speech_prompt(translate_to, language)
         self.system = prompt
         self.options = dict(max_tokens=max_tokens_per_window, temperature=temperature, logprobs=True, **sampling)
@@ -160,17 +175,43 @@ class WindowTranscriber:
 
     def segment(self, window: Window, samples: np.ndarray) -> Segment:
         """The next segment: `samples` are the window's audio."""
-        result = self._call(samples)
+        result, temperature = self._decode(samples, number=len(self.texts))
         text = result.text.strip()
         if window.overlaps_previous:  # keep only the words the previous window did not have
             text = _new_words(self.texts, text)
         self.texts.append(result.text.strip())
-        return _segment(len(self.texts) - 1, window, text, result, self.temperature)
+        return _segment(len(self.texts) - 1, window, text, result, temperature)
+
+    def _decode(self, samples: np.ndarray, number: int) -> tuple[Any, float]:
+        """The window's result and the temperature that gave it (the temperature fallback)."""
+        best, best_temperature = self._call(samples), self.temperature
+        ratio = compression_ratio(best.text.strip())
+        seed = self.options.get("seed")
+        for temperature in self.fallback:
+            if ratio <= LOOP_COMPRESSION_RATIO:
+                break
+            result = self._call(samples, temperature=temperature, seed=number if seed is None else seed + number)
+            if compression_ratio(result.text.strip()) < ratio:
+                best, best_temperature, ratio = result, temperature, compression_ratio(result.text.strip())
+        return best, best_temperature
 
     def provisional(self, samples: np.ndarray, **overrides: Any) -> str:
         """The text of audio whose window is still open (no segment, nothing remembered);
         `overrides`: generation options for this call."""
         return self._call(samples, **overrides).text.strip()
+
+
+def fallback_temperatures(temperature: float) -> list[float]:
+    """The temperatures a looping window is decoded again at: `temperature` + 0.2, + 0.4, ...
+    up to 1.0 (none above 1.0: a transcript sampled hotter is rarely better than a loop)."""
+    steps = math.floor(round((1.0 - temperature) / FALLBACK_STEP, 6))
+    return [round(temperature + FALLBACK_STEP * k, 6) for k in range(1, steps + 1)]
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of `text` over bytes of its zlib compression: about 1-2 for speech, more for a loop."""
+    raw = text.encode()
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
 def _new_words(previous: list[str], text: str) -> str:
@@ -210,7 +251,6 @@ def stitch_transcripts(texts: Sequence[str], max_overlap_words: int = 16) -> str
 
 def _segment(number: int, window: Window, text: str, result: Any, temperature: float) -> Segment:
     logprobs = [e.logprob for e in result.logprobs or []]
-    raw = text.encode()
     return Segment(
         id=number,
         start=round(window.start / SR, 3),
@@ -219,7 +259,7 @@ def _segment(number: int, window: Window, text: str, result: Any, temperature: f
         tokens=list(result.token_ids),
         temperature=temperature,
         avg_logprob=sum(logprobs) / len(logprobs) if logprobs else 0.0,
-        compression_ratio=len(raw) / len(zlib.compress(raw)) if raw else 0.0,
+        compression_ratio=compression_ratio(text),
         seek=window.start // (SR // 100),
     )
 

@@ -14,7 +14,14 @@ from gemma3n.audio import (
     soft_tokens_for_duration,
 )
 from gemma3n.errors import InputError
-from gemma3n.speech import stitch_transcripts
+from gemma3n.speech import (
+    LOOP_COMPRESSION_RATIO,
+    Window,
+    WindowTranscriber,
+    compression_ratio,
+    fallback_temperatures,
+    stitch_transcripts,
+)
 
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("soxr")
@@ -183,3 +190,58 @@ def test_stitch_transcripts_removes_boundary_duplicates():
     )
     assert stitch_transcripts(["I saw a", "a cat"]) == "I saw a a cat"  # short words are not matched alone
     assert stitch_transcripts(["no overlap", "here"]) == "no overlap here"
+
+
+class _LoopingModel:
+    """A stand-in for a model with ears: greedy decoding loops; sampling at `fixed_at` or hotter
+    gives the right words. Records every call's options."""
+
+    has_audio = True
+    loop = "the children of Gad, " * 12
+
+    def __init__(self, fixed_at: float | None) -> None:
+        self.fixed_at, self.calls = fixed_at, []
+
+    def generate(self, messages, **options):
+        from types import SimpleNamespace
+
+        self.calls.append(options)
+        fixed = self.fixed_at is not None and options["temperature"] >= self.fixed_at - 1e-9
+        text = "and the children of Gad came" if fixed else self.loop[: 180 - 10 * len(self.calls)]
+        return SimpleNamespace(text=text, token_ids=[1, 2, 3], logprobs=None, finish_reason="stop")
+
+
+def test_fallback_temperatures_follow_whisper():
+    assert fallback_temperatures(0.0) == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert fallback_temperatures(0.3) == [0.5, 0.7, 0.9]
+    assert fallback_temperatures(1.0) == fallback_temperatures(1.5) == []
+    assert compression_ratio(_LoopingModel.loop) > LOOP_COMPRESSION_RATIO
+    assert compression_ratio("In the beginning God created the heaven and the earth.") < LOOP_COMPRESSION_RATIO
+
+
+def test_a_looping_window_is_decoded_again_hotter_and_seeded():
+    window = Window(0, SR)
+    model = _LoopingModel(fixed_at=0.4)
+    segment = WindowTranscriber(model).segment(window, np.zeros(SR, np.float32))
+    assert segment.text == "and the children of Gad came"
+    assert segment.temperature == 0.4
+    assert [c["temperature"] for c in model.calls] == [0.0, 0.2, 0.4]
+    assert [c.get("seed") for c in model.calls] == [None, 0, 0]  # the window's number: reproducible
+
+    calls = WindowTranscriber(model := _LoopingModel(fixed_at=0.4), seed=7)
+    calls.segment(window, np.zeros(SR, np.float32))
+    calls.segment(window, np.zeros(SR, np.float32))
+    assert [c["seed"] for c in model.calls] == [7, 7, 7, 7, 8, 8]  # the user's seed (+ the window's number)
+
+    # every try loops: the least repetitive is kept (here the last, the shortest loop)
+    segment = WindowTranscriber(model := _LoopingModel(fixed_at=None)).segment(window, np.zeros(SR, np.float32))
+    assert len(model.calls) == 6 and segment.temperature == 1.0
+    assert segment.text == _LoopingModel.loop[:120].strip()
+
+    # a transcript that does not loop is decoded once; the fallback can be turned off
+    model = _LoopingModel(fixed_at=0.0)
+    assert WindowTranscriber(model).segment(window, np.zeros(SR, np.float32)).temperature == 0.0
+    assert len(model.calls) == 1
+    model = _LoopingModel(fixed_at=0.2)
+    segment = WindowTranscriber(model, temperature_fallback=False).segment(window, np.zeros(SR, np.float32))
+    assert len(model.calls) == 1 and segment.text.startswith("the children of Gad, the children")
