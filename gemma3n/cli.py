@@ -287,13 +287,8 @@ def cmd_transcribe(a: argparse.Namespace) -> None:
     from .speech import render, transcribe
 
     fmt = {"txt": "lines", "json": "verbose_json"}.get(a.format, a.format)
-    options = dict(
-        translate_to=a.translate_to,
-        language=a.language,
-        max_tokens_per_window=a.max_tokens,
-        temperature_fallback=not a.no_fallback,
-        size=a.size,
-    )
+    options = dict(translate_to=a.translate_to, language=a.language, max_tokens_per_window=a.max_tokens)
+    options.update(temperature_fallback=not a.no_fallback, size=a.size)
     model = None
 
     def load() -> Any:
