@@ -129,24 +129,28 @@ def ctc_loss(logp: torch.Tensor, labels: list[list[int]], lengths: torch.Tensor)
 
 
 def spec_augment(feats: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    """Two frequency masks of up to 12 mel bins and time masks of up to 8 frames per second of audio."""
+    """Two frequency masks of up to 12 mel bins and time masks of up to 8 frames per second of
+    audio, filled with the clip's mean log-mel value. Not with 0: a clip whose first frames are
+    all 0 makes the subsampler's first step exactly 0 (its cumulative group norm has nothing to
+    normalise), that step stays 0 through every conformer block (it sees no earlier step), and each
+    RMSNorm multiplies its gradient by 1/sqrt(eps): it overflowed to NaN in about 4 % of the steps."""
     feats = feats.clone()
     for b in range(feats.shape[0]):
+        fill = feats[b].mean().item()
         for _ in range(2):
             f = rng.randint(0, 12)
             f0 = rng.randint(0, feats.shape[2] - f)
-            feats[b, :, f0 : f0 + f] = 0
+            feats[b, :, f0 : f0 + f] = fill
         for _ in range(feats.shape[1] // 100):
             t = rng.randint(0, 8)
             t0 = rng.randint(0, max(0, feats.shape[1] - t))
-            feats[b, t0 : t0 + t] = 0
+            feats[b, t0 : t0 + t] = fill
     return feats
 
 
 def step_if_finite(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:
-    """Clip to norm 1 and step, unless a gradient is not finite: 1-3 % of the audio tower's steps
-    (the NaN starts inside the encoder's backward while the loss and its own gradient are finite;
-    its cause was not found), skipped rather than allowed to poison the weights."""
+    """Clip to norm 1 and step, unless a gradient is not finite (a guard: the NaN of 1-4 % of the
+    audio tower's steps came from spec_augment's zero masks, now filled with the clip's mean)."""
     norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     if not torch.isfinite(norm):
         return False
