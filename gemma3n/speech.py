@@ -191,8 +191,8 @@ class WindowTranscriber:
             if ratio <= LOOP_COMPRESSION_RATIO:
                 break
             result = self._call(samples, temperature=temperature, seed=number if seed is None else seed + number)
-            if compression_ratio(result.text.strip()) < ratio:
-                best, best_temperature, ratio = result, temperature, compression_ratio(result.text.strip())
+            if (tried := compression_ratio(result.text.strip())) < ratio:
+                best, best_temperature, ratio = result, temperature, tried
         return best, best_temperature
 
     def provisional(self, samples: np.ndarray, **overrides: Any) -> str:
