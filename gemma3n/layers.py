@@ -86,12 +86,15 @@ def matmul(x: torch.Tensor, w: torch.Tensor, rows: Rows = None, cols: int | None
 
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """A [shape] view of a buffer reused across calls (one per dtype and device): a fresh
-    allocation per matmul page-faults and costs 5x more than filling it (measured)."""
+    allocation per matmul page-faults and costs 5x more than filling it (measured).
+    The buffer is always a normal tensor: one made under `torch.inference_mode` (generation)
+    could not be written again outside it (a later forward under `no_grad`, or none)."""
     n = math.prod(shape)
     key = (dtype, torch.device(device))
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n:
-        buf = _scratch[key] = torch.empty(n, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            buf = _scratch[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 

@@ -283,3 +283,24 @@ def test_elastic_size_on_quantized_model(tiny_model_dir):
     assert torch.isfinite(m4.logits(ids, size=uneven)).all()
     with pytest.raises(InputError, match="multiple of its group size 32"):
         m4.logits(ids, size=f"ffn={width // 2 + 16}x{layers}")
+
+
+@pytest.mark.parametrize("first_mode", ["inference", "no_grad"])
+def test_scratch_buffer_serves_every_autograd_mode(first_mode):
+    """The reused conversion buffer (layers.scratch) is first made in whatever mode the first
+    product runs in. Made under inference_mode (generation) it could not be written under no_grad
+    afterwards: on CPUs without bf16 units (bf16 weights widened per prefill product) the suite's
+    quantized tests crashed once generation had run first in the same process."""
+    from gemma3n import layers
+
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    x = torch.randn(DECODE_ROWS + 4, 32)
+    layers._scratch.clear()
+    first = torch.inference_mode() if first_mode == "inference" else torch.no_grad()
+    with first:
+        a = F.linear(x, layers.converted(w, torch.float32))
+    for mode in (torch.no_grad(), torch.inference_mode(), torch.enable_grad()):
+        with mode:
+            b = F.linear(x, layers.converted(w, torch.float32))
+        assert torch.equal(a, b)
+    layers._scratch.clear()
