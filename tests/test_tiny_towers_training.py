@@ -1,5 +1,7 @@
-"""The towers' training recipe (tools/pretrain_tiny_towers.py): SpecAugment's masks must not
-leave the subsampler an all-zero first step, whose gradient the conformer's RMSNorms blow up."""
+"""The towers' training recipe (tools/pretrain_tiny_towers.py, tools/train_tiny_media.py):
+SpecAugment's masks must not leave the subsampler an all-zero first step, whose gradient the
+conformer's RMSNorms blow up; the whitened token metric keeps a token's own embedding its best
+match; a decoder kept alone in bf16 resumes whole."""
 
 from __future__ import annotations
 
@@ -17,8 +19,19 @@ pytest.importorskip("timm")
 # the rest of the suite keeps the runtime's own (restored here, put back per test below)
 _RUNTIME = SSCPConvBlock.forward, CumulativeGroupNorm.scale_shift
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from pretrain_tiny_towers import spec_augment  # noqa: E402
-from train_tiny_media import init_audio_tower  # noqa: E402
+from pretrain_tiny_towers import TokenHead, resume, spec_augment  # noqa: E402
+from train_tiny_media import (  # noqa: E402
+    decoder_path,
+    init_audio_tower,
+    load_decoder,
+    load_text_decoder,
+    save_text_decoder,
+    token_keys,
+    token_logits,
+    whitening,
+)
+
+TINY = Path(__file__).resolve().parents[1] / "gemma3n" / "data" / "tiny"
 
 _TRAINING = SSCPConvBlock.forward, CumulativeGroupNorm.scale_shift
 SSCPConvBlock.forward, CumulativeGroupNorm.scale_shift = _RUNTIME
@@ -52,3 +65,61 @@ def test_masks_take_the_clips_mean_and_keep_the_gradient_finite():
     start_mean[:, :10] = feats.mean((1, 2), keepdim=True)
     assert not _backward_is_finite(start_zero)
     assert _backward_is_finite(start_mean)
+
+
+def test_whitened_metric_spreads_the_tokens_and_keeps_each_its_own_best():
+    torch.manual_seed(0)
+    common = torch.randn(16)
+    table = 4 * common + 0.3 * torch.randn(200, 16)  # one shared direction, as the tiny decoder's embeddings
+    metric = whitening(table)
+    keys = token_keys(table, torch.randn(16))
+
+    def nearest_other(m: torch.Tensor | None) -> float:
+        cos = token_logits(table, keys, torch.tensor(1.0), m)[:, 1:]
+        own = cos.diagonal().clone()
+        cos.fill_diagonal_(-2)
+        assert torch.allclose(own, torch.ones(200), atol=1e-4)  # a token's embedding scores its own cosine 1
+        return cos.max(1).values.median().item()
+
+    plain, whitened = nearest_other(None), nearest_other(metric)
+    assert plain > 0.95 and whitened < 0.8, (plain, whitened)
+    # the argmax of a soft token along a token's embedding (any length) is that token
+    logits = token_logits(3.0 * table[:20], keys, torch.tensor(10.0), metric)
+    assert torch.equal(logits.argmax(-1), torch.arange(20) + 1)
+
+
+def test_token_head_resumes_blank_and_scale_but_rebuilds_its_metric(tmp_path):
+    from safetensors.torch import save_file
+
+    table = torch.randn(50, 16) + 3.0
+    old = TokenHead(table)  # a cosine head's file: blank and scale, no metric
+    with torch.no_grad():
+        old.scale.fill_(17.0)
+    save_file({"head." + k: v for k, v in old.state_dict().items()}, str(tmp_path / "tower.safetensors"))
+    new = TokenHead(table + 1.0, "whitened")
+    resume(tmp_path / "tower.safetensors", {"head.": new})
+    assert new.scale.item() == 17.0 and torch.equal(new.blank, old.blank)
+    assert torch.allclose(new.metric, whitening(table + 1.0))
+
+
+def test_decoder_kept_in_bf16_resumes_every_weight(tmp_path):
+    ckpt = tmp_path / "joint"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").symlink_to(TINY / "model.safetensors")
+    save_text_decoder(ckpt)
+    assert (
+        decoder_path(ckpt).exists()
+        and decoder_path(ckpt).stat().st_size < 0.6 * (TINY / "model.safetensors").stat().st_size
+    )
+    dec = load_decoder(TINY)[0]
+    want = {k: v.to(torch.bfloat16).float() for k, v in dec.state_dict().items()}
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.zero_()
+    from safetensors.torch import load_file
+
+    load_text_decoder(dec, load_file(decoder_path(ckpt)))
+    got = dec.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(SystemExit, match="no model.language_model"):
+        load_text_decoder(dec, {"model.audio_tower.x": torch.zeros(1)})

@@ -57,6 +57,7 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     token_keys,
     token_logits,
     vision_soft,
+    whitening,
     write_csv,
 )
 
@@ -95,16 +96,19 @@ class TokenHead(nn.Module):
     The soft tokens learn to stand where the decoder's text embeddings are, which is what a decoder
     that has learnt to copy from its context can read (docs/tiny-media.md, third round)."""
 
-    def __init__(self, table: torch.Tensor) -> None:
+    def __init__(self, table: torch.Tensor, metric: str = "cosine") -> None:
         super().__init__()
         # label k + 1; not saved: it is the --decoder's, rebuilt at every start (a resumed run may
         # aim the tower at another decoder)
         self.register_buffer("table", F.normalize(table.float(), dim=-1), persistent=False)  # [V, D]
         self.blank = nn.Parameter(torch.randn(table.shape[1]))  # label 0
         self.scale = nn.Parameter(torch.tensor(10.0))
+        # --metric whitened: the cosine measured after `whitening` of the table, saved with the
+        # head (the joint stage aligns its cached clips with it); rebuilt, not resumed
+        self.register_buffer("metric", whitening(table) if metric == "whitened" else None)
 
     def forward(self, soft: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, S, V + 1]
-        return token_logits(soft, token_keys(self.table, self.blank), self.scale)
+        return token_logits(soft, token_keys(self.table, self.blank), self.scale, self.metric)
 
 
 def decoder_table(base: Path) -> torch.Tensor:
@@ -168,10 +172,13 @@ def resume(path: Path | None, prefixes: dict[str, nn.Module]) -> None:
     state = load_file(path)
     for prefix, module in prefixes.items():
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if prefix == "head.":
-            sub.pop("table", None)  # (files of earlier runs hold the token head's table: never resumed)
-        if prefix != "head." or set(sub) == set(module.state_dict()):
+        if prefix != "head.":
             module.load_state_dict(sub)
+            continue
+        # never resumed: the table (files of earlier runs hold it) and the metric, both the --decoder's
+        sub = {k: v for k, v in sub.items() if k not in ("table", "metric")}
+        if set(sub) == set(module.state_dict()) - {"metric"}:
+            module.load_state_dict(sub, strict=False)
 
 
 def cosine(step_s: float, budget_s: float, peak: float, step: int, warmup: int) -> float:
@@ -204,7 +211,7 @@ def train_audio(args: argparse.Namespace) -> None:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(args.decoder / "tokenizer.json"))
-        head, frames = TokenHead(decoder_table(args.decoder)), 1
+        head, frames = TokenHead(decoder_table(args.decoder), args.metric), 1
         labels = [[i + 1 for i in tok.encode(t, add_special_tokens=False).ids] for t in clips.texts]
 
         def transcript(best: list[int]) -> str:
@@ -360,6 +367,13 @@ def main() -> None:
         default="letters",
         help="audio CTC labels: letters (8 frames a soft token) or the decoder's tokens (one a soft token, "
         "scored against its input embeddings: --decoder)",
+    )
+    ap.add_argument(
+        "--metric",
+        choices=["cosine", "whitened"],
+        default="cosine",
+        help="--units tokens: score soft tokens by the plain cosine to each token's embedding, or by the "
+        "cosine after whitening the decoder's embeddings (tell apart tokens the plain cosine cannot)",
     )
     ap.add_argument("--decoder", type=Path, default=ROOT / "gemma3n" / "data" / "tiny", help="--units tokens: whose")
     ap.add_argument("--init", type=Path, default=None, help="continue from this earlier --out (a new schedule)")

@@ -247,6 +247,41 @@ def vision_config() -> dict:
 # Models
 
 
+def load_text_decoder(dec: TextDecoder, state: dict[str, torch.Tensor]) -> None:
+    """Every `model.language_model.*` weight of `state` (a joint run's checkpoint, or a decoder kept
+    by save_text_decoder) into `dec`, in fp32; none missing, none left over."""
+    text = {
+        k.removeprefix("model.language_model."): v.float()
+        for k, v in state.items()
+        if k.startswith("model.language_model.")
+    }
+    if "embed_tokens_per_layer.weight" not in text:
+        raise SystemExit("no model.language_model.* text decoder in the file given")
+    with torch.no_grad():
+        dec.embed_tokens_per_layer.copy_(text.pop("embed_tokens_per_layer.weight"))
+    result = dec.load_state_dict(text, strict=False)
+    if result.missing_keys != ["embed_tokens_per_layer"] or result.unexpected_keys:
+        raise SystemExit(f"the text decoder's weights do not match the model: {result}")
+
+
+def decoder_path(ckpt: Path) -> Path:
+    """Where a checkpoint's text decoder is kept alone, in bf16: beside it, like its heads."""
+    return ckpt.with_name(ckpt.name + "-decoder.safetensors")
+
+
+def save_text_decoder(ckpt: Path) -> None:
+    """The checkpoint's text decoder alone, in bf16 (half the bytes; resumed in fp32: --decoder-file),
+    so that a decoder that has learnt to read the audio tower can be kept in the repository between
+    machines (tools/checkpoints)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt / "model.safetensors")
+    text = {k: v.to(torch.bfloat16).contiguous() for k, v in state.items() if k.startswith("model.language_model.")}
+    tmp = decoder_path(ckpt).with_suffix(".tmp")
+    save_file(text, str(tmp), metadata={"format": "pt"})
+    tmp.replace(decoder_path(ckpt))
+
+
 def load_decoder(base: Path, sliding_window: int | None = None) -> tuple[TextDecoder, TextConfig, dict]:
     """The text decoder of `base` (text-only `model.*` or multimodal `model.language_model.*`), its
     sliding-attention window optionally widened (no weight depends on it)."""
@@ -625,14 +660,28 @@ def ctc_align(logp: np.ndarray, labels: list[int]) -> list[int] | None:
     return [(k - 1) // 2 if k % 2 else -1 for k in reversed(path)]
 
 
-def token_head(tower_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(blank vector, cosine scale) of the token-CTC head saved beside a --units tokens tower."""
+def token_head(tower_file: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(blank vector, cosine scale, metric or None) of the token-CTC head saved beside a --units
+    tokens tower (the metric: `whitening`, when the tower was trained with --metric whitened)."""
     from safetensors.torch import load_file
 
     state = load_file(tower_file)
     if "head.blank" not in state:
         raise SystemExit(f"{tower_file} has no token head (head.blank): not a --units tokens tower")
-    return state["head.blank"].float(), state["head.scale"].float()
+    metric = state.get("head.metric")
+    return state["head.blank"].float(), state["head.scale"].float(), None if metric is None else metric.float()
+
+
+def whitening(table: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """[D, D] M^-1/2, M the second moment of the token embeddings `table` [V, D] (plus eps times
+    its mean eigenvalue). The tiny decoder's input embeddings share a few directions (five of 128
+    hold 90 % of their energy; a token's nearest other token sits at cosine 0.86 in the median, 0.99
+    for a tenth of them), so a plain cosine barely tells tokens apart. Linear, so a soft token along
+    a token's embedding still scores that token's cosine 1; after it the nearest other token sits at
+    cosine 0.36 in the median (docs/tiny-media.md, ninth round)."""
+    table = table.float()
+    eig, vec = torch.linalg.eigh(table.T @ table / len(table))
+    return vec @ torch.diag((eig + eps * eig.mean()).rsqrt()) @ vec.T
 
 
 def token_keys(table: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
@@ -641,14 +690,26 @@ def token_keys(table: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.normalize(blank, dim=-1)[None], F.normalize(table.float(), dim=-1)])
 
 
-def token_logits(soft: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[..., V + 1]: the scaled cosine between each soft token and each of token_keys."""
-    return scale * F.normalize(soft.float(), dim=-1) @ keys.T
+def token_logits(
+    soft: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, metric: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[..., V + 1]: the scaled cosine between each soft token and each of token_keys, measured
+    after `metric` (a `whitening`) when given."""
+    soft = soft.float()
+    if metric is not None:
+        soft, keys = soft @ metric, F.normalize(keys @ metric, dim=-1)
+    return scale * F.normalize(soft, dim=-1) @ keys.T
 
 
 @torch.no_grad()
 def align_cache(
-    soft: torch.Tensor, answers: list[list[int]], eot: int, keys: torch.Tensor, scale: torch.Tensor, pad: torch.Tensor
+    soft: torch.Tensor,
+    answers: list[list[int]],
+    eot: int,
+    keys: torch.Tensor,
+    scale: torch.Tensor,
+    pad: torch.Tensor,
+    metric: torch.Tensor | None = None,
 ) -> list[list[int] | None]:
     """Per cached clip, where the tower's CTC head puts each transcript token: ctc_align's path over
     the heard frames (padding excluded), None when the transcript does not fit."""
@@ -656,7 +717,7 @@ def align_cache(
     for b, answer in enumerate(answers):
         labels = [t for t in answer if t != eot]
         frames = int((~torch.isclose(soft[b], pad).all(-1)).sum())
-        logp = F.log_softmax(token_logits(soft[b, :frames], keys, scale), -1)
+        logp = F.log_softmax(token_logits(soft[b, :frames], keys, scale, metric), -1)
         paths.append(ctc_align(logp.numpy(), labels) if frames else None)
     return paths
 
@@ -760,6 +821,13 @@ def main() -> None:
         "--init", type=Path, default=None, help="start the towers and embedders from this checkpoint's (a resumed run)"
     )
     ap.add_argument("--init-decoder", action="store_true", help="with --init: its text decoder too")
+    ap.add_argument(
+        "--decoder-file",
+        type=Path,
+        default=None,
+        help="then the text decoder from this file (a run's OUT-decoder.safetensors, written at each "
+        "evaluation; tools/checkpoints/decoder-ears.safetensors)",
+    )
     ap.add_argument(
         "--fresh-vision", action="store_true", help="with --init: a new vision tower and embedder (a collapsed one)"
     )
@@ -880,15 +948,7 @@ def main() -> None:
 
         state = load_file(args.init / "model.safetensors")
         if args.init_decoder:
-            text = {
-                k.removeprefix("model.language_model."): v.float()
-                for k, v in state.items()
-                if k.startswith("model.language_model.")
-            }
-            with torch.no_grad():
-                dec.embed_tokens_per_layer.copy_(text.pop("embed_tokens_per_layer.weight"))
-            result = dec.load_state_dict(text, strict=False)
-            assert result.missing_keys == ["embed_tokens_per_layer"] and not result.unexpected_keys, result
+            load_text_decoder(dec, state)
         for name, prefix in (
             ("audio", "model.audio_tower."),
             ("vision", "model.vision_tower.timm_model."),
@@ -909,6 +969,10 @@ def main() -> None:
                     head.load_state_dict({k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)})
         elif args.attr_weight and not args.fresh_vision and not args.head_steps:
             print("warning: --init has no saved heads: the attribute head starts fresh (fit it: --head-steps)")
+    if args.decoder_file is not None:
+        from safetensors.torch import load_file
+
+        load_text_decoder(dec, load_file(args.decoder_file))
     pretrained = set()
     for path, names in ((args.init_audio, ("audio", "embed_audio")), (args.init_vision, ("vision", "embed_vision"))):
         if path is not None:
@@ -1001,7 +1065,8 @@ def main() -> None:
             row["heldout_speech_loss"] = round(loss.item(), 4)
             row["heldout_speech_token_acc"] = round((pred == tgt).float().mean().item(), 4)
             if perfect:  # the same clips from a perfect token tower
-                exact = exact_soft(soft, answers, eot, align_cache(soft, answers, eot, keys, head[1], pad), keys, pad)
+                aligned = align_cache(soft, answers, eot, keys, head[1], pad, head[2])
+                exact = exact_soft(soft, answers, eot, aligned, keys, pad)
                 _, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, exact, audio_id)
                 row["heldout_exact_token_acc"] = round((pred == tgt).float().mean().item(), 4)
         # CTC greedy transcript WER: what the tower alone hears
@@ -1090,7 +1155,7 @@ def main() -> None:
                 pad = audio_padding(emb_a)
             with torch.no_grad():  # the input embeddings as the run starts, for training and evaluation
                 keys = token_keys(dec.embed(torch.arange(vocab)[None])[0], head[0])
-            paths = align_cache(cache_speech, cache_answers, eot, keys, head[1], pad)
+            paths = align_cache(cache_speech, cache_answers, eot, keys, head[1], pad, head[2])
         if args.copy_curriculum is not None:
             cache_exact = exact_soft(cache_speech, cache_answers, eot, paths, keys, pad)
         if args.copy_batch:
@@ -1115,6 +1180,7 @@ def main() -> None:
             write_csv(args.log, rows)
             write_checkpoint(args.out, args.base, text_cfg, parts, readme)
             save_heads(args.out, {"attr_head.": attr_head, "ctc_head.": ctc_head})
+            save_text_decoder(args.out)
             (args.out.parent / (args.out.name + "-step.json")).write_text(json.dumps(row))
         if done:
             break
