@@ -88,7 +88,10 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | s
     """A [shape] view of a buffer reused across calls (one per dtype and device): a fresh
     allocation per matmul page-faults and costs 5x more than filling it (measured).
     The buffer is always a normal tensor: one made under `torch.inference_mode` (generation)
-    could not be written again outside it (a later forward under `no_grad`, or none)."""
+    could not be written again outside it (a later forward under `no_grad`, or none). With grad
+    mode on, a fresh tensor each call: autograd may keep it for the backward pass."""
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype, device=device)
     n = math.prod(shape)
     key = (dtype, torch.device(device))
     buf = _scratch.get(key)

@@ -303,4 +303,12 @@ def test_scratch_buffer_serves_every_autograd_mode(first_mode):
         with mode:
             b = F.linear(x, layers.converted(w, torch.float32))
         assert torch.equal(a, b)
+    # with grad mode on, a product keeps its own converted weight for the backward pass: a later
+    # product must not overwrite it
+    xg = x.clone().requires_grad_()
+    y = F.linear(xg, layers.converted(w, torch.float32))
+    F.linear(xg, layers.converted(torch.zeros_like(w), torch.float32)).sum().backward(retain_graph=True)
+    xg.grad = None
+    y.sum().backward()
+    assert torch.allclose(xg.grad, w.float().sum(0).expand_as(x))
     layers._scratch.clear()
