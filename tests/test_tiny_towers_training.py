@@ -1,7 +1,7 @@
 """The towers' training recipe (tools/pretrain_tiny_towers.py, tools/train_tiny_media.py):
 SpecAugment's masks must not leave the subsampler an all-zero first step, whose gradient the
 conformer's RMSNorms blow up; the whitened token metric keeps a token's own embedding its best
-match; a decoder kept alone in bf16 resumes whole."""
+match; a decoder kept alone in bf16 resumes whole; spoken CTC labels hold only what can be heard."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ pytest.importorskip("timm")
 # the rest of the suite keeps the runtime's own (restored here, put back per test below)
 _RUNTIME = SSCPConvBlock.forward, CumulativeGroupNorm.scale_shift
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from pretrain_tiny_towers import TokenHead, resume, spec_augment  # noqa: E402
+from pretrain_tiny_towers import TokenHead, resume, save, spec_augment  # noqa: E402
+from tiny_media_data import spoken_text, word_casing  # noqa: E402
 from train_tiny_media import (  # noqa: E402
+    AUDIO_CONFIG,
     decoder_path,
     init_audio_tower,
     load_decoder,
@@ -28,6 +30,7 @@ from train_tiny_media import (  # noqa: E402
     save_text_decoder,
     token_keys,
     token_logits,
+    tower_context_right,
     whitening,
 )
 
@@ -123,3 +126,36 @@ def test_decoder_kept_in_bf16_resumes_every_weight(tmp_path):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(SystemExit, match="no model.language_model"):
         load_text_decoder(dec, {"model.audio_tower.x": torch.zeros(1)})
+
+
+def test_spoken_labels_hold_one_spelling_a_word_and_no_punctuation():
+    from tokenizers import Tokenizer
+
+    lines = [
+        "And the LORD said unto Moses, Go in unto Pharaoh: and the LORD God spake.",
+        "For the lord of the house said, The LORD is good, and for ever.",
+    ]
+    casing = word_casing(lines)
+    # inside a sentence "the" and "LORD" win; "And" / "For" at sentence starts do not count
+    assert (casing["the"], casing["lord"], casing["and"], casing["for"]) == ("the", "LORD", "and", "for")
+    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+
+    def ids(text: str) -> list[int]:
+        return tok.encode(spoken_text(text, casing), add_special_tokens=False).ids
+
+    written = ids("For the LORD is good; and Moses said, Go.")
+    assert written == ids("for the Lord is good and moses said go")
+    assert written[:2] == ids("for the") == ids("For, the")  # a first word is spelt as any other
+    assert not any(tok.id_to_token(i).lstrip("\u0120") in {",", ".", ";", ":"} for i in written)
+    assert spoken_text("Herod's steward, loving-kindness", casing) == " herod's steward loving kindness"
+
+
+def test_a_tower_file_carries_its_attention_look_ahead(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setitem(AUDIO_CONFIG, "conf_attention_context_right", 12)
+    tower = init_audio_tower(seed=0)
+    save(tmp_path / "ahead.safetensors", {"model.audio_tower.": tower})
+    assert tower_context_right(tmp_path / "ahead.safetensors") == 12
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "old.safetensors"))  # earlier rounds' files: causal
+    assert tower_context_right(tmp_path / "old.safetensors") == 0

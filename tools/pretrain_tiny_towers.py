@@ -42,7 +42,18 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_media_data import COLOURS, COUNTS, SHAPES, Clips, augment, normalize_words, render_scene  # noqa: E402
+from tiny_media_data import (  # noqa: E402
+    COLOURS,
+    COUNTS,
+    SHAPES,
+    Clips,
+    augment,
+    normalize_words,
+    render_scene,
+    spoken_text,
+    verses,
+    word_casing,
+)
 from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block differentiable)
     AUDIO_CONFIG,
     IMAGE_TOKENS,
@@ -56,6 +67,7 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     res_weights,
     token_keys,
     token_logits,
+    tower_context_right,
     vision_soft,
     whitening,
     write_csv,
@@ -196,7 +208,8 @@ def record(args: argparse.Namespace, rows: list[dict], row: dict, prefixes: dict
 def save(out: Path, prefixes: dict[str, nn.Module]) -> None:
     tensors = {p + k: v.detach().float().contiguous() for p, m in prefixes.items() for k, v in m.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
+    context = str(AUDIO_CONFIG["conf_attention_context_right"])
+    save_file(tensors, tmp, metadata={"format": "pt", "conf_attention_context_right": context})
     tmp.rename(out)
 
 
@@ -204,6 +217,11 @@ def train_audio(args: argparse.Namespace) -> None:
     import jiwer
 
     rng, nrng = random.Random(args.seed), np.random.default_rng(args.seed)
+    if args.context_right is None and args.init is not None:
+        args.context_right = tower_context_right(args.init)
+    if args.context_right is not None:
+        AUDIO_CONFIG["conf_attention_context_right"] = args.context_right
+    print(f"audio tower look-ahead: {AUDIO_CONFIG['conf_attention_context_right']} steps", flush=True)
     audio = init_audio_tower(args.seed)
     emb = init_embedder(AUDIO_CONFIG["hidden_size"], TEXT_HIDDEN, AUDIO_CONFIG["vocab_offset"], args.seed + 1)
     clips, held = Clips.load(args.speech / "train"), Clips.load(args.speech / "heldout")
@@ -212,7 +230,12 @@ def train_audio(args: argparse.Namespace) -> None:
 
         tok = Tokenizer.from_file(str(args.decoder / "tokenizer.json"))
         head, frames = TokenHead(decoder_table(args.decoder), args.metric), 1
-        labels = [[i + 1 for i in tok.encode(t, add_special_tokens=False).ids] for t in clips.texts]
+        if args.labels == "spoken":
+            casing = word_casing(verses(held_out=False))  # the training verses
+            texts = [spoken_text(t, casing) for t in clips.texts]
+        else:
+            texts = clips.texts
+        labels = [[i + 1 for i in e.ids] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
         def transcript(best: list[int]) -> str:
             out = [x - 1 for j, x in enumerate(best) if x and (j == 0 or x != best[j - 1])]
@@ -374,6 +397,20 @@ def main() -> None:
         default="cosine",
         help="--units tokens: score soft tokens by the plain cosine to each token's embedding, or by the "
         "cosine after whitening the decoder's embeddings (tell apart tokens the plain cosine cannot)",
+    )
+    ap.add_argument(
+        "--labels",
+        choices=["text", "spoken"],
+        default="text",
+        help="--units tokens: the tokens of the verse as written, or of `spoken_text` (no punctuation, one "
+        "spelling a word, every word after a space: nothing the tower cannot hear)",
+    )
+    ap.add_argument(
+        "--context-right",
+        type=int,
+        default=None,
+        help="audio: conformer attention look-ahead in 40 ms steps (config conf_attention_context_right; "
+        "default: the --init file's, else AUDIO_CONFIG's)",
     )
     ap.add_argument("--decoder", type=Path, default=ROOT / "gemma3n" / "data" / "tiny", help="--units tokens: whose")
     ap.add_argument("--init", type=Path, default=None, help="continue from this earlier --out (a new schedule)")

@@ -246,6 +246,33 @@ def normalize_words(text: str) -> str:
     return " ".join(re.sub(r"[^\w' ]", " ", text.lower()).split())
 
 
+def word_casing(lines: list[str]) -> dict[str, str]:
+    """Each word's most frequent spelling inside a sentence in `lines` ("the", "LORD",
+    "Israel", "I"), keyed by its lower case: the one spelling a word has however it is placed, so a
+    word's tokens follow from its sound (`spoken_text`). Sentence starts do not count: there every
+    word is capitalised ("And", "For")."""
+    counts: dict[str, dict[str, int]] = {}
+    for line in lines:
+        initial = True
+        for m in re.finditer(r"[\w']+|[.;:?!]", line):
+            word = m.group(0)
+            if word in ".;:?!":
+                initial = True
+                continue
+            if not initial:
+                forms = counts.setdefault(word.lower(), {})
+                forms[word] = forms.get(word, 0) + 1
+            initial = False
+    return {key: max(forms, key=forms.__getitem__) for key, forms in counts.items()}
+
+
+def spoken_text(text: str, casing: dict[str, str]) -> str:
+    """What can be heard of `text`: its words in `word_casing`'s spelling (lower case when unknown),
+    punctuation dropped, each word after a space (so the first word's tokens are every other word's).
+    CTC labels made from it carry no sound-less token (a comma, a capital at a sentence start)."""
+    return "".join(" " + casing.get(w.lower(), w.lower()) for w in re.sub(r"[^\w' ]", " ", text).split())
+
+
 # ---------------------------------------------------------------------------------------------
 
 SAMPLE_VERSES = 4  # Genesis 1:1-4 (chapter 0 is held out: the model never trained on it)
