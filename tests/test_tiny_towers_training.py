@@ -19,10 +19,11 @@ pytest.importorskip("timm")
 # the rest of the suite keeps the runtime's own (restored here, put back per test below)
 _RUNTIME = SSCPConvBlock.forward, CumulativeGroupNorm.scale_shift
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from pretrain_tiny_towers import TokenHead, resume, save, spec_augment  # noqa: E402
+from pretrain_tiny_towers import TokenHead, grow_block, resume, save, spec_augment  # noqa: E402
 from tiny_media_data import spoken_text, word_casing  # noqa: E402
 from train_tiny_media import (  # noqa: E402
     AUDIO_CONFIG,
+    TOWER_SHAPE,
     decoder_path,
     init_audio_tower,
     load_decoder,
@@ -30,7 +31,7 @@ from train_tiny_media import (  # noqa: E402
     save_text_decoder,
     token_keys,
     token_logits,
-    tower_context_right,
+    tower_shape,
     whitening,
 )
 
@@ -150,12 +151,33 @@ def test_spoken_labels_hold_one_spelling_a_word_and_no_punctuation():
     assert spoken_text("Herod's steward, loving-kindness", casing) == " herod's steward loving kindness"
 
 
-def test_a_tower_file_carries_its_attention_look_ahead(tmp_path, monkeypatch):
+def test_a_tower_file_carries_its_look_ahead_and_depth(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     monkeypatch.setitem(AUDIO_CONFIG, "conf_attention_context_right", 12)
+    monkeypatch.setitem(AUDIO_CONFIG, "conf_num_hidden_layers", 4)
     tower = init_audio_tower(seed=0)
+    grow_block(tower)
     save(tmp_path / "ahead.safetensors", {"model.audio_tower.": tower})
-    assert tower_context_right(tmp_path / "ahead.safetensors") == 12
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "old.safetensors"))  # earlier rounds' files: causal
-    assert tower_context_right(tmp_path / "old.safetensors") == 0
+    assert tower_shape(tmp_path / "ahead.safetensors") == {
+        "conf_attention_context_right": 12,
+        "conf_num_hidden_layers": 5,
+    }
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "old.safetensors"))  # earlier rounds' files
+    assert tower_shape(tmp_path / "old.safetensors") == TOWER_SHAPE
+
+
+def test_a_grown_block_starts_as_the_identity(monkeypatch):
+    monkeypatch.setitem(AUDIO_CONFIG, "conf_num_hidden_layers", 2)
+    tower = init_audio_tower(seed=0).eval()
+    with torch.no_grad():
+        tower.conformer[-1].norm.weight.uniform_(0.5, 3.0)  # a trained closing norm's scale
+        feats, mask = torch.randn(2, 200, 128), torch.ones(2, 200, dtype=torch.bool)
+        before = tower(feats, mask)[0]
+        grow_block(tower)
+        after = tower(feats, mask)[0]
+    assert len(tower.conformer) == 3 and AUDIO_CONFIG["conf_num_hidden_layers"] == 3
+    # not exactly: the closing RMSNorm's divisor varies a little from step to step
+    assert (after - before).norm() < 0.1 * before.norm()
+    assert torch.nn.functional.cosine_similarity(after, before, dim=-1).min() > 0.99
+    assert any(p.abs().sum() > 0 for p in tower.conformer[-1].attention.attn.parameters())  # not all zero

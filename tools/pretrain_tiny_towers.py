@@ -58,6 +58,7 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     AUDIO_CONFIG,
     IMAGE_TOKENS,
     PREPROCESSOR,
+    TOWER_SHAPE,
     attr_loss,
     draw_scenes,
     init_audio_tower,
@@ -67,7 +68,7 @@ from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block
     res_weights,
     token_keys,
     token_logits,
-    tower_context_right,
+    tower_shape,
     vision_soft,
     whitening,
     write_csv,
@@ -193,6 +194,28 @@ def resume(path: Path | None, prefixes: dict[str, nn.Module]) -> None:
             module.load_state_dict(sub, strict=False)
 
 
+def grow_block(audio: nn.Module) -> None:
+    """Append a conformer block that starts as (almost) the identity, so a resumed tower keeps what
+    it knows and gains depth: its residual branches start at 0 (each branch's output norm, or the
+    light conv's last projection, zeroed) and its closing RMSNorm's scale is the RMS the last block
+    outputs at (that block's norm scale, over unit-RMS activations)."""
+    last = audio.conformer[-1]
+    block = type(last)(audio.config)
+    block.load_state_dict(last.state_dict())  # weights a trained block has, then the branches cut
+    with torch.no_grad():
+        for norm in (
+            block.ffw_layer_start.post_layer_norm,
+            block.attention.post_norm,
+            block.ffw_layer_end.post_layer_norm,
+        ):
+            norm.weight.zero_()
+        block.lconv1d.linear_end.weight.zero_()
+        block.norm.weight.fill_(last.norm.weight.pow(2).mean().sqrt().item())
+    audio.conformer.append(block)
+    audio.config.conf_num_hidden_layers += 1
+    AUDIO_CONFIG["conf_num_hidden_layers"] = len(audio.conformer)
+
+
 def cosine(step_s: float, budget_s: float, peak: float, step: int, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(1.0, step_s / budget_s))))
 
@@ -208,8 +231,8 @@ def record(args: argparse.Namespace, rows: list[dict], row: dict, prefixes: dict
 def save(out: Path, prefixes: dict[str, nn.Module]) -> None:
     tensors = {p + k: v.detach().float().contiguous() for p, m in prefixes.items() for k, v in m.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
-    context = str(AUDIO_CONFIG["conf_attention_context_right"])
-    save_file(tensors, tmp, metadata={"format": "pt", "conf_attention_context_right": context})
+    shape = {k: str(AUDIO_CONFIG[k]) for k in TOWER_SHAPE}  # read back by train_tiny_media.tower_shape
+    save_file(tensors, tmp, metadata={"format": "pt", **shape})
     tmp.rename(out)
 
 
@@ -217,11 +240,10 @@ def train_audio(args: argparse.Namespace) -> None:
     import jiwer
 
     rng, nrng = random.Random(args.seed), np.random.default_rng(args.seed)
-    if args.context_right is None and args.init is not None:
-        args.context_right = tower_context_right(args.init)
+    if args.init is not None:
+        AUDIO_CONFIG.update(tower_shape(args.init))
     if args.context_right is not None:
         AUDIO_CONFIG["conf_attention_context_right"] = args.context_right
-    print(f"audio tower look-ahead: {AUDIO_CONFIG['conf_attention_context_right']} steps", flush=True)
     audio = init_audio_tower(args.seed)
     emb = init_embedder(AUDIO_CONFIG["hidden_size"], TEXT_HIDDEN, AUDIO_CONFIG["vocab_offset"], args.seed + 1)
     clips, held = Clips.load(args.speech / "train"), Clips.load(args.speech / "heldout")
@@ -244,6 +266,9 @@ def train_audio(args: argparse.Namespace) -> None:
         head, frames, transcript = FrameHead(TEXT_HIDDEN, len(LETTERS) + 1), UPSAMPLE, greedy_text
         labels = [letters(t) for t in clips.texts]
     resume(args.init, {"model.audio_tower.": audio, "model.embed_audio.": emb, "head.": head})
+    for _ in range(args.grow_blocks):
+        grow_block(audio)
+    print(f"audio tower: {len(audio.conformer)} blocks, look-ahead {AUDIO_CONFIG['conf_attention_context_right']}")
     params = [p for m in (audio, emb, head) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     fe = AudioFeatureExtractor.from_dict(PREPROCESSOR)
@@ -411,6 +436,12 @@ def main() -> None:
         default=None,
         help="audio: conformer attention look-ahead in 40 ms steps (config conf_attention_context_right; "
         "default: the --init file's, else AUDIO_CONFIG's)",
+    )
+    ap.add_argument(
+        "--grow-blocks",
+        type=int,
+        default=0,
+        help="audio: append this many conformer blocks to the --init tower, each starting as the identity",
     )
     ap.add_argument("--decoder", type=Path, default=ROOT / "gemma3n" / "data" / "tiny", help="--units tokens: whose")
     ap.add_argument("--init", type=Path, default=None, help="continue from this earlier --out (a new schedule)")

@@ -314,13 +314,18 @@ PREFIXES = {
 }
 
 
-def tower_context_right(path: Path) -> int:
-    """The attention look-ahead a tower file was trained with (tools/pretrain_tiny_towers.py writes
-    it in the file's metadata; files without it were trained causal, the real Gemma 3n's 0)."""
+# the audio tower's config fields a tower file may change (tools/pretrain_tiny_towers.py writes them
+# in its metadata) and their values in files without them (earlier rounds: causal, 4 blocks)
+TOWER_SHAPE = {"conf_attention_context_right": 0, "conf_num_hidden_layers": 4}
+
+
+def tower_shape(path: Path) -> dict[str, int]:
+    """The audio tower's shape a tower file was trained with: TOWER_SHAPE's fields."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        return int((f.metadata() or {}).get("conf_attention_context_right", 0))
+        meta = f.metadata() or {}
+    return {k: int(meta.get(k, default)) for k, default in TOWER_SHAPE.items()}
 
 
 def init_audio_tower(seed: int) -> AudioEncoder:
@@ -939,12 +944,12 @@ def main() -> None:
     dec, text_cfg_obj, text_cfg = load_decoder(args.base, args.sliding_window)
     dec.train()
     pl = plans(text_cfg_obj)
-    # the tower's attention look-ahead: the pre-trained tower file's, else the resumed checkpoint's
+    # the tower's look-ahead and depth: the pre-trained tower file's, else the resumed checkpoint's
     if args.init_audio is not None:
-        AUDIO_CONFIG["conf_attention_context_right"] = tower_context_right(args.init_audio)
+        AUDIO_CONFIG.update(tower_shape(args.init_audio))
     elif args.init is not None and (args.init / "config.json").exists():
         audio_cfg = json.loads((args.init / "config.json").read_text()).get("audio_config", {})
-        AUDIO_CONFIG["conf_attention_context_right"] = audio_cfg.get("conf_attention_context_right", 0)
+        AUDIO_CONFIG.update({k: audio_cfg.get(k, default) for k, default in TOWER_SHAPE.items()})
     audio = init_audio_tower(args.seed)
     vision = init_vision_tower(args.seed)
     d = text_cfg_obj.hidden_size
