@@ -231,7 +231,8 @@ def record(args: argparse.Namespace, rows: list[dict], row: dict, prefixes: dict
 def save(out: Path, prefixes: dict[str, nn.Module]) -> None:
     tensors = {p + k: v.detach().float().contiguous() for p, m in prefixes.items() for k, v in m.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
-    shape = {k: str(AUDIO_CONFIG[k]) for k in TOWER_SHAPE}  # read back by train_tiny_media.tower_shape
+    # an audio tower's look-ahead and depth, read back by train_tiny_media.tower_shape
+    shape = {k: str(AUDIO_CONFIG[k]) for k in TOWER_SHAPE} if "model.audio_tower." in prefixes else {}
     save_file(tensors, tmp, metadata={"format": "pt", **shape})
     tmp.rename(out)
 
