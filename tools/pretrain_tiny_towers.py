@@ -213,7 +213,6 @@ def grow_block(audio: nn.Module) -> None:
         block.norm.weight.fill_(last.norm.weight.pow(2).mean().sqrt().item())
     audio.conformer.append(block)
     audio.config.conf_num_hidden_layers += 1
-    AUDIO_CONFIG["conf_num_hidden_layers"] = len(audio.conformer)
 
 
 def cosine(step_s: float, budget_s: float, peak: float, step: int, warmup: int) -> float:
@@ -231,8 +230,9 @@ def record(args: argparse.Namespace, rows: list[dict], row: dict, prefixes: dict
 def save(out: Path, prefixes: dict[str, nn.Module]) -> None:
     tensors = {p + k: v.detach().float().contiguous() for p, m in prefixes.items() for k, v in m.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
-    # an audio tower's look-ahead and depth, read back by train_tiny_media.tower_shape
-    shape = {k: str(AUDIO_CONFIG[k]) for k in TOWER_SHAPE} if "model.audio_tower." in prefixes else {}
+    # an audio tower's look-ahead and depth, from its own config; read back by train_tiny_media.tower_shape
+    tower = prefixes.get("model.audio_tower.")
+    shape = {k: str(getattr(tower.config, k)) for k in TOWER_SHAPE} if tower is not None else {}
     save_file(tensors, tmp, metadata={"format": "pt", **shape})
     tmp.rename(out)
 
@@ -269,7 +269,7 @@ def train_audio(args: argparse.Namespace) -> None:
     resume(args.init, {"model.audio_tower.": audio, "model.embed_audio.": emb, "head.": head})
     for _ in range(args.grow_blocks):
         grow_block(audio)
-    print(f"audio tower: {len(audio.conformer)} blocks, look-ahead {AUDIO_CONFIG['conf_attention_context_right']}")
+    print(f"audio tower: {len(audio.conformer)} blocks, look-ahead {audio.config.conf_attention_context_right}")
     params = [p for m in (audio, emb, head) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     fe = AudioFeatureExtractor.from_dict(PREPROCESSOR)

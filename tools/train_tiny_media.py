@@ -315,8 +315,8 @@ PREFIXES = {
 
 
 # the audio tower's config fields a tower file may change (tools/pretrain_tiny_towers.py writes them
-# in its metadata) and their values in files without them (earlier rounds: causal, 4 blocks)
-TOWER_SHAPE = {"conf_attention_context_right": 0, "conf_num_hidden_layers": 4}
+# in its metadata) and their values in files without them: AUDIO_CONFIG's own (earlier rounds')
+TOWER_SHAPE = {k: AUDIO_CONFIG[k] for k in ("conf_attention_context_right", "conf_num_hidden_layers")}
 
 
 def tower_shape(path: Path) -> dict[str, int]:
