@@ -19,8 +19,9 @@ pytest.importorskip("timm")
 # the rest of the suite keeps the runtime's own (restored here, put back per test below)
 _RUNTIME = SSCPConvBlock.forward, CumulativeGroupNorm.scale_shift
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import tiny_media_data  # noqa: E402
 from pretrain_tiny_towers import TokenHead, grow_block, resume, save, spec_augment  # noqa: E402
-from tiny_media_data import spoken_text, word_casing  # noqa: E402
+from tiny_media_data import spoken_text, spoken_transcripts, word_casing  # noqa: E402
 from train_tiny_media import (  # noqa: E402
     AUDIO_CONFIG,
     TOWER_SHAPE,
@@ -149,6 +150,20 @@ def test_spoken_labels_hold_one_spelling_a_word_and_no_punctuation():
     assert written[:2] == ids("for the") == ids("For, the")  # a first word is spelt as any other
     assert not any(tok.id_to_token(i).lstrip("\u0120") in {",", ".", ";", ":"} for i in written)
     assert spoken_text("Herod's steward, loving-kindness", casing) == " herod's steward loving kindness"
+
+
+def test_spoken_transcripts_take_the_training_verses_casing(monkeypatch):
+    """The tower's spoken labels and the decoder's spoken transcripts (--transcripts spoken) come from
+    one function, spelt as the training verses spell each word, never the held-out ones."""
+    asked = []
+
+    def verses(held_out: bool) -> list[str]:
+        asked.append(held_out)
+        return ["Then the LORD spake unto Moses, and Moses said, the LORD is good."]
+
+    monkeypatch.setattr(tiny_media_data, "verses", verses)
+    assert spoken_transcripts(["The lord SPAKE; And moses went."]) == [" the LORD spake and Moses went"]
+    assert asked == [False]
 
 
 def test_a_tower_file_carries_its_look_ahead_and_depth(tmp_path, monkeypatch):

@@ -50,9 +50,7 @@ from tiny_media_data import (  # noqa: E402
     augment,
     normalize_words,
     render_scene,
-    spoken_text,
-    verses,
-    word_casing,
+    spoken_transcripts,
 )
 from train_tiny_media import (  # noqa: E402  (importing it makes the SSCP block differentiable)
     AUDIO_CONFIG,
@@ -253,11 +251,7 @@ def train_audio(args: argparse.Namespace) -> None:
 
         tok = Tokenizer.from_file(str(args.decoder / "tokenizer.json"))
         head, frames = TokenHead(decoder_table(args.decoder), args.metric), 1
-        if args.labels == "spoken":
-            casing = word_casing(verses(held_out=False))  # the training verses
-            texts = [spoken_text(t, casing) for t in clips.texts]
-        else:
-            texts = clips.texts
+        texts = spoken_transcripts(clips.texts) if args.labels == "spoken" else clips.texts
         labels = [[i + 1 for i in e.ids] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
         def transcript(best: list[int]) -> str:
@@ -309,7 +303,9 @@ def train_audio(args: argparse.Namespace) -> None:
             g["lr"] = cosine(elapsed, args.minutes * 60, args.lr, step, args.warmup)
         idx = [rng.randrange(len(clips)) for _ in range(args.batch)]
         feats, mask = fe([augment(clips.wave(i), nrng) for i in idx])
-        out, lengths = logits_of(spec_augment(feats, rng), mask, tower=step >= args.head_steps)
+        if args.spec_augment:
+            feats = spec_augment(feats, rng)
+        out, lengths = logits_of(feats, mask, tower=step >= args.head_steps)
         loss = ctc_loss(F.log_softmax(out, -1), [labels[i] for i in idx], lengths)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -400,6 +396,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--eval-clips", type=int, default=48)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with bf16 units)")
+    ap.add_argument(
+        "--no-spec-augment",
+        dest="spec_augment",
+        action="store_false",
+        help="audio: no frequency and time masks (the waveform's noise, gain and silence stay)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--res-weights", default="256:0.7,512:0.2,768:0.1", help="vision: share of the steps at each image size"

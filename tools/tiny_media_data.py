@@ -273,6 +273,13 @@ def spoken_text(text: str, casing: dict[str, str]) -> str:
     return "".join(" " + casing.get(w.lower(), w.lower()) for w in re.sub(r"[^\w' ]", " ", text).split())
 
 
+def spoken_transcripts(texts: list[str]) -> list[str]:
+    """`spoken_text` of each of `texts` in the training verses' `word_casing`: the audio tower's
+    spoken CTC labels, and the decoder's transcripts when it is trained to write what it hears."""
+    casing = word_casing(verses(held_out=False))
+    return [spoken_text(t, casing) for t in texts]
+
+
 # ---------------------------------------------------------------------------------------------
 
 SAMPLE_VERSES = 4  # Genesis 1:1-4 (chapter 0 is held out: the model never trained on it)

@@ -70,6 +70,7 @@ from tiny_media_data import (  # noqa: E402
     augment,
     normalize_words,
     render_scene,
+    spoken_transcripts,
     verses,
 )
 from train_tiny import held_out_loss, loss_of, plans  # noqa: E402  (importing it patches AltUp for autograd)
@@ -913,6 +914,13 @@ def main() -> None:
         help="widen the decoder's sliding-attention window (default: the base's), so that its sliding layers see "
         "a whole audio window from the transcript",
     )
+    ap.add_argument(
+        "--transcripts",
+        choices=("text", "spoken"),
+        default="text",
+        help="what the decoder writes for a clip: the verse as written, or `spoken_text` (no punctuation, "
+        "one spelling a word: the token tower's spoken labels, so reading it is copying)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out and --log")
     ap.add_argument("--threads", type=int, default=1)
@@ -1030,7 +1038,10 @@ def main() -> None:
     held_clips = Clips.load(args.speech / "heldout")
     fe = AudioFeatureExtractor.from_dict(PREPROCESSOR)
     improc = ImageProcessor.from_dict(PREPROCESSOR)
-    enc_text = [tok.encode(t, add_special_tokens=False).ids for t in clips.texts]
+    # what the decoder is taught to write for a clip: the verse as written, or as heard
+    transcripts = spoken_transcripts if args.transcripts == "spoken" else list
+    enc_text = [e.ids for e in tok.encode_batch(transcripts(clips.texts), add_special_tokens=False)]
+    held_text = [e.ids for e in tok.encode_batch(transcripts(held_clips.texts), add_special_tokens=False)]
 
     fresh = [k for k in ("audio", "vision") if k not in pretrained and k in parts]
     fresh += [f"embed_{k}" for k in fresh]
@@ -1079,7 +1090,7 @@ def main() -> None:
         row["text_ppl_sub"] = round(math.exp(held_out_loss(dec, held_windows, pl["sub"], 16)), 2)
         if audio_prompt is not None:
             waves = [held_clips.wave(i) for i in eval_clips]
-            answers = [tok.encode(held_clips.texts[i], add_special_tokens=False).ids + [eot] for i in eval_clips]
+            answers = [held_text[i] + [eot] for i in eval_clips]
             soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
             loss, pred, tgt = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
             row["heldout_speech_loss"] = round(loss.item(), 4)
@@ -1180,7 +1191,7 @@ def main() -> None:
             cache_exact = exact_soft(cache_speech, cache_answers, eot, paths, keys, pad)
         if args.copy_batch:
             by_length = paths_by_length(paths)
-            lines = verses(held_out=False)
+            lines = transcripts(verses(held_out=False))
             copy_verses = [e.ids for e in tok.encode_batch(lines, add_special_tokens=False) if len(e.ids) in by_length]
             print(
                 f"copy batches: {len(copy_verses)} of {len(lines)} training verses fit a cached alignment", flush=True
