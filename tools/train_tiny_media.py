@@ -641,7 +641,10 @@ def build_soft_cache(
     drawn = 0
     while drawn < n:
         res, scenes = draw_scenes(rng, sizes, per_batch)
-        images.append((res, scenes, vision_soft(vision, emb_v, improc([im for im, _ in scenes], size=res))))
+        soft_v = vision_soft(vision, emb_v, improc([im for im, _ in scenes], size=res))
+        # the scenes without their pictures: the steps need only what to ask (12,000 rendered
+        # images held here took 12 GB)
+        images.append((res, [(None, sc) for _, sc in scenes], soft_v))
         drawn += len(scenes)
     print(f"soft cache: {len(answers)} clips, {drawn} scenes in {time.time() - t:.0f} s", flush=True)
     return torch.cat(soft), answers, images
