@@ -58,6 +58,20 @@ def _hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
+@pytest.fixture(autouse=True)
+def _signals_not_ignored():
+    """These tests send a terminal's signals and expect the writer to catch them. The writer rightly
+    leaves an ignored signal alone (test_an_ignored_signal_stays_ignored), and the suite may itself
+    run with one ignored: under nohup SIGHUP is, in a background job without job control SIGINT is,
+    and the CLI children would inherit it. Each test starts with them at Python's defaults."""
+    ignored = [s for s in staging._SignalGuard.SIGNALS if signal.getsignal(s) == signal.SIG_IGN]
+    for s in ignored:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for s in ignored:
+        signal.signal(s, signal.SIG_IGN)
+
+
 @pytest.fixture
 def src(tmp_path) -> Path:
     """A copy of the embedded model in PARENT/src (PARENT holds nothing else)."""
