@@ -45,8 +45,10 @@ def main() -> None:
     engines = args.engines.split(",")
     kernels.get(build=False)  # the fused epilogues, as `gemma3n.load` would have them
     info, probe = cpu_info(), measure()
-    print(f"{info.model} ({', '.join(info.notable())}); GEMM fp32 {probe.fp32_gflops:.0f}, "
-          f"bf16 {probe.bf16_gflops:.0f} GFLOP/s; {args.threads} threads; {load_note()}")
+    print(
+        f"{info.model} ({', '.join(info.notable())}); GEMM fp32 {probe.fp32_gflops:.0f}, "
+        f"bf16 {probe.bf16_gflops:.0f} GFLOP/s; {args.threads} threads; {load_note()}"
+    )
 
     from transformers import Gemma3nAudioFeatureExtractor
 
@@ -80,8 +82,12 @@ def main() -> None:
         best, median, peaks, outs = timed(fns, args.repeats)
         ref = outs["hf-fp32"] if "hf-fp32" in outs else hf32(mel, padded).last_hidden_state
         fastest_hf = min((best[k] for k in best if k.startswith("hf")), default=None)
-        print(f"{seconds:g} s ({gflop:.0f} GFLOP): " + ", ".join(f"{k} {best[k]:.2f} s" for k in fns)
-              + f" ({load_note()})", flush=True)
+        print(
+            f"{seconds:g} s ({gflop:.0f} GFLOP): "
+            + ", ".join(f"{k} {best[k]:.2f} s" for k in fns)
+            + f" ({load_note()})",
+            flush=True,
+        )
         return [{
             "engine": k, "audio_s": seconds, "best_s": best[k], "median_s": median[k],
             "rtf": seconds / best[k], "rtf_median": seconds / median[k], "gflops": gflop / best[k],

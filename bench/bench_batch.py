@@ -85,16 +85,29 @@ def run(a: argparse.Namespace) -> dict:
         r["latency_vs_one"] = r["step_ms_p50"] / rows[0]["step_ms_p50"]
     cfg = model.config.text
     kv_4k = 2 * 4096 * cfg.num_key_value_heads * cfg.head_dim * 4 * (cfg.num_hidden_layers - cfg.num_kv_shared_layers)
-    print(f"\n{cpu_info().model}, {a.threads} threads, {a.checkpoint}; KV at 4k context: {kv_4k / 2**20:.0f} MiB per "
-          f"sequence (fp32, full layers; sliding layers hold their window)\n")
+    print(
+        f"\n{cpu_info().model}, {a.threads} threads, {a.checkpoint}; KV at 4k context: {kv_4k / 2**20:.0f} MiB per "
+        f"sequence (fp32, full layers; sliding layers hold their window)\n"
+    )
     common.print_table(
         rows,
-        [("batch", "batch"), ("decode_tok_s", "aggregate decode tok/s"), ("vs_one", "vs one"),
-         ("step_ms_p50", "inter-token ms p50"), ("latency_vs_one", "latency vs one"),
-         ("tokens_identical_to_alone", "tokens = alone")],
+        [
+            ("batch", "batch"),
+            ("decode_tok_s", "aggregate decode tok/s"),
+            ("vs_one", "vs one"),
+            ("step_ms_p50", "inter-token ms p50"),
+            ("latency_vs_one", "latency vs one"),
+            ("tokens_identical_to_alone", "tokens = alone"),
+        ],
     )
-    data = {"machine": common.machine_info(), "threads": a.threads, "checkpoint": a.checkpoint,
-            "peak_rss_gb": common.peak_rss_gb(), "kv_4k_mib_upper_bound": kv_4k / 2**20, "rows": rows}
+    data = {
+        "machine": common.machine_info(),
+        "threads": a.threads,
+        "checkpoint": a.checkpoint,
+        "peak_rss_gb": common.peak_rss_gb(),
+        "kv_4k_mib_upper_bound": kv_4k / 2**20,
+        "rows": rows,
+    }
     print(f"peak RSS {data['peak_rss_gb']:.2f} GB; wrote", common.write_json("batch", data))
     return data
 

@@ -112,13 +112,27 @@ def run(a: argparse.Namespace) -> dict:
             del ws
             gc.collect()
     cpu = cpu_info()
-    print(f"\n{cpu.model}, {a.threads} threads, read bandwidth {bw:.1f} GB/s, native body "
-          f"{native.isa_name(isa) if native else 'unavailable: ' + kernels.status()}\n")
-    cols = [("weights", "weights"), ("shape", "shape"), ("rows", "rows"), ("path", "path"), ("ms", "ms"),
-            ("gbps", "GB/s"), ("pct_bw", "% of read bw")]
+    print(
+        f"\n{cpu.model}, {a.threads} threads, read bandwidth {bw:.1f} GB/s, native body "
+        f"{native.isa_name(isa) if native else 'unavailable: ' + kernels.status()}\n"
+    )
+    cols = [
+        ("weights", "weights"),
+        ("shape", "shape"),
+        ("rows", "rows"),
+        ("path", "path"),
+        ("ms", "ms"),
+        ("gbps", "GB/s"),
+        ("pct_bw", "% of read bw"),
+    ]
     common.print_table(rows, cols)
-    data = {"machine": common.machine_info(), "cpu_flags": cpu.notable(), "threads": a.threads,
-            "read_gbps": bw, "rows": rows}
+    data = {
+        "machine": common.machine_info(),
+        "cpu_flags": cpu.notable(),
+        "threads": a.threads,
+        "read_gbps": bw,
+        "rows": rows,
+    }
     print("wrote", common.write_json("kernels", data))
     return data
 

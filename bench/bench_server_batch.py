@@ -48,8 +48,12 @@ def stream(url: str, prompt: list[int], max_tokens: int) -> dict:
                 if chunk["choices"] and chunk["choices"][0].get("text"):
                     arrivals.append(time.perf_counter() - t0)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"ttft": arrivals[0] if arrivals else None, "end": time.perf_counter() - t0, "tokens": len(arrivals),
-            "gaps": gaps}
+    return {
+        "ttft": arrivals[0] if arrivals else None,
+        "end": time.perf_counter() - t0,
+        "tokens": len(arrivals),
+        "gaps": gaps,
+    }
 
 
 def level(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -107,8 +111,18 @@ def main() -> None:
     from gemma3n.hardware import cpu_info
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "gemma3n.cli", "serve", "--port", str(port), "--max-batch", str(a.max_batch),
-           "--prompt-cache-slots", "0"] + (["--model", a.model] if a.model else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "gemma3n.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(a.max_batch),
+        "--prompt-cache-slots",
+        "0",
+    ] + (["--model", a.model] if a.model else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}  # torch's intra-op threads
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -126,8 +140,11 @@ def main() -> None:
         stream(url, prompts[0], 4)  # warm-up
         rows = [level(url, prompts[:c], a.max_tokens) for c in a.clients]
         for r in rows:
-            print(f"{r['clients']} clients: {r['decode_tok_s']:.2f} decode tok/s aggregate, inter-token "
-                  f"{r['inter_token_ms_p50']:.0f} ms", flush=True)
+            print(
+                f"{r['clients']} clients: {r['decode_tok_s']:.2f} decode tok/s aggregate, inter-token "
+                f"{r['inter_token_ms_p50']:.0f} ms",
+                flush=True,
+            )
         late = late_arrival(url, prompts[1 : min(4, len(prompts))], prompts[0], a.max_tokens)
     finally:
         server.terminate()
@@ -137,13 +154,28 @@ def main() -> None:
         r["vs_one"] = r["decode_tok_s"] / one["decode_tok_s"]
         r["latency_vs_one"] = r["inter_token_ms_p50"] / one["inter_token_ms_p50"]
     print(f"\n{cpu_info().model}, {a.threads} threads, --max-batch {a.max_batch}, model {a.model or 'embedded'}\n")
-    common.print_table(rows, [("clients", "clients"), ("decode_tok_s", "aggregate decode tok/s"),
-                              ("vs_one", "vs one client"), ("inter_token_ms_p50", "inter-token ms p50"),
-                              ("latency_vs_one", "latency vs one"), ("ttft_ms_p50", "TTFT ms p50")])
-    print(f"\nTTFT of a request arriving mid-stream: {late['ttft_mid_stream_ms']:.0f} ms "
-          f"(alone: {late['ttft_alone_ms']:.0f} ms)")
-    data = {"machine": common.machine_info(), "args": vars(a), "rows": rows, "late_arrival": late,
-            "load_avg": os.getloadavg()}
+    common.print_table(
+        rows,
+        [
+            ("clients", "clients"),
+            ("decode_tok_s", "aggregate decode tok/s"),
+            ("vs_one", "vs one client"),
+            ("inter_token_ms_p50", "inter-token ms p50"),
+            ("latency_vs_one", "latency vs one"),
+            ("ttft_ms_p50", "TTFT ms p50"),
+        ],
+    )
+    print(
+        f"\nTTFT of a request arriving mid-stream: {late['ttft_mid_stream_ms']:.0f} ms "
+        f"(alone: {late['ttft_alone_ms']:.0f} ms)"
+    )
+    data = {
+        "machine": common.machine_info(),
+        "args": vars(a),
+        "rows": rows,
+        "late_arrival": late,
+        "load_avg": os.getloadavg(),
+    }
     print("wrote", common.write_json("server_batch", data))
 
 

@@ -54,8 +54,10 @@ def main() -> None:
     engines = args.engines.split(",")
     kernels.get(build=False)  # the fused epilogues, as `gemma3n.load` would have them
     info, probe = cpu_info(), measure()
-    print(f"{info.model} ({', '.join(info.notable())}); GEMM fp32 {probe.fp32_gflops:.0f}, "
-          f"bf16 {probe.bf16_gflops:.0f} GFLOP/s, {torch.get_num_threads()} threads; {load_note()}")
+    print(
+        f"{info.model} ({', '.join(info.notable())}); GEMM fp32 {probe.fp32_gflops:.0f}, "
+        f"bf16 {probe.bf16_gflops:.0f} GFLOP/s, {torch.get_num_threads()} threads; {load_note()}"
+    )
     t0 = time.perf_counter()
     hf, cfg = hf_vision()
     ours = ours_vision(hf, cfg)
@@ -95,8 +97,12 @@ def main() -> None:
                         "vs_fastest_hf": fastest_hf / best[k] if fastest_hf else None,
                         "rel_err_vs_hf_fp32": rel_err(outs[k][:1], ref[:1]), "act_peak_gb": peaks[k], "load": load,
                     })  # fmt: skip
-                print(f"{size}px x{batch}: " + ", ".join(f"{k} {1e3 * best[k] / batch:.0f} ms/img" for k in fns)
-                      + f" ({load_note()})", flush=True)
+                print(
+                    f"{size}px x{batch}: "
+                    + ", ".join(f"{k} {1e3 * best[k] / batch:.0f} ms/img" for k in fns)
+                    + f" ({load_note()})",
+                    flush=True,
+                )
 
     print_table(
         rows,
