@@ -166,6 +166,24 @@ def test_spoken_transcripts_take_the_training_verses_casing(monkeypatch):
     assert asked == [False]
 
 
+def test_a_larger_training_set_only_adds_clips(monkeypatch):
+    """--train-clips past the first draw adds clips: the held-out verses and the first clips' texts and
+    voices stay as they were, so every earlier figure stays comparable."""
+    pool = {
+        held: [f"{'held' if held else 'train'} verse {i} " + "word " * 10 for i in range(40)] for held in (False, True)
+    }
+    monkeypatch.setattr(tiny_media_data, "utterances", lambda held_out, **_: list(pool[held_out]))
+    monkeypatch.setattr(tiny_media_data, "FIRST_DRAW", 12)
+    plans = [tiny_media_data.plan_clips(0, n, 6) for n in (5, 12, 30, 40, 99)]
+    for texts, settings, held in plans:
+        assert held == plans[0][2] and len(held) == 6 and set(held) <= set(pool[True])
+        assert len(texts) == len(settings) == min(40, len(texts)) and len(set(texts)) == len(texts)
+        assert texts[:5] == plans[0][0] and settings[:5] == plans[0][1]
+    assert [len(t) for t, _, _ in plans] == [5, 12, 30, 40, 40]
+    assert plans[2][0] == plans[3][0][:30] and plans[2][1] == plans[3][1][:30]
+    assert tiny_media_data.plan_clips(1, 30, 6) != plans[2]  # the seed still matters
+
+
 def test_a_tower_file_carries_its_look_ahead_and_depth(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 

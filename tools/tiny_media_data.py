@@ -37,6 +37,7 @@ MAX_SECONDS = 10.0  # the tiny model's encoder window (preprocessor max_length 1
 # espeak-ng voices x variants used in training; the held-out setting uses a variant none of them has
 TRAIN_VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-x-gbclan"]
 TRAIN_VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+f1", "+f2", "+f4"]
+Setting = tuple[str, int, int]  # espeak-ng voice+variant, words per minute, pitch
 HELD_OUT_VOICE = ("en-us+f3", 168, 58)  # voice+variant, words per minute, pitch
 
 
@@ -136,7 +137,7 @@ def make_clips(texts: list[str], settings: list[tuple[str, int, int]], max_secon
     return Clips(np.concatenate(pieces), offsets, kept, voices)
 
 
-def train_settings(rng: random.Random, n: int) -> list[tuple[str, int, int]]:
+def train_settings(rng: random.Random, n: int) -> list[Setting]:
     return [
         (rng.choice(TRAIN_VOICES) + rng.choice(TRAIN_VARIANTS), rng.randint(145, 190), rng.randint(30, 75))
         for _ in range(n)
@@ -157,6 +158,27 @@ def recording(texts: list[str], setting: tuple[str, int, int], pause_s: tuple[fl
 def chapter_verses(chapter_index: int) -> tuple[str, list[str]]:
     lines = kjv_chapters()[chapter_index].split("\n")
     return lines[0], lines[1:]
+
+
+FIRST_DRAW = 12_000  # training settings drawn before the held-out shuffle (the default --train-clips)
+
+
+def plan_clips(seed: int, train_clips: int, heldout_clips: int) -> tuple[list[str], list[Setting], list[str]]:
+    """The training texts and their voice settings, and the held-out texts, for one seed.
+
+    One seeded stream in a fixed order: the training verses' shuffle, FIRST_DRAW settings, the
+    held-out verses' shuffle, then settings for clips past FIRST_DRAW. So the held-out set, and the
+    first clips of the training set, do not depend on --train-clips: a larger set only adds clips.
+    """
+    rng = random.Random(seed)
+    train_texts = utterances(held_out=False)
+    rng.shuffle(train_texts)
+    settings = train_settings(rng, FIRST_DRAW)
+    held_texts = utterances(held_out=True, min_words=12)
+    rng.shuffle(held_texts)
+    settings += train_settings(rng, max(0, train_clips - FIRST_DRAW))
+    n = min(train_clips, len(train_texts))
+    return train_texts[:n], settings[:n], held_texts[:heldout_clips]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +326,7 @@ def write_samples(folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--train-clips", type=int, default=12000)
+    ap.add_argument("--train-clips", type=int, default=FIRST_DRAW)
     ap.add_argument("--heldout-clips", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=Path, default=None, help="write only the shipped samples into this folder")
@@ -313,18 +335,13 @@ def main() -> None:
         write_samples(args.samples)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
     t0 = time.time()
-
-    train_texts = utterances(held_out=False)
-    rng.shuffle(train_texts)
-    train = make_clips(train_texts[: args.train_clips], train_settings(rng, args.train_clips), MAX_SECONDS)
+    train_texts, settings, held_texts = plan_clips(args.seed, args.train_clips, args.heldout_clips)
+    train = make_clips(train_texts, settings, MAX_SECONDS)
     train.save(args.out / "train")
     print(f"train: {len(train)} clips, {len(train.audio) / SR / 3600:.2f} h ({time.time() - t0:.0f} s)", flush=True)
 
-    held_texts = utterances(held_out=True, min_words=12)
-    rng.shuffle(held_texts)
-    held = make_clips(held_texts[: args.heldout_clips], [HELD_OUT_VOICE] * args.heldout_clips, MAX_SECONDS)
+    held = make_clips(held_texts, [HELD_OUT_VOICE] * len(held_texts), MAX_SECONDS)
     held = Clips(held.audio, held.offsets, held.texts, held.voices)
     # held-out clips keep 5-10 s only (the acceptance's clip length)
     keep = [i for i in range(len(held)) if 5 * SR <= held.offsets[i + 1] - held.offsets[i]]
