@@ -125,7 +125,7 @@ class Clips:
         return cls(audio, np.asarray(meta["offsets"]), meta["texts"], meta["voices"])
 
 
-def make_clips(texts: list[str], settings: list[tuple[str, int, int]], max_seconds: float) -> Clips:
+def make_clips(texts: list[str], settings: list[Setting], max_seconds: float) -> Clips:
     pieces, kept, voices = [], [], []
     for text, (voice, speed, pitch) in zip(texts, settings):
         wave = trim(speak(text, voice, speed, pitch))
