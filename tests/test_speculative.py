@@ -280,14 +280,11 @@ def _sampled_joint(model, ids: list[int], depth: int, sampling: dict, **kw) -> t
 @pytest.mark.parametrize(
     "prompt,draft,penalty",
     [
-        ("And the LORD said unto Moses", "E2B-like", 1.3),  # drafts from a distribution q != p
+        # prompts where the embedded model's drafts are both kept and rejected often (the
+        # assertion below): they depend on its training, so they change with the model
+        ("And it came to pass", "E2B-like", 1.3),  # drafts from a distribution q != p
         # point-mass drafts; a strong penalty would reject nearly every repeat prompt lookup drafts
-        (
-            "And the LORD spake unto Moses, saying, Speak unto the children of Israel, and say unto them. "
-            "And the LORD spake unto Moses",
-            "ngram",
-            1.05,
-        ),
+        ("The sons of Aaron, and the sons of Levi, and the sons of Aaron, and the sons of", "ngram", 1.05),
     ],
 )
 def test_sampling_keeps_the_target_distribution(model, prompt, draft, penalty):

@@ -1,7 +1,7 @@
 """The embedded model sees: its trained MobileNet-V5-shaped vision tower (tools/train_tiny_media.py)
 answers about the shipped image and about unseen scenes, through the Python API, the CLI and the
 server's OpenAI `image_url` parts. Greedy fp32 decoding; the pinned answers are the trained model's
-(update them with the model). It has no audio tower yet (issue #16): audio is refused clearly."""
+(update them with the model). Its ears: tests/test_tiny_speech.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ pytest.importorskip("PIL")
 pytest.importorskip("timm")
 
 import gemma3n  # noqa: E402
-from gemma3n import InputError  # noqa: E402
 from tools.tiny_media_data import QUESTIONS, normalize_words, render_scene  # noqa: E402
 
 MEDIA = Path(__file__).resolve().parents[1] / "docs" / "media"
@@ -42,7 +41,7 @@ def ask(model, image, question: str, size: int | None = None) -> str:
 def test_embedded_model_has_a_vision_tower_loaded_on_demand(model):
     config = json.loads((model.path / "config.json").read_text())
     assert config["model_type"] == "gemma3n" and config["vision_config"]["architecture"] == "mobilenetv5_300m_enc"
-    assert model.has_vision and not model.has_audio
+    assert model.has_vision
     fresh = gemma3n.load()
     fresh.generate("In the beginning", max_tokens=2, temperature=0)
     assert fresh.towers.loaded() == []  # text alone reads no tower
@@ -98,19 +97,3 @@ def test_server_takes_an_image_url_part(model):
         )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].strip() == ANSWERS["count"]
-
-
-def test_embedded_model_refuses_audio_clearly(model):
-    with pytest.raises(InputError, match="has no audio tower"):
-        model.generate(
-            messages=[{"role": "user", "content": [{"type": "audio", "audio": str(MEDIA / "genesis-1.ogg")}]}]
-        )
-
-
-def test_cli_transcribe_refuses_before_any_progress(capsys):
-    """No progress bar, no traceback: one line naming what is missing."""
-    from gemma3n.cli import main
-
-    assert main(["transcribe", str(MEDIA / "genesis-1.ogg")]) == 2
-    err = capsys.readouterr().err
-    assert "has no audio tower: it cannot transcribe" in err and "segment" not in err and "Traceback" not in err
