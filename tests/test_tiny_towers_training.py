@@ -177,7 +177,7 @@ def test_a_larger_training_set_only_adds_clips(monkeypatch):
     plans = [tiny_media_data.plan_clips(0, n, 6) for n in (5, 12, 30, 40, 99)]
     for texts, settings, held in plans:
         assert held == plans[0][2] and len(held) == 6 and set(held) <= set(pool[True])
-        assert len(texts) == len(settings) == min(40, len(texts)) and len(set(texts)) == len(texts)
+        assert len(texts) == len(settings) and len(set(texts)) == len(texts)
         assert texts[:5] == plans[0][0] and settings[:5] == plans[0][1]
     assert [len(t) for t, _, _ in plans] == [5, 12, 30, 40, 40]
     assert plans[2][0] == plans[3][0][:30] and plans[2][1] == plans[3][1][:30]
