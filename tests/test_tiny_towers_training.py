@@ -172,16 +172,48 @@ def test_a_larger_training_set_only_adds_clips(monkeypatch):
     pool = {
         held: [f"{'held' if held else 'train'} verse {i} " + "word " * 10 for i in range(40)] for held in (False, True)
     }
+    pieces = [f"piece {i} " + "word " * 8 for i in range(20)]
     monkeypatch.setattr(tiny_media_data, "utterances", lambda held_out, **_: list(pool[held_out]))
+    monkeypatch.setattr(tiny_media_data, "verse_pieces", lambda held_out, **_: [] if held_out else list(pieces))
     monkeypatch.setattr(tiny_media_data, "FIRST_DRAW", 12)
-    plans = [tiny_media_data.plan_clips(0, n, 6) for n in (5, 12, 30, 40, 99)]
+    plans = [tiny_media_data.plan_clips(0, n, 6) for n in (5, 12, 30, 40, 52, 99)]
     for texts, settings, held in plans:
         assert held == plans[0][2] and len(held) == 6 and set(held) <= set(pool[True])
         assert len(texts) == len(settings) and len(set(texts)) == len(texts)
         assert texts[:5] == plans[0][0] and settings[:5] == plans[0][1]
-    assert [len(t) for t, _, _ in plans] == [5, 12, 30, 40, 40]
-    assert plans[2][0] == plans[3][0][:30] and plans[2][1] == plans[3][1][:30]
+    assert [len(t) for t, _, _ in plans] == [5, 12, 30, 40, 52, 60]
+    for shorter, longer in zip(plans[1:], plans[2:]):
+        n = len(shorter[0])
+        assert shorter[0] == longer[0][:n] and shorter[1] == longer[1][:n]
+    assert set(plans[3][0]) == set(pool[False])  # every single verse before any piece
+    assert set(plans[5][0][40:]) == set(pieces)
     assert tiny_media_data.plan_clips(1, 30, 6) != plans[2]  # the seed still matters
+
+
+def test_verse_pieces_cut_long_verses_at_their_punctuation(monkeypatch):
+    short = "And God saw the light, that it was good."
+    long = (
+        "And the LORD spake unto Moses, saying, Speak unto the children of Israel; that they bring me an offering: "
+        "of every man that giveth it willingly with his heart ye shall take my offering, and this is the offering "
+        "which ye shall take of them; gold, and silver, and brass."
+    )
+    monkeypatch.setattr(tiny_media_data, "verses", lambda held_out: [short, long])
+    pieces = tiny_media_data.verse_pieces(held_out=False, min_words=6, max_words=24)
+    assert pieces == [
+        "And the LORD spake unto Moses, saying, Speak unto the children of Israel; that they bring me an offering",
+        "of every man that giveth it willingly with his heart ye shall take my offering",
+        "and this is the offering which ye shall take of them; gold, and silver, and brass.",
+    ]
+    assert all(6 <= len(p.split()) <= 24 for p in pieces)
+    # nothing lost but the comma or colon that ended a piece
+    assert " ".join(pieces) == long.replace("offering:", "offering").replace("offering,", "offering")
+    # a clause past max_words is dropped (the 15- and 11-word ones), and so is a run left too short
+    # ("gold, and silver, and brass.", and the short verse's two halves once it is cut at 8 words)
+    assert tiny_media_data.verse_pieces(held_out=False, min_words=6, max_words=8) == [
+        "And the LORD spake unto Moses, saying",
+        "Speak unto the children of Israel",
+        "that they bring me an offering",
+    ]
 
 
 def test_a_tower_file_carries_its_look_ahead_and_depth(tmp_path, monkeypatch):

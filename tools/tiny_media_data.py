@@ -1,7 +1,8 @@
 """Synthetic speech and images for the embedded model's audio and vision towers, made here and
 offline (nothing is downloaded).
 
-Speech: KJV verses (the text model's own corpus and held-out split, tools/kjv_corpus.py) spoken by
+Speech: KJV verses (the text model's own corpus and held-out split, tools/kjv_corpus.py), and past
+them pieces of the longer verses cut at their punctuation (`--train-clips 44000`: all of both), spoken by
 espeak-ng (Debian package `espeak-ng`) with several voices, variants, speeds and pitches, resampled
 to 16 kHz. Noise, gain and silence are added at training time (`augment`), so one stored clip
 serves many steps. Held out for evaluation: verses of the held-out chapters, spoken with a voice
@@ -57,6 +58,29 @@ def verses(held_out: bool) -> list[str]:
 def utterances(held_out: bool, min_words: int = 6, max_words: int = 24) -> list[str]:
     """Single verses of `min_words`..`max_words` words: 3-10 s when spoken at 150-190 words a minute."""
     return [v for v in verses(held_out) if min_words <= len(v.split()) <= max_words]
+
+
+def verse_pieces(held_out: bool, min_words: int = 6, max_words: int = 24) -> list[str]:
+    """The verses longer than `max_words`, cut at their punctuation into runs of whole clauses of
+    `min_words`..`max_words` words (a clause longer than that is dropped, and so is a run left too
+    short before it). More text once the single verses are used up, and utterances that begin
+    inside a sentence, as a recording's windows do."""
+    out = []
+    for verse in verses(held_out):
+        if len(verse.split()) <= max_words:
+            continue
+        run: list[str] = []
+        for clause in re.findall(r"[^,;:.?!]+[,;:.?!]*", verse):
+            words = clause.split()
+            if len(run) + len(words) <= max_words:
+                run += words
+                continue
+            if len(run) >= min_words:
+                out.append(" ".join(run).rstrip(",;:"))
+            run = words if len(words) <= max_words else []
+        if len(run) >= min_words:
+            out.append(" ".join(run).rstrip(",;:"))
+    return out
 
 
 def speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
@@ -169,6 +193,8 @@ def plan_clips(seed: int, train_clips: int, heldout_clips: int) -> tuple[list[st
     One seeded stream in a fixed order: the training verses' shuffle, FIRST_DRAW settings, the
     held-out verses' shuffle, then settings for clips past FIRST_DRAW. So the held-out set, and the
     first clips of the training set, do not depend on --train-clips: a larger set only adds clips.
+    Past the single verses come the longer verses' pieces (`verse_pieces`), in a shuffle of their
+    own seeded stream, so they too only add clips.
     """
     rng = random.Random(seed)
     train_texts = utterances(held_out=False)
@@ -177,6 +203,10 @@ def plan_clips(seed: int, train_clips: int, heldout_clips: int) -> tuple[list[st
     held_texts = utterances(held_out=True, min_words=12)
     rng.shuffle(held_texts)
     settings += train_settings(rng, max(0, train_clips - FIRST_DRAW))
+    if train_clips > len(train_texts):
+        pieces = verse_pieces(held_out=False)
+        random.Random(f"pieces-{seed}").shuffle(pieces)
+        train_texts += pieces
     n = min(train_clips, len(train_texts))
     return train_texts[:n], settings[:n], held_texts[:heldout_clips]
 
