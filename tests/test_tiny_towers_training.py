@@ -107,6 +107,21 @@ def test_token_head_resumes_blank_and_scale_but_rebuilds_its_metric(tmp_path):
     assert torch.allclose(new.metric, whitening(table + 1.0))
 
 
+def test_a_tower_resumed_against_another_decoder_says_so(tmp_path, capsys):
+    """A tower's words are scored against the --decoder's embeddings, and the package's decoder
+    changes as rounds ship: resuming against another decoder than the file's says so."""
+    from safetensors.torch import save_file
+
+    table = torch.randn(50, 16) + 3.0
+    save_file(
+        {"head." + k: v for k, v in TokenHead(table, "whitened").state_dict().items()}, str(tmp_path / "t.safetensors")
+    )
+    resume(tmp_path / "t.safetensors", {"head.": TokenHead(table, "whitened")})
+    assert "retargeted" not in capsys.readouterr().out
+    resume(tmp_path / "t.safetensors", {"head.": TokenHead(table + 0.5 * torch.randn(50, 16), "whitened")})
+    assert "trained against another --decoder" in capsys.readouterr().out
+
+
 def test_decoder_kept_in_bf16_resumes_every_weight(tmp_path):
     ckpt = tmp_path / "joint"
     ckpt.mkdir()

@@ -187,6 +187,11 @@ def resume(path: Path | None, prefixes: dict[str, nn.Module]) -> None:
             module.load_state_dict(sub)
             continue
         # never resumed: the table (files of earlier runs hold it) and the metric, both the --decoder's
+        saved, metric = sub.get("metric"), getattr(module, "metric", None)
+        if saved is not None and metric is not None and not torch.allclose(saved, metric.float()):
+            # the file's tower was aimed at another decoder's embeddings (the package's decoder
+            # changes as rounds ship): its words are scored against new targets from here on
+            print(f"note: {path.name} was trained against another --decoder's embeddings; retargeted", flush=True)
         sub = {k: v for k, v in sub.items() if k not in ("table", "metric")}
         if set(sub) == set(module.state_dict()) - {"metric"}:
             module.load_state_dict(sub, strict=False)
