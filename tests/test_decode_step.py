@@ -83,12 +83,20 @@ def test_bf16_weights(tmp_path):
     assert _rel(got, ref) <= _bf16_tol()
 
 
+# Quantized weights: the two paths differ ~100x more than with fp32 ones on the embedded model
+# (measured on an AVX2 CPU: fp32 5e-7 / 7e-7, int8 4.7e-5 / 8.4e-5, int4:32 8.2e-5 / 1.3e-4 on the
+# fifteenth / sixteenth round's weights, docs/tiny-media.md); why is not yet known (an open note on
+# #16), so the bound has room above both and the greedy tokens must agree as well.
+QUANT = 3e-4
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4:32"])
 def test_quantized_weights(tiny_model_dir, scheme):
     model = gemma3n.load(tiny_model_dir, quantize=scheme)
     prompt = model.tokenizer.encode("And God said, Let there be light")
     (ref, _, _), (got, _, _) = _decode_both(model, prompt, 10)
-    assert _rel(got, ref) <= FP32
+    assert _rel(got, ref) <= QUANT
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
 @pytest.mark.parametrize("size", ["E2B-like", "skip-5-9-half-ffn-10-14"])
