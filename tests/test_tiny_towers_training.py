@@ -28,8 +28,11 @@ from train_tiny_media import (  # noqa: E402
     decoder_path,
     init_audio_tower,
     load_decoder,
+    load_soft_cache,
     load_text_decoder,
+    save_soft_cache,
     save_text_decoder,
+    soft_cache_key,
     token_keys,
     token_logits,
     tower_shape,
@@ -120,6 +123,27 @@ def test_a_tower_resumed_against_another_decoder_says_so(tmp_path, capsys):
     assert "retargeted" not in capsys.readouterr().out
     resume(tmp_path / "t.safetensors", {"head.": TokenHead(table + 0.5 * torch.randn(50, 16), "whitened")})
     assert "trained against another --decoder" in capsys.readouterr().out
+
+
+def test_a_kept_soft_cache_loads_only_for_the_inputs_it_was_made_from(tmp_path, capsys):
+    """--cache-file: a second run on the same tower file, clips, count and transcripts loads the
+    cache; a changed tower file (or any other input) builds a new one."""
+    from argparse import Namespace
+
+    tower = tmp_path / "tower.safetensors"
+    tower.write_bytes(b"tower one")
+    args = Namespace(init_audio=tower, speech=tmp_path, soft_cache=3, transcripts="spoken")
+    cache = (torch.randn(3, 4, 2), [[1, 2], [3], [4, 5, 6]], [(256, [(None, "scene")], torch.randn(1, 2))])
+    path = tmp_path / "cache.pt"
+    save_soft_cache(path, soft_cache_key(args), cache)
+    assert not (tmp_path / "cache.pt.partial").exists()
+    speech, answers, images = load_soft_cache(path, soft_cache_key(args))
+    assert torch.equal(speech, cache[0]) and answers == cache[1] and images[0][1] == cache[2][0][1]
+    tower.write_bytes(b"tower two")
+    assert load_soft_cache(path, soft_cache_key(args)) is None
+    assert "made from other inputs" in capsys.readouterr().out
+    tower.write_bytes(b"tower one")
+    assert load_soft_cache(path, soft_cache_key(Namespace(**{**vars(args), "soft_cache": 4}))) is None
 
 
 def test_decoder_kept_in_bf16_resumes_every_weight(tmp_path):

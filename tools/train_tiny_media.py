@@ -630,6 +630,9 @@ def build_soft_cache(
     vision.eval()
     t = time.time()
     order = rng.sample(range(len(clips)), min(n, len(clips)))
+    # clips of like length share a batch, which the tower pads to its longest clip (the steps draw
+    # cached rows at random, so the order of the cache does not matter to them)
+    order.sort(key=lambda i: int(clips.offsets[i + 1] - clips.offsets[i]))
     soft, answers = [], []
     for k in range(0, len(order), 16):
         waves, batch_answers = zip(*(speech_example(i, clips, enc_text, eot, rng, nrng) for i in order[k : k + 16]))
@@ -648,6 +651,35 @@ def build_soft_cache(
         drawn += len(scenes)
     print(f"soft cache: {len(answers)} clips, {drawn} scenes in {time.time() - t:.0f} s", flush=True)
     return torch.cat(soft), answers, images
+
+
+def soft_cache_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What a soft cache depends on: the tower file's bytes, the clips, their count and the transcripts."""
+    import hashlib
+
+    return {
+        "tower_sha256": hashlib.sha256(args.init_audio.read_bytes()).hexdigest(),
+        "speech": str(args.speech.resolve()),
+        "clips": args.soft_cache,
+        "transcripts": args.transcripts,
+    }
+
+
+def load_soft_cache(path: Path, key: dict[str, Any]) -> tuple | None:
+    """The cache kept in `path` by save_soft_cache, or None when it was made from other inputs."""
+    kept = torch.load(path, weights_only=False)
+    if kept.get("key") != key:
+        print(f"soft cache: {path} was made from other inputs ({kept.get('key')}); building a new one", flush=True)
+        return None
+    print(f"soft cache: {len(kept['answers'])} clips loaded from {path}", flush=True)
+    return kept["speech"], kept["answers"], kept["images"]
+
+
+def save_soft_cache(path: Path, key: dict[str, Any], cache: tuple) -> None:
+    """Written beside and then renamed, so an interrupted save never leaves half a cache behind."""
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"key": key, "speech": cache[0], "answers": cache[1], "images": cache[2]}, tmp)
+    tmp.replace(path)
 
 
 def ctc_align(logp: np.ndarray, labels: list[int]) -> list[int] | None:
@@ -892,6 +924,14 @@ def main() -> None:
         "tower and its embedder are frozen too)",
     )
     ap.add_argument(
+        "--cache-file",
+        type=Path,
+        default=None,
+        help="with --soft-cache: keep the cache in this file; a later run given the same file loads it instead "
+        "of building it when it was made from the same tower file, clips, count and --transcripts (two runs on "
+        "one cache, or a run restarted, skip the setup); otherwise it is built anew and the file replaced",
+    )
+    ap.add_argument(
         "--copy-curriculum",
         default=None,
         metavar="A,B",
@@ -938,6 +978,8 @@ def main() -> None:
         ap.error("--freeze-audio-embedder keeps a pre-trained embedder: it needs --init-audio")
     if args.soft_cache and not (args.freeze_audio_embedder and args.audio_lr_scale == 0 and args.init is not None):
         ap.error("--soft-cache needs frozen towers: --init, --init-audio, --freeze-audio-embedder, --audio-lr-scale 0")
+    if args.cache_file and not args.soft_cache:
+        ap.error("--cache-file keeps the --soft-cache: it needs --soft-cache")
     if args.copy_curriculum is not None:
         if not args.soft_cache:
             ap.error("--copy-curriculum blends the cached soft tokens: it needs --soft-cache")
@@ -1180,9 +1222,28 @@ def main() -> None:
             args.head_steps,
         )
     if args.soft_cache:
-        cache_speech, cache_answers, cache_images = build_soft_cache(
-            args.soft_cache, audio, emb_a, vision, emb_v, fe, improc, clips, enc_text, eot, sizes, per_batch, rng, nrng
-        )
+        key = soft_cache_key(args)
+        cache = load_soft_cache(args.cache_file, key) if args.cache_file and args.cache_file.exists() else None
+        if cache is None:
+            cache = build_soft_cache(
+                args.soft_cache,
+                audio,
+                emb_a,
+                vision,
+                emb_v,
+                fe,
+                improc,
+                clips,
+                enc_text,
+                eot,
+                sizes,
+                per_batch,
+                rng,
+                nrng,
+            )
+            if args.cache_file:
+                save_soft_cache(args.cache_file, key, cache)
+        cache_speech, cache_answers, cache_images = cache
         if perfect:
             head = token_head(args.init_audio)
             with torch.no_grad():
