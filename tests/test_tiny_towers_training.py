@@ -132,7 +132,7 @@ def test_a_kept_soft_cache_loads_only_for_the_inputs_it_was_made_from(tmp_path, 
 
     tower = tmp_path / "tower.safetensors"
     tower.write_bytes(b"tower one")
-    args = Namespace(init_audio=tower, speech=tmp_path, soft_cache=3, transcripts="spoken")
+    args = Namespace(init_audio=tower, speech=tmp_path, soft_cache=3, transcripts="spoken", bare_edges=0.0)
     cache = (torch.randn(3, 4, 2), [[1, 2], [3], [4, 5, 6]], [(256, [(None, "scene")], torch.randn(1, 2))])
     path = tmp_path / "cache.pt"
     save_soft_cache(path, soft_cache_key(args), cache)
@@ -203,6 +203,22 @@ def test_spoken_transcripts_take_the_training_verses_casing(monkeypatch):
     monkeypatch.setattr(tiny_media_data, "verses", verses)
     assert spoken_transcripts(["The lord SPAKE; And moses went."]) == [" the LORD spake and Moses went"]
     assert asked == [False]
+
+
+def test_bare_edges_send_clips_trimmed_and_leave_the_old_stream_alone():
+    """augment(bare=1) keeps no silence around the words; bare=0 draws exactly what earlier runs drew."""
+    import numpy as np
+
+    wave = np.sin(np.arange(16000, dtype=np.float32) / 7)
+    lengths = {len(tiny_media_data.augment(wave, np.random.default_rng(s), bare=1.0)) for s in range(20)}
+    assert lengths == {len(wave)}
+    padded = [len(tiny_media_data.augment(wave, np.random.default_rng(s))) for s in range(20)]
+    assert min(padded) >= len(wave) and max(padded) > len(wave) + 1600
+    for s in range(5):
+        a = tiny_media_data.augment(wave, np.random.default_rng(s))
+        assert np.array_equal(a, tiny_media_data.augment(wave, np.random.default_rng(s), bare=0.0))
+    some = [len(tiny_media_data.augment(wave, np.random.default_rng(s), bare=0.5)) == len(wave) for s in range(200)]
+    assert 20 < sum(some) < 100  # both edges bare a quarter of the time
 
 
 def test_a_larger_training_set_only_adds_clips(monkeypatch):

@@ -580,12 +580,19 @@ def audio_padding(emb: MultimodalEmbedder) -> torch.Tensor:
 
 
 def speech_example(
-    i: int, clips: Clips, enc_text: list[list[int]], eot: int, rng: random.Random, nrng: np.random.Generator
+    i: int,
+    clips: Clips,
+    enc_text: list[list[int]],
+    eot: int,
+    rng: random.Random,
+    nrng: np.random.Generator,
+    bare: float = 0.0,
 ) -> tuple[np.ndarray, list[int]]:
-    """Training clip i augmented, with its answer; 3 % of the time noise only, an empty transcript."""
+    """Training clip i augmented (`bare`: tiny_media_data.augment's), with its answer; 3 % of the
+    time noise only, an empty transcript."""
     if rng.random() < 0.03:
         return augment(np.zeros(int(SR * rng.uniform(1, 9)), np.float32) + 1e-3, nrng), [eot]
-    return augment(clips.wave(i), nrng), enc_text[i] + [eot]
+    return augment(clips.wave(i), nrng, bare=bare), enc_text[i] + [eot]
 
 
 def audio_soft(enc: AudioEncoder, emb: MultimodalEmbedder, waves: list[np.ndarray], fe: AudioFeatureExtractor):
@@ -622,6 +629,7 @@ def build_soft_cache(
     per_batch: dict[int, int],
     rng: random.Random,
     nrng: np.random.Generator,
+    bare: float = 0.0,
 ) -> tuple[torch.Tensor, list[list[int]], list[tuple[int, list, torch.Tensor]]]:
     """The frozen towers' soft tokens, once: n training clips (one augmented take each, 3 % of them
     noise only with an empty transcript, as the live steps) and n scenes in batches as the image
@@ -635,7 +643,9 @@ def build_soft_cache(
     order.sort(key=lambda i: int(clips.offsets[i + 1] - clips.offsets[i]))
     soft, answers = [], []
     for k in range(0, len(order), 16):
-        waves, batch_answers = zip(*(speech_example(i, clips, enc_text, eot, rng, nrng) for i in order[k : k + 16]))
+        waves, batch_answers = zip(
+            *(speech_example(i, clips, enc_text, eot, rng, nrng, bare) for i in order[k : k + 16])
+        )
         answers += batch_answers
         soft.append(audio_soft(audio, emb_a, list(waves), fe)[0])
         if k % 1600 == 0:
@@ -662,6 +672,7 @@ def soft_cache_key(args: argparse.Namespace) -> dict[str, Any]:
         "speech": str(args.speech.resolve()),
         "clips": args.soft_cache,
         "transcripts": args.transcripts,
+        "bare_edges": args.bare_edges,
     }
 
 
@@ -922,6 +933,14 @@ def main() -> None:
         "(one augmented take each) and as many scenes, and every step draws from them; the step is then the "
         "decoder's alone, several times faster (needs --init-audio with --freeze-audio-embedder; the vision "
         "tower and its embedder are frozen too)",
+    )
+    ap.add_argument(
+        "--bare-edges",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="the share of training clips sent with no silence before their first word, and (drawn apart) "
+        "after their last, as trimmed clips are (tiny_media_data.augment); 0 draws the earlier runs' stream",
     )
     ap.add_argument(
         "--cache-file",
@@ -1196,7 +1215,9 @@ def main() -> None:
                 )
             return
         idx = [rng.randrange(len(clips)) for _ in range(args.audio_batch)]
-        waves, answers = map(list, zip(*(speech_example(i, clips, enc_text, eot, rng, nrng) for i in idx)))
+        waves, answers = map(
+            list, zip(*(speech_example(i, clips, enc_text, eot, rng, nrng, args.bare_edges) for i in idx))
+        )
         soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
         losses["speech"], _, _ = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
         if args.ctc_weight:
@@ -1240,6 +1261,7 @@ def main() -> None:
                 per_batch,
                 rng,
                 nrng,
+                args.bare_edges,
             )
             if args.cache_file:
                 save_soft_cache(args.cache_file, key, cache)
