@@ -31,9 +31,9 @@ SAMPLE_TEXT = (MEDIA / "genesis-1.txt").read_text()
 # one line a window of speech (the sample has three, cut at its pauses)
 PINNED = [
     "in the beginning God confirmed the heaven and the earth",
-    "and the earth was with Paul and fled and followed to the face of the world and the spirit of God"
-    " repented the upon the face of the war",
-    "and glory said let their be light and they was light and joy Solomon the light that it was good and God"
+    "and the earth was without power and found and fediently was upon the face of the world and the spirit"
+    " of God appeared the face of the water",
+    "and God said let their be light and there was light and glory Solomon the light that it was good and God"
     " destroyed the light from the darkness",
 ]
 
@@ -70,10 +70,10 @@ def test_transcribes_the_shipped_sample(model):
     result = transcribe(model, str(SAMPLE))
     assert [s.text for s in result.segments] == PINNED
     assert [(s.start, s.end) for s in result.segments] == [(0.0, 2.916), (3.484, 11.78), (12.476, 21.732)]
-    # the words are heard, not only pinned: 0.254 word error (17 of 67 words; a word is 1.5 %, so
+    # the words are heard, not only pinned: 0.179 word error (12 of 67 words; a word is 1.5 %, so
     # this guards against noise, not the bars, which docs/tiny-media.md measures on 128
     # held-out clips and on a 2-minute recording)
-    assert jiwer.wer(normalize_words(SAMPLE_TEXT), normalize_words(result.text)) < 0.30
+    assert jiwer.wer(normalize_words(SAMPLE_TEXT), normalize_words(result.text)) < 0.25
 
 
 def test_cli_transcribes_the_shipped_sample(capsys):
