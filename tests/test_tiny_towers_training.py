@@ -126,13 +126,26 @@ def test_a_tower_resumed_against_another_decoder_says_so(tmp_path, capsys):
 
 
 def test_a_kept_soft_cache_loads_only_for_the_inputs_it_was_made_from(tmp_path, capsys):
-    """--cache-file: a second run on the same tower file, clips, count and transcripts loads the
-    cache; a changed tower file (or any other input) builds a new one."""
+    """--cache-file: a second run on the same tower and checkpoint files, clips, count, transcripts
+    and so on loads the cache; a changed tower file, checkpoint (its vision tower reads the scenes)
+    or any other input builds a new one."""
     from argparse import Namespace
 
     tower = tmp_path / "tower.safetensors"
     tower.write_bytes(b"tower one")
-    args = Namespace(init_audio=tower, speech=tmp_path, soft_cache=3, transcripts="spoken", bare_edges=0.0)
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "model.safetensors").write_bytes(b"vision one")
+    args = Namespace(
+        init_audio=tower,
+        init=init,
+        speech=tmp_path,
+        soft_cache=3,
+        transcripts="spoken",
+        bare_edges=0.0,
+        res_weights="256:0.5,768:0.5",
+        image_batch=8,
+    )
     cache = (torch.randn(3, 4, 2), [[1, 2], [3], [4, 5, 6]], [(256, [(None, "scene")], torch.randn(1, 2))])
     path = tmp_path / "cache.pt"
     save_soft_cache(path, soft_cache_key(args), cache)
@@ -143,7 +156,12 @@ def test_a_kept_soft_cache_loads_only_for_the_inputs_it_was_made_from(tmp_path, 
     assert load_soft_cache(path, soft_cache_key(args)) is None
     assert "made from other inputs" in capsys.readouterr().out
     tower.write_bytes(b"tower one")
-    assert load_soft_cache(path, soft_cache_key(Namespace(**{**vars(args), "soft_cache": 4}))) is None
+    assert load_soft_cache(path, soft_cache_key(args)) is not None
+    (init / "model.safetensors").write_bytes(b"vision two")
+    assert load_soft_cache(path, soft_cache_key(args)) is None
+    (init / "model.safetensors").write_bytes(b"vision one")
+    for changed in ({"soft_cache": 4}, {"bare_edges": 0.3}, {"image_batch": 4}):
+        assert load_soft_cache(path, soft_cache_key(Namespace(**{**vars(args), **changed}))) is None
 
 
 def test_decoder_kept_in_bf16_resumes_every_weight(tmp_path):

@@ -664,15 +664,23 @@ def build_soft_cache(
 
 
 def soft_cache_key(args: argparse.Namespace) -> dict[str, Any]:
-    """What a soft cache depends on: the tower file's bytes, the clips, their count and the transcripts."""
+    """What a soft cache depends on: the audio tower file's bytes, the --init checkpoint's (its vision
+    tower reads the scenes), the clips, their count, the transcripts, the trimmed share and the
+    image batches."""
     import hashlib
 
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    init = Path(args.init)
     return {
-        "tower_sha256": hashlib.sha256(args.init_audio.read_bytes()).hexdigest(),
-        "speech": str(args.speech.resolve()),
+        "tower_sha256": digest(Path(args.init_audio)),
+        "init_sha256": [digest(f) for f in sorted(init.glob("*.safetensors"))] if init.is_dir() else digest(init),
+        "speech": str(Path(args.speech).resolve()),
         "clips": args.soft_cache,
         "transcripts": args.transcripts,
         "bare_edges": args.bare_edges,
+        "images": [args.res_weights, args.image_batch],
     }
 
 
@@ -947,8 +955,9 @@ def main() -> None:
         type=Path,
         default=None,
         help="with --soft-cache: keep the cache in this file; a later run given the same file loads it instead "
-        "of building it when it was made from the same tower file, clips, count and --transcripts (two runs on "
-        "one cache, or a run restarted, skip the setup); otherwise it is built anew and the file replaced",
+        "of building it when it was made from the same --init-audio and --init files, clips, count, "
+        "--transcripts, --bare-edges and image batches (two runs on one cache, or a run restarted, skip the "
+        "setup); otherwise it is built anew and the file replaced",
     )
     ap.add_argument(
         "--copy-curriculum",
