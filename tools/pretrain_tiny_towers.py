@@ -307,7 +307,7 @@ def train_audio(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = cosine(elapsed, args.minutes * 60, args.lr, step, args.warmup)
         idx = [rng.randrange(len(clips)) for _ in range(args.batch)]
-        feats, mask = fe([augment(clips.wave(i), nrng) for i in idx])
+        feats, mask = fe([augment(clips.wave(i), nrng, bare=args.bare_edges) for i in idx])
         if args.spec_augment:
             feats = spec_augment(feats, rng)
         out, lengths = logits_of(feats, mask, tower=step >= args.head_steps)
@@ -406,6 +406,14 @@ def main() -> None:
         dest="spec_augment",
         action="store_false",
         help="audio: no frequency and time masks (the waveform's noise, gain and silence stay)",
+    )
+    ap.add_argument(
+        "--bare-edges",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="audio: the share of clips sent with no silence before their first word, and (drawn apart) after "
+        "their last, as trimmed clips are (tiny_media_data.augment); 0 draws the earlier runs' stream",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
