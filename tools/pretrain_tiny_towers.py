@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_media_data import (  # noqa: E402
+    BARE_EDGES_HELP,
     COLOURS,
     COUNTS,
     SHAPES,
@@ -412,8 +413,7 @@ def main() -> None:
         type=float,
         default=0.0,
         metavar="SHARE",
-        help="audio: the share of clips sent with no silence before their first word, and (drawn apart) after "
-        "their last, as trimmed clips are (tiny_media_data.augment); 0 draws the earlier runs' stream",
+        help="audio: " + BARE_EDGES_HELP,
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(

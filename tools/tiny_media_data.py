@@ -102,6 +102,13 @@ def trim(wave: np.ndarray, threshold: float = 1e-3) -> np.ndarray:
     return wave[loud[0] : loud[-1] + 1] if len(loud) else wave[:0]
 
 
+# the command-line help of the tools' --bare-edges (augment's `bare`)
+BARE_EDGES_HELP = (
+    "the share of training clips sent with no silence before their first word, and (drawn apart) after their "
+    "last, as trimmed clips are (tiny_media_data.augment); 0 draws the earlier runs' stream"
+)
+
+
 def augment(
     wave: np.ndarray, rng: np.random.Generator, max_seconds: float = MAX_SECONDS, bare: float = 0.0
 ) -> np.ndarray:

@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kjv_corpus import kjv_chapters, split, token_stream  # noqa: E402
 from tiny_media_data import (  # noqa: E402
+    BARE_EDGES_HELP,
     COLOURS,
     COUNTS,
     QUESTIONS,
@@ -947,8 +948,7 @@ def main() -> None:
         type=float,
         default=0.0,
         metavar="SHARE",
-        help="the share of training clips sent with no silence before their first word, and (drawn apart) "
-        "after their last, as trimmed clips are (tiny_media_data.augment); 0 draws the earlier runs' stream",
+        help=BARE_EDGES_HELP,
     )
     ap.add_argument(
         "--cache-file",
