@@ -282,7 +282,7 @@ def _sampled_joint(model, ids: list[int], depth: int, sampling: dict, **kw) -> t
     [
         # prompts where the embedded model's drafts are both kept and rejected often (the
         # assertion below): they depend on its training, so they change with the model
-        ("Thus saith the LORD", "E2B-like", 1.3),  # drafts from a distribution q != p
+        ("For the LORD", "E2B-like", 1.3),  # drafts from a distribution q != p
         # point-mass drafts; a strong penalty would reject nearly every repeat prompt lookup drafts
         ("The sons of Aaron, and the sons of Levi, and the sons of Aaron, and the sons of", "ngram", 1.05),
     ],

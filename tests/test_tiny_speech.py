@@ -31,10 +31,10 @@ SAMPLE_TEXT = (MEDIA / "genesis-1.txt").read_text()
 # one line a window of speech (the sample has three, cut at its pauses)
 PINNED = [
     "in the beginning God confirmed the heaven and the earth",
-    "and the earth was without power and found and fediently was upon the face of the world and the spirit"
-    " of God appeared the face of the water",
-    "and God said let their be light and there was light and glory Solomon the light that it was good and God"
-    " destroyed the light from the darkness",
+    "and the earth was without knowledge and found and female and stampers was upon the face of the world and the"
+    " spirit of the waters",
+    "and God said let there be light and they was light and God Saul the light that it was good and God destroyed"
+    " the light from the darkness",
 ]
 
 
