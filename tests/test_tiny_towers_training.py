@@ -1,11 +1,13 @@
 """The towers' training recipe (tools/pretrain_tiny_towers.py, tools/train_tiny_media.py):
 SpecAugment's masks must not leave the subsampler an all-zero first step, whose gradient the
 conformer's RMSNorms blow up; the whitened token metric keeps a token's own embedding its best
-match; a decoder kept alone in bf16 resumes whole; spoken CTC labels hold only what can be heard."""
+match; a decoder kept alone in bf16 resumes whole; runs' decoders average only over the same towers;
+spoken CTC labels hold only what can be heard."""
 
 from __future__ import annotations
 
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ pytest.importorskip("timm")
 _RUNTIME = SSCPConvBlock.forward, CumulativeGroupNorm.scale_shift
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import tiny_media_data  # noqa: E402
+from average_tiny_media import average  # noqa: E402
 from pretrain_tiny_towers import TokenHead, grow_block, resume, save, spec_augment  # noqa: E402
 from tiny_media_data import spoken_text, spoken_transcripts, word_casing  # noqa: E402
 from train_tiny_media import (  # noqa: E402
@@ -185,6 +188,31 @@ def test_decoder_kept_in_bf16_resumes_every_weight(tmp_path):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(SystemExit, match="no model.language_model"):
         load_text_decoder(dec, {"model.audio_tower.x": torch.zeros(1)})
+
+
+def test_averaged_runs_mean_their_decoders_and_refuse_other_towers(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    shipped = load_file(TINY / "model.safetensors")
+    dec = sorted(k for k in shipped if k.startswith("model.language_model.") and shipped[k].dtype == torch.float32)
+    other = next(k for k in shipped if k.startswith("model.audio_tower."))
+    runs = []
+    for n, shift in enumerate((1.0, 3.0)):  # two runs: the same towers, other decoders
+        run = tmp_path / f"run{n}"
+        shutil.copytree(TINY, run)
+        save_file({**shipped, dec[0]: shipped[dec[0]] + shift}, run / "model.safetensors")
+        runs.append(run)
+    out = average(runs, tmp_path / "mean")
+    got = load_file(out / "model.safetensors")
+    assert torch.allclose(got[dec[0]], shipped[dec[0]] + 2.0)
+    assert all(torch.equal(got[k], shipped[k]) for k in shipped if k != dec[0])
+    assert (out / "config.json").read_text() == (TINY / "config.json").read_text()
+    kept = load_file(decoder_path(out))  # the decoder alone in bf16, as a training run keeps it
+    assert torch.equal(kept[dec[0]], got[dec[0]].to(torch.bfloat16))
+    save_file({**shipped, other: shipped[other] + 1.0}, runs[1] / "model.safetensors")
+    with pytest.raises(SystemExit, match="only the text decoders may"):
+        average(runs, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.partial").exists()
 
 
 def test_spoken_labels_hold_one_spelling_a_word_and_no_punctuation():
