@@ -22,28 +22,27 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_media import decoder_path, save_text_decoder  # noqa: E402
+from train_tiny_media import decoder_path, refuse_to_clobber, save_text_decoder  # noqa: E402
 
 DECODER = "model.language_model."
 
 
 def mean_decoder(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The first state with each text-decoder tensor replaced by the mean over `states` (in fp32,
-    stored in the first's dtype); every other tensor must be identical in all of them."""
-    first = states[0]
+    """The first state with each floating-point text-decoder tensor replaced by the mean over
+    `states` (in fp32, stored in the first's dtype); every other tensor must be identical in all."""
+    first, mean = states[0], dict(states[0])
+    averaged = [k for k, v in first.items() if k.startswith(DECODER) and v.is_floating_point()]
     for n, state in enumerate(states[1:], 2):
         if state.keys() != first.keys():
             raise SystemExit(f"checkpoint {n} holds other tensors than the first: not runs of one model")
-        for k, v in first.items():
-            if k.startswith(DECODER):
-                if state[k].shape != v.shape:
-                    raise SystemExit(f"checkpoint {n}: {k} is {tuple(state[k].shape)}, not {tuple(v.shape)}")
-            elif not torch.equal(state[k], v):
+        for k in averaged:
+            if state[k].shape != first[k].shape:
+                raise SystemExit(f"checkpoint {n}: {k} is {tuple(state[k].shape)}, not {tuple(first[k].shape)}")
+        for k in first.keys() - set(averaged):
+            if not torch.equal(state[k], first[k]):
                 raise SystemExit(f"checkpoint {n}: {k} differs from the first's; only the text decoders may")
-    mean = dict(first)
-    for k, v in first.items():
-        if k.startswith(DECODER) and v.is_floating_point():
-            mean[k] = (sum(s[k].float() for s in states) / len(states)).to(v.dtype)
+    for k in averaged:
+        mean[k] = (sum(s[k].float() for s in states) / len(states)).to(first[k].dtype)
     return mean
 
 
@@ -79,8 +78,7 @@ def main() -> None:
         raise SystemExit("give two checkpoints or more")
     if args.out.resolve() in {c.resolve() for c in args.checkpoints}:
         raise SystemExit(f"--out {args.out} is one of the checkpoints averaged")
-    if (args.out.exists() or decoder_path(args.out).exists()) and not args.force:
-        raise SystemExit(f"{args.out}: already there; choose another path or pass --force")
+    refuse_to_clobber([args.out, decoder_path(args.out)], args.force)
     print("wrote", average(args.checkpoints, args.out), "and", decoder_path(args.out))
 
 
