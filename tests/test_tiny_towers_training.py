@@ -28,11 +28,14 @@ from tiny_media_data import spoken_text, spoken_transcripts, word_casing  # noqa
 from train_tiny_media import (  # noqa: E402
     AUDIO_CONFIG,
     TOWER_SHAPE,
+    answer_loss,
     decoder_path,
     init_audio_tower,
     load_decoder,
     load_soft_cache,
     load_text_decoder,
+    noisy_history,
+    plans,
     save_soft_cache,
     save_text_decoder,
     soft_cache_key,
@@ -215,6 +218,31 @@ def test_averaged_runs_mean_their_decoders_and_refuse_other_towers(tmp_path):
     assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.partial").exists()
 
 
+def test_noisy_history_lies_only_in_what_the_decoder_reads():
+    eot = 106
+    answers = [[5, 6, 7, 8] * 50 + [eot], [9] * 300 + [eot], [eot]]
+    pool = [4000, 4001, 4002]
+    noisy = noisy_history(answers, 0.3, pool, eot, random.Random(0))
+    assert [len(h) for h in noisy] == [len(a) for a in answers] and all(h[-1] == eot for h in noisy)
+    changed = [(t, h) for a, n in zip(answers, noisy) for t, h in zip(a, n) if t != h]
+    assert all(h in pool for _, h in changed) and 0.25 < len(changed) / 500 < 0.35
+    assert noisy_history(answers, 0.0, pool, eot, random.Random(0)) == answers
+
+    # the decoder reads the noisy history, and is scored on the true answer
+    dec, cfg, _ = load_decoder(TINY)
+    dec.eval()
+    plan = plans(cfg)["full"]
+    prompts, short = [[2, 105, 2364, 107]] * 2, [a[-9:] for a in answers[:2]]
+    empty = torch.zeros(2, 0, cfg.hidden_size)
+    with torch.no_grad():
+        clean, _, tgt = answer_loss(dec, plan, prompts, short, empty, -1)
+        same, _, _ = answer_loss(dec, plan, prompts, short, empty, -1, [list(a) for a in short])
+        lied, _, tgt_lied = answer_loss(dec, plan, prompts, short, empty, -1, [[4000] * 8 + [eot]] * 2)
+    assert torch.equal(clean, same) and torch.equal(tgt, tgt_lied) and not torch.isclose(clean, lied)
+    with pytest.raises(ValueError, match="history of 2 tokens"):
+        answer_loss(dec, plan, prompts, short, empty, -1, [[1, 2]] * 2)
+
+
 def test_spoken_labels_hold_one_spelling_a_word_and_no_punctuation():
     from tokenizers import Tokenizer
 
@@ -347,3 +375,17 @@ def test_a_grown_block_starts_as_the_identity(monkeypatch):
     assert (after - before).norm() < 0.1 * before.norm()
     assert torch.nn.functional.cosine_similarity(after, before, dim=-1).min() > 0.99
     assert any(p.abs().sum() > 0 for p in tower.conformer[-1].attention.attn.parameters())  # not all zero
+
+
+def test_pins_tool_sees_what_the_pinning_tests_see():
+    """tools/pins_tiny_media.py (run on a candidate before shipping it) reads the tests' own pins:
+    on the shipped model every one of them holds, with margins far above float noise."""
+    from pins_tiny_media import pins
+
+    report = pins(TINY, ["For the LORD"])
+    assert report["sample"]["unchanged"] and report["GREEDY_8"]["unchanged"] and report["GREEDY_5_E2B"]["unchanged"]
+    assert all(x["right"] for x in report["image"].values())
+    margins = [x["margin"] for x in report["sample"]["lines"]] + [report["GREEDY_8"]["margin"]]
+    assert min(margins) > 1e-3
+    spec = report["speculative"]["For the LORD"]
+    assert min(spec["kept"], spec["rejected"]) > 64  # as test_sampling_keeps_the_target_distribution asks

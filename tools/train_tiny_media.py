@@ -533,16 +533,27 @@ def prompt_ids(
 
 
 def answer_loss(
-    dec: TextDecoder, plan, prompts: list[list[int]], answers: list[list[int]], soft: torch.Tensor, token_id: int
+    dec: TextDecoder,
+    plan,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    soft: torch.Tensor,
+    token_id: int,
+    history: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token loss of `answers` after `prompts` whose `token_id` placeholders take `soft`
-    [B, n, D] (in order). Returns (loss, greedy predictions at the answer positions, targets)."""
-    seqs = [p + a for p, a in zip(prompts, answers)]
+    [B, n, D] (in order). `history`: what the decoder reads as the answers so far (as long as each
+    answer; default the answers themselves, teacher forcing). Returns (loss, greedy predictions at
+    the answer positions, targets)."""
+    history = answers if history is None else history
+    seqs = [p + a for p, a in zip(prompts, history)]
     t = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), t, dtype=torch.long)
     tgt = torch.full((len(seqs), t), -100, dtype=torch.long)
-    for b, (p, a) in enumerate(zip(prompts, answers)):
-        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+    for b, (p, a, h) in enumerate(zip(prompts, answers, history)):
+        if len(h) != len(a):
+            raise ValueError(f"history of {len(h)} tokens for an answer of {len(a)}")
+        ids[b, : len(p) + len(h)] = torch.tensor(p + h)
         tgt[b, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
     h0 = dec.embed(ids).clone()
     mask = ids == token_id
@@ -551,6 +562,18 @@ def answer_loss(
     sel = tgt >= 0
     logits = dec.lm_head(hidden[sel]).float()
     return F.cross_entropy(logits, tgt[sel]), logits.argmax(-1), tgt[sel]
+
+
+def noisy_history(
+    answers: list[list[int]], share: float, pool: list[int], eot: int, rng: random.Random
+) -> list[list[int]]:
+    """The answers as the decoder reads them with --history-noise: each token but the end of turn
+    replaced, with probability `share`, by one drawn from `pool` (the training transcripts' tokens,
+    so at their frequencies). The targets stay the true tokens, so where the history lies the next
+    word can only come from the audio: a decoder trained so leans on what the tower hears rather
+    than on its KJV prior, which wrote familiar words for rare ones and ended clips early
+    (docs/tiny-media.md, eighteenth and nineteenth rounds)."""
+    return [[rng.choice(pool) if t != eot and rng.random() < share else t for t in a] for a in answers]
 
 
 def chat_replay_loss(
@@ -992,6 +1015,15 @@ def main() -> None:
         help="what the decoder writes for a clip: the verse as written, or `spoken_text` (no punctuation, "
         "one spelling a word: the token tower's spoken labels, so reading it is copying)",
     )
+    ap.add_argument(
+        "--history-noise",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="in the speech steps, this share of the transcript tokens the decoder reads (teacher forcing) "
+        "replaced by random transcript tokens, the targets kept (noisy_history): the decoder learns to take "
+        "the next word from the audio rather than from its KJV prior (0: off)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out and --log")
     ap.add_argument("--threads", type=int, default=1)
@@ -1016,6 +1048,8 @@ def main() -> None:
             ap.error("--copy-curriculum A,B: two shares of the budget, 0 <= A <= B <= 1")
     if args.copy_batch and not args.soft_cache:
         ap.error("--copy-batch takes its alignments from the cached clips: it needs --soft-cache")
+    if not 0 <= args.history_noise < 1:
+        ap.error("--history-noise is a share of the transcript tokens: 0 <= SHARE < 1")
     perfect = args.copy_curriculum is not None or args.copy_batch > 0  # a perfect token tower is simulated
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
@@ -1202,6 +1236,14 @@ def main() -> None:
         vision.train()
         return row
 
+    # --history-noise draws its false tokens from the training transcripts, at their frequencies
+    history_pool = [t for ids in enc_text for t in ids]
+
+    def history(answers: list[list[int]]) -> list[list[int]] | None:
+        if not args.history_noise:
+            return None
+        return noisy_history(answers, args.history_noise, history_pool, eot, rng)
+
     def speech_losses(losses: dict[str, torch.Tensor]) -> None:
         """The transcript's next-token loss on a batch of augmented clips (3 % noise only, empty
         transcript), and with --ctc-weight the CTC loss on the tower's tokens."""
@@ -1214,8 +1256,9 @@ def main() -> None:
                 alpha = 1.0 if share <= a else max(0.0, 1.0 - (share - a) / max(b - a, 1e-9))
                 mix = torch.tensor([0.0 if rng.random() < 0.25 else alpha for _ in idx])
                 soft = blend_soft(soft, cache_exact[idx], mix)
+            answers = [cache_answers[i] for i in idx]
             losses["speech"], _, _ = answer_loss(
-                dec, pl["full"], [audio_prompt] * len(idx), [cache_answers[i] for i in idx], soft, audio_id
+                dec, pl["full"], [audio_prompt] * len(idx), answers, soft, audio_id, history(answers)
             )
             if args.copy_batch:
                 soft, answers = copy_batch(copy_verses, by_length, keys, pad, eot, rng, args.copy_batch)
@@ -1228,7 +1271,9 @@ def main() -> None:
             list, zip(*(speech_example(i, clips, enc_text, eot, rng, nrng, args.bare_edges) for i in idx))
         )
         soft, encoded, padding = audio_soft(audio, emb_a, waves, fe)
-        losses["speech"], _, _ = answer_loss(dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id)
+        losses["speech"], _, _ = answer_loss(
+            dec, pl["full"], [audio_prompt] * len(waves), answers, soft, audio_id, history(answers)
+        )
         if args.ctc_weight:
             logp = F.log_softmax(ctc_head(encoded).float(), -1).transpose(0, 1)  # [S, B, V+1]
             targets = [torch.tensor(a[:-1]) for a in answers]
