@@ -29,6 +29,7 @@ from train_tiny_media import (  # noqa: E402
     AUDIO_CONFIG,
     TOWER_SHAPE,
     answer_loss,
+    chat_turns,
     decoder_path,
     init_audio_tower,
     load_decoder,
@@ -241,6 +242,23 @@ def test_noisy_history_lies_only_in_what_the_decoder_reads():
     assert torch.equal(clean, same) and torch.equal(tgt, tgt_lied) and not torch.isclose(clean, lied)
     with pytest.raises(ValueError, match="history of 2 tokens"):
         answer_loss(dec, plan, prompts, short, empty, -1, [[1, 2]] * 2)
+
+
+def test_chat_turns_end_at_a_verse_end_with_chat_ends():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    eot, newline = tok.token_to_id("<end_of_turn>"), tok.encode("\n", add_special_tokens=False).ids[0]
+    verses = "\n".join(["And God saw the light, that it was good: and God divided the light from the darkness."] * 40)
+    stream = torch.tensor(tok.encode(verses, add_special_tokens=False).ids)
+    prompt = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    _, open_replies = chat_turns(tok, prompt, stream, 16, random.Random(0))
+    assert all(len(r) == 48 and eot not in r for r in open_replies)  # the runs before: no end of turn
+    _, replies = chat_turns(tok, prompt, stream, 16, random.Random(0), eot)
+    for reply, whole in zip(replies, open_replies):
+        k = len(reply) - 1  # the reply is the continuation up to its first verse end after 8 tokens
+        assert reply[-1] == eot and reply[:k] == whole[:k] and whole[k] == newline and k >= 8
+        assert newline not in reply[8:k]
 
 
 def test_spoken_labels_hold_one_spelling_a_word_and_no_punctuation():

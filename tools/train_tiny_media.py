@@ -576,6 +576,31 @@ def noisy_history(
     return [[rng.choice(pool) if t != eot and rng.random() < share else t for t in a] for a in answers]
 
 
+def chat_turns(
+    tok,
+    text_prompt: Callable[[str], list[int]],
+    stream: torch.Tensor,
+    batch: int,
+    rng: random.Random,
+    eot: int | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`batch` text-only chat turns (prompts, replies): a user turn of 8-48 tokens of KJV text, the
+    model turn its next 48 tokens (no end of turn: the text model never learnt where to stop). With
+    `eot` (--chat-ends) the model turn is the continuation up to the first verse end after 8 tokens,
+    then the end of turn, so that a chat reply ends (one with no verse end within 48 tokens stays as
+    before)."""
+    newline = tok.encode("\n", add_special_tokens=False).ids[0]  # the corpus's verse separator
+    prompts, replies = [], []
+    for _ in range(batch):
+        n = rng.randint(8, 48)
+        s = rng.randrange(0, len(stream) - n - 48)
+        prompts.append(text_prompt(tok.decode(stream[s : s + n].tolist())))
+        reply = stream[s + n : s + n + 48].tolist()
+        ends = [k for k in range(8, len(reply)) if reply[k] == newline]
+        replies.append(reply[: ends[0]] + [eot] if eot is not None and ends else reply)
+    return prompts, replies
+
+
 def chat_replay_loss(
     dec: TextDecoder,
     plan,
@@ -584,16 +609,11 @@ def chat_replay_loss(
     stream: torch.Tensor,
     batch: int,
     rng: random.Random,
+    eot: int | None = None,
 ) -> torch.Tensor:
-    """Text-only chat turns: a user turn of 8-48 tokens of KJV text, the model turn its next 48
-    tokens (no end of turn: the text model never learnt where to stop). The image answers are
-    short and end the turn; without these turns the decoder learns to answer every chat that way."""
-    prompts, replies = [], []
-    for _ in range(batch):
-        n = rng.randint(8, 48)
-        s = rng.randrange(0, len(stream) - n - 48)
-        prompts.append(text_prompt(tok.decode(stream[s : s + n].tolist())))
-        replies.append(stream[s + n : s + n + 48].tolist())
+    """The next-token loss of chat_turns' replies. The image answers are short and end the turn;
+    without these turns the decoder learns to answer every chat that way."""
+    prompts, replies = chat_turns(tok, text_prompt, stream, batch, rng, eot)
     empty = torch.zeros(batch, 0, dec.embed_tokens.weight.shape[1])
     return answer_loss(dec, plan, prompts, replies, empty, -1)[0]
 
@@ -899,6 +919,13 @@ def main() -> None:
         default=4,
         help="KJV passages a step as text-only chat turns, the reply their continuation (0: off), so that "
         "a chat without an image is still answered in KJV text, not with a one-word image answer",
+    )
+    ap.add_argument(
+        "--chat-ends",
+        action="store_true",
+        help="the chat turns' replies end at the first verse end after 8 tokens, with an end of turn, so that "
+        "the model's chat replies end (default: 48 tokens and no end of turn, as the runs before the nineteenth "
+        "round)",
     )
     ap.add_argument("--lr", type=float, default=2e-3, help="towers, embedders, CTC head")
     ap.add_argument("--decoder-lr", type=float, default=1.5e-4)
@@ -1393,7 +1420,7 @@ def main() -> None:
             losses["text_sub"] = loss_of(dec, batch, pl["sub"])
             if args.chat_batch:
                 losses["text_chat"] = chat_replay_loss(
-                    dec, pl["full"], tok, text_prompt, train_ids, args.chat_batch, rng
+                    dec, pl["full"], tok, text_prompt, train_ids, args.chat_batch, rng, eot if args.chat_ends else None
                 )
 
         opt.zero_grad(set_to_none=True)
