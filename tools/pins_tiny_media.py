@@ -1,6 +1,6 @@
 """What the tests that pin the embedded model's outputs will see with a candidate model, and how
 firmly: run it on a model directory before shipping it as `gemma3n/data/tiny`, then re-pin the
-tests it reports as changed (docs/tiny-media.md, "Shipping a decoder").
+tests it reports as changed (docs/tiny-media.md, nineteenth round).
 
 - the shipped sample's transcript, one line a window (tests/test_tiny_speech.py `PINNED`);
 - the greedy texts of tests/test_tiny_model.py (`GREEDY_8`, `GREEDY_5_E2B`);
