@@ -58,12 +58,12 @@ def test_shipped_model_has_every_feature_on(tiny_model_dir):
     assert c.final_logit_softcapping and c.sliding_window < c.max_position_embeddings
 
 
-# Greedy continuation of "In the beginning", by the full model (8 tokens) and by E2B-like (5: its
-# sixth token's top-1 margin is 1e-4). Their top-1 margins are >= 0.22 and >= 0.26 in log
-# probability, far above float noise across CPUs; a retrained model changes them (update them with
-# the model).
-GREEDY_8 = " of the reign of the reign of the"
-GREEDY_5_E2B = " of the reign of the"
+# Greedy continuation of "In the beginning", by the full model (8 tokens) and by E2B-like (4: its
+# fifth token's top-1 margin is 0.04). Their top-1 margins are >= 0.11 and >= 0.41 in log
+# probability, far above float noise across CPUs (tools/pins_tiny_media.py reports them); a
+# retrained model changes them (update them with the model).
+GREEDY_8 = " of the world, and in the world"
+GREEDY_4_E2B = " of the Lord Jesus"
 
 
 def test_shipped_model_writes_its_corpus_deterministically(tiny_model_dir):
@@ -88,7 +88,7 @@ def test_shipped_sizes_are_elastic_views(tiny_model_dir):
     full = model.logits(ids)
     for name in declared:
         assert not torch.equal(model.logits(ids, size=name), full), name
-    assert model.generate("In the beginning", max_tokens=5, temperature=0, size="E2B-like").text == GREEDY_5_E2B
+    assert model.generate("In the beginning", max_tokens=4, temperature=0, size="E2B-like").text == GREEDY_4_E2B
 
 
 def test_cli_runs_the_shipped_model_by_default(capsys):

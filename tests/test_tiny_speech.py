@@ -30,11 +30,11 @@ SAMPLE = MEDIA / "genesis-1.ogg"
 SAMPLE_TEXT = (MEDIA / "genesis-1.txt").read_text()
 # one line a window of speech (the sample has three, cut at its pauses)
 PINNED = [
-    "in the beginning God confirmed the heaven and the earth",
-    "and the earth was without knowledge and found and female and stampers was upon the face of the world and the"
-    " spirit of the waters",
-    "and God said let there be light and they was light and God Saul the light that it was good and God destroyed"
-    " the light from the darkness",
+    "in the beginning God prepared the heaven and the earth",
+    "and the earth was without fast and bound and dangeders was upon the face of the deep and the spirit of"
+    " God trembled the face of the waters",
+    "and God said let there be light and they was light and glory Solomon the light that it was good and God"
+    " destroyed the light from the darkness",
 ]
 
 
