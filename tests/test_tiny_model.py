@@ -77,6 +77,17 @@ def test_shipped_model_writes_its_corpus_deterministically(tiny_model_dir):
     assert chat.prompt_tokens > 8 and chat.text.strip()  # the Gemma chat format renders with its tokens
 
 
+# A user turn whose greedy reply ends its turn (the chat replay's replies end at a verse end:
+# tools/train_tiny_media.py --chat-ends); every top-1 margin on the way is >= 0.21 in log probability.
+CHAT_THAT_ENDS = "When the Philistines took the ark of God"
+
+
+def test_shipped_model_ends_its_chat_turn():
+    model = gemma3n.load()
+    reply = model.generate(messages=[{"role": "user", "content": CHAT_THAT_ENDS}], max_tokens=64, temperature=0)
+    assert reply.finish_reason == "stop" and len(reply.token_ids) < 64 and reply.text.strip()
+
+
 def test_shipped_sizes_are_elastic_views(tiny_model_dir):
     """Every declared size resolves on the loaded model, each with logits of its own; the E2B-like
     sub-model (a MatFormer-trained sub-model, not a truncated one) writes KJV of its own."""
