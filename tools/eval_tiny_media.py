@@ -61,11 +61,13 @@ def main() -> None:
     ap.add_argument(
         "--speech", type=Path, default=None, help="tools/tiny_media_data.py's output (heldout.*); omit: images only"
     )
-    ap.add_argument("--clips", type=int, default=100)
+    ap.add_argument("--clips", type=int, default=100, help="held-out clips to transcribe (0: the recording alone)")
     ap.add_argument("--images", type=int, default=60, help="scenes per resolution (each asked 3 questions)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    if args.clips < 0:
+        ap.error(f"--clips must be >= 0, got {args.clips}")
     torch.set_num_threads(args.threads)
     model = gemma3n.load(args.model)
     result: dict = {}
@@ -85,6 +87,32 @@ def speech_figures(model: gemma3n.Model, speech: Path, clips: int) -> dict:
     # --- held-out clips
     held = Clips.load(speech / "heldout")
     n = min(clips, len(held))
+    if n:
+        result["clips"] = clip_figures(model, held, n)
+        print(json.dumps(result["clips"], indent=1), flush=True)
+
+    # --- a ~2-minute recording through transcribe (windows + stitching)
+    wave, text = long_recording()
+    path = speech / "recording-2min.flac"
+    sf.write(path, wave, SR)
+    t = time.perf_counter()
+    tr = transcribe(model, str(path))
+    spent = time.perf_counter() - t
+    result["recording"] = {
+        "seconds": round(len(wave) / SR, 1),
+        "windows": len(tr.segments),
+        "wer": round(jiwer.wer(normalize_words(text), normalize_words(tr.text) or "-"), 4),
+        "real_time_factor": round(spent / (len(wave) / SR), 4),
+        "hypothesis": tr.text,
+    }
+    print(json.dumps(result["recording"], indent=1), flush=True)
+    return result
+
+
+def clip_figures(model: gemma3n.Model, held: Clips, n: int) -> dict:
+    """WER and real-time factor of greedy transcripts of the first `n` held-out clips."""
+    import jiwer
+
     refs, hyps, audio_s, spent = [], [], 0.0, 0.0
     for i in range(n):
         wave = held.wave(i)
@@ -103,7 +131,7 @@ def speech_figures(model: gemma3n.Model, speech: Path, clips: int) -> dict:
         audio_s += len(wave) / SR
         refs.append(normalize_words(held.texts[i]))
         hyps.append(normalize_words(r.text) or "-")
-    result["clips"] = {
+    return {
         "n": n,
         "seconds": round(audio_s, 1),
         "wer": round(jiwer.wer(refs, hyps), 4),
@@ -111,24 +139,6 @@ def speech_figures(model: gemma3n.Model, speech: Path, clips: int) -> dict:
         "voice": " ".join(map(str, HELD_OUT_VOICE)),
         "examples": [{"ref": a, "hyp": b} for a, b in list(zip(refs, hyps))[:5]],
     }
-    print(json.dumps(result["clips"], indent=1), flush=True)
-
-    # --- a ~2-minute recording through transcribe (windows + stitching)
-    wave, text = long_recording()
-    path = speech / "recording-2min.flac"
-    sf.write(path, wave, SR)
-    t = time.perf_counter()
-    tr = transcribe(model, str(path))
-    spent = time.perf_counter() - t
-    result["recording"] = {
-        "seconds": round(len(wave) / SR, 1),
-        "windows": len(tr.segments),
-        "wer": round(jiwer.wer(normalize_words(text), normalize_words(tr.text) or "-"), 4),
-        "real_time_factor": round(spent / (len(wave) / SR), 4),
-        "hypothesis": tr.text,
-    }
-    print(json.dumps(result["recording"], indent=1), flush=True)
-    return result
 
 
 def image_figures(model: gemma3n.Model, n: int) -> dict:
