@@ -31,8 +31,8 @@ SAMPLE_TEXT = (MEDIA / "genesis-1.txt").read_text()
 # one line a window of speech (the sample has three, cut at its pauses)
 PINNED = [
     "in the beginning God prepared the heaven and the earth",
-    "and the earth was without fast and bound and dangeders was upon the face of the deep and the spirit of"
-    " God trembled the face of the waters",
+    "and the earth was without fast and void and dranked and drank was upon the face of the deep and the"
+    " spirit of God tried the face of the waters",
     "and God said let there be light and they was light and glory Solomon the light that it was good and God"
     " destroyed the light from the darkness",
 ]
