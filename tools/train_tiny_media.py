@@ -601,20 +601,11 @@ def chat_turns(
     return prompts, replies
 
 
-def chat_replay_loss(
-    dec: TextDecoder,
-    plan,
-    tok,
-    text_prompt: Callable[[str], list[int]],
-    stream: torch.Tensor,
-    batch: int,
-    rng: random.Random,
-    eot: int | None = None,
-) -> torch.Tensor:
+def chat_replay_loss(dec: TextDecoder, plan, turns: tuple[list[list[int]], list[list[int]]]) -> torch.Tensor:
     """The next-token loss of chat_turns' replies. The image answers are short and end the turn;
     without these turns the decoder learns to answer every chat that way."""
-    prompts, replies = chat_turns(tok, text_prompt, stream, batch, rng, eot)
-    empty = torch.zeros(batch, 0, dec.embed_tokens.weight.shape[1])
+    prompts, replies = turns
+    empty = torch.zeros(len(prompts), 0, dec.embed_tokens.weight.shape[1])
     return answer_loss(dec, plan, prompts, replies, empty, -1)[0]
 
 
@@ -1419,9 +1410,8 @@ def main() -> None:
             losses["text_full"] = loss_of(dec, batch, pl["full"])
             losses["text_sub"] = loss_of(dec, batch, pl["sub"])
             if args.chat_batch:
-                losses["text_chat"] = chat_replay_loss(
-                    dec, pl["full"], tok, text_prompt, train_ids, args.chat_batch, rng, eot if args.chat_ends else None
-                )
+                turns = chat_turns(tok, text_prompt, train_ids, args.chat_batch, rng, eot if args.chat_ends else None)
+                losses["text_chat"] = chat_replay_loss(dec, pl["full"], turns)
 
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
