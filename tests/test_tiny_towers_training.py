@@ -403,7 +403,9 @@ def test_pins_tool_sees_what_the_pinning_tests_see():
     report = pins(TINY, ["For the LORD"])
     assert report["sample"]["unchanged"] and report["GREEDY_8"]["unchanged"] and report["GREEDY_4_E2B"]["unchanged"]
     assert all(x["right"] for x in report["image"].values())
+    assert report["CHAT_THAT_ENDS"]["ends"]
     margins = [x["margin"] for x in report["sample"]["lines"]] + [report["GREEDY_8"]["margin"]]
+    margins += [report["GREEDY_4_E2B"]["margin"], report["CHAT_THAT_ENDS"]["margin"]]
     assert min(margins) > 1e-3
     spec = report["speculative"]["For the LORD"]
     assert min(spec["kept"], spec["rejected"]) > 64  # as test_sampling_keeps_the_target_distribution asks

@@ -3,7 +3,8 @@ firmly: run it on a model directory before shipping it as `gemma3n/data/tiny`, t
 tests it reports as changed (docs/tiny-media.md, nineteenth round).
 
 - the shipped sample's transcript, one line a window (tests/test_tiny_speech.py `PINNED`);
-- the greedy texts of tests/test_tiny_model.py (`GREEDY_8`, `GREEDY_4_E2B`);
+- the greedy texts of tests/test_tiny_model.py (`GREEDY_8`, `GREEDY_4_E2B`), and whether its chat
+  turn `CHAT_THAT_ENDS` is answered with a reply that ends its turn;
 - the shipped image's answers at 256 / 512 / 768 px (tests/test_tiny_vision.py `ANSWERS`);
 - for each candidate prompt, how many E2B-like drafts are kept and how many rejected in
   tests/test_speculative.py's sampled check (it asks more than a quarter of its samples of each,
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import gemma3n  # noqa: E402
 from gemma3n.speech import SR, speech_prompt, transcribe  # noqa: E402
 from tests.test_speculative import SAMPLING, _sampled_joint  # noqa: E402
-from tests.test_tiny_model import GREEDY_4_E2B, GREEDY_8  # noqa: E402
+from tests.test_tiny_model import CHAT_THAT_ENDS, GREEDY_4_E2B, GREEDY_8  # noqa: E402
 from tests.test_tiny_speech import PINNED, SAMPLE  # noqa: E402
 from tests.test_tiny_vision import ANSWERS, IMAGE  # noqa: E402
 from tools.tiny_media_data import QUESTIONS  # noqa: E402
@@ -61,6 +62,9 @@ def pins(model_dir: Path, prompts: list[str]) -> dict:
     for name, size, n, pinned in (("GREEDY_8", None, 8, GREEDY_8), ("GREEDY_4_E2B", "E2B-like", 4, GREEDY_4_E2B)):
         r = model.generate("In the beginning", max_tokens=n, size=size, **greedy)
         out[name] = {"text": r.text, "unchanged": r.text == pinned, "margin": smallest_margin(r)}
+    r = model.generate(messages=[{"role": "user", "content": CHAT_THAT_ENDS}], max_tokens=64, **greedy)
+    ends = r.finish_reason == "stop" and len(r.token_ids) < 64
+    out["CHAT_THAT_ENDS"] = {"text": r.text, "ends": ends, "margin": smallest_margin(r)}
     out["image"] = {}
     for task, answer in ANSWERS.items():
         content = [{"type": "image", "image": str(IMAGE)}, {"type": "text", "text": QUESTIONS[task]}]
