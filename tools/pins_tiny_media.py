@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import gemma3n  # noqa: E402
 from gemma3n.speech import SR, speech_prompt, transcribe  # noqa: E402
 from tests.test_speculative import SAMPLING, _sampled_joint  # noqa: E402
-from tests.test_tiny_model import CHAT_THAT_ENDS, GREEDY_4_E2B, GREEDY_8  # noqa: E402
+from tests.test_tiny_model import CHAT_LIMIT, CHAT_THAT_ENDS, GREEDY_4_E2B, GREEDY_8  # noqa: E402
 from tests.test_tiny_speech import PINNED, SAMPLE  # noqa: E402
 from tests.test_tiny_vision import ANSWERS, IMAGE  # noqa: E402
 from tools.tiny_media_data import QUESTIONS  # noqa: E402
@@ -62,8 +62,8 @@ def pins(model_dir: Path, prompts: list[str]) -> dict:
     for name, size, n, pinned in (("GREEDY_8", None, 8, GREEDY_8), ("GREEDY_4_E2B", "E2B-like", 4, GREEDY_4_E2B)):
         r = model.generate("In the beginning", max_tokens=n, size=size, **greedy)
         out[name] = {"text": r.text, "unchanged": r.text == pinned, "margin": smallest_margin(r)}
-    r = model.generate(messages=[{"role": "user", "content": CHAT_THAT_ENDS}], max_tokens=64, **greedy)
-    ends = r.finish_reason == "stop" and len(r.token_ids) < 64
+    r = model.generate(messages=[{"role": "user", "content": CHAT_THAT_ENDS}], max_tokens=CHAT_LIMIT, **greedy)
+    ends = r.finish_reason == "stop" and len(r.token_ids) < CHAT_LIMIT
     out["CHAT_THAT_ENDS"] = {"text": r.text, "ends": ends, "margin": smallest_margin(r)}
     out["image"] = {}
     for task, answer in ANSWERS.items():
